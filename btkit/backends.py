@@ -1,0 +1,107 @@
+"""The backend interface. Backends are plugins; the core only knows this contract.
+
+A backend is named by a spec string ``prefix:rest`` (split on the first colon only), e.g.
+``llamacpp:/models/x.gguf``, ``openai:gpt-4o-mini``, ``vllm:MODEL``. It states its capabilities so a
+stage can pick the best way to get what it needs (read a score from logprobs instead of parsing
+free text) and fall back otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import CapabilityError
+
+#: Capability names a backend may declare.
+CHAT = "chat"  # chat completion with the model's own chat template
+NEXT_TOKEN_LOGPROBS = "next_token_logprobs"  # distribution over given candidate next tokens
+SCORE_CONTINUATION = "score_continuation"  # per-token logprobs of a given continuation
+MULTI_SAMPLE = "n"  # several candidates per prompt in one request
+JSON_SCHEMA = "json_schema"  # structured output
+
+#: Sampling options every backend understands; others pass through as backend-specific extras.
+SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "repetition_penalty", "n")
+
+
+@dataclass
+class Completion:
+    """What a chat call returned. ``finish_reason`` is kept: 'length' means truncated."""
+
+    text: str | None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Usable output: text present and not cut off or filtered."""
+        return bool(self.text and self.text.strip()) and self.finish_reason not in ("length", "content_filter")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("cached")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Completion":
+        return cls(**{k: v for k, v in d.items() if k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "extra")})
+
+
+class Backend:
+    """Base class for backends. Subclasses override what they support and list it in ``capabilities``.
+
+    All model calls are ``async`` so the engine can keep many in flight; a backend that can only do
+    one at a time (in-process llama.cpp) says so with ``max_concurrency = 1``.
+    """
+
+    spec: str = ""
+    capabilities: frozenset[str] = frozenset({CHAT})
+    max_concurrency: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this backend's outputs in the cache: spec, base URL, model. Never secrets."""
+        return {"spec": self.spec}
+
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def require(self, capability: str, why: str) -> None:
+        if capability not in self.capabilities:
+            raise CapabilityError(
+                f"backend '{self.spec}' cannot do '{capability}', needed for {why}; "
+                f"use a backend that can (e.g. llamacpp:PATH.gguf)"
+            )
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        raise NotImplementedError
+
+    async def next_token_logprobs(
+        self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]
+    ) -> dict[str, float]:
+        """Log-probabilities of each candidate string as the assistant's next token after ``assistant_prefix``."""
+        self.require(NEXT_TOKEN_LOGPROBS, "reading a score distribution")
+        raise NotImplementedError
+
+    async def score_continuation(
+        self, messages: list[dict[str, str]] | None, continuation: str
+    ) -> list[float]:
+        """Per-token logprobs of ``continuation`` as the assistant's reply to ``messages``.
+
+        ``messages=None`` scores the continuation unconditionally (no prompt).
+        """
+        self.require(SCORE_CONTINUATION, "likelihood scoring")
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release connections, models, threads."""
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``'openai:gpt-4o:mini'`` -> ``('openai', 'gpt-4o:mini')``: split on the first colon only."""
+    prefix, sep, rest = spec.partition(":")
+    if not sep:
+        return spec, ""
+    return prefix, rest

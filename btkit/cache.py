@@ -1,0 +1,114 @@
+"""Content-addressed store of raw model outputs (SQLite in WAL mode).
+
+The key is a hash of everything that determines a model's output: the backend identity (spec,
+base URL, model), the call kind, the rendered messages, the sampling parameters and any schema.
+Never in the key: API keys, concurrency, retry settings, timeouts. Only raw outputs are stored,
+never parsed results, so changing a parser, a filter or a threshold re-runs with zero model calls,
+while changing a template or a sampling parameter re-calls exactly the affected requests.
+Failed calls are never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("BTKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "btkit"
+    )
+    return Path(base) / "cache.sqlite"
+
+
+def cache_key(kind: str, backend: dict[str, Any], payload: dict[str, Any]) -> str:
+    blob = json.dumps({"kind": kind, "backend": backend, "payload": payload}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class Cache:
+    """A thread-safe SQLite cache; one connection guarded by a lock (calls come from one process)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_cache_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(SCHEMA)
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM entries WHERE key=?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(row[0])
+
+    def put(self, key: str, kind: str, backend: str, value: Any) -> None:
+        blob = json.dumps(value, ensure_ascii=False)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries(key, kind, backend, value, created) VALUES (?,?,?,?,?)",
+                (key, kind, backend, blob, time.time()),
+            )
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            rows = self._db.execute("SELECT kind, backend, COUNT(*), SUM(LENGTH(value)) FROM entries GROUP BY kind, backend").fetchall()
+        size = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+        return {
+            "path": str(self.path),
+            "entries": sum(r[2] for r in rows),
+            "bytes_on_disk": size,
+            "by_backend": [{"kind": r[0], "backend": r[1], "entries": r[2], "bytes": r[3] or 0} for r in rows],
+        }
+
+    def clear(self) -> int:
+        with self._lock:
+            n = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+            self._db.execute("DELETE FROM entries")
+            self._db.execute("VACUUM")
+        return n
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class NullCache:
+    """Used with ``--no-cache``: stores nothing."""
+
+    hits = 0
+    misses = 0
+    path = None
+
+    def get(self, key: str) -> Any | None:
+        self.misses += 1
+        return None
+
+    def put(self, key: str, kind: str, backend: str, value: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,264 @@
+"""The ``btkit`` command line. Kept import-light: nothing heavy loads for ``--help``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import DEFAULT_MODEL, __version__
+from .errors import BtkitError
+
+COMMON_RUN_OPTIONS = [
+    click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
+    click.Option(["--model", "model"], default=None, help=f"Model spec, e.g. llamacpp:PATH.gguf, openai:NAME, vllm:NAME. Default: the embedded SmolLM2-135M ({DEFAULT_MODEL})."),
+    click.Option(["--base-url"], default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL)."),
+    click.Option(["--limit"], type=int, default=None, help="Read at most N input records."),
+    click.Option(["--text-field"], default="text", show_default=True, help="Input field holding the document text."),
+    click.Option(["--id-field"], default="id", show_default=True, help="Input field holding a stable document id (line number if absent)."),
+    click.Option(["--prompts", "prompts_dir"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 templates overriding the built-in ones."),
+    click.Option(["--concurrency"], type=int, default=8, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
+    click.Option(["--temperature"], type=float, default=None, help="Sampling temperature for every stage (default: each method's own)."),
+    click.Option(["--top-p"], type=float, default=None, help="Nucleus sampling for every stage."),
+    click.Option(["--max-tokens"], type=int, default=None, help="Completion length cap for every stage."),
+    click.Option(["--sample-seed", "sample_seed"], type=int, default=None, help="Sampling seed (part of the cache key)."),
+    click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option passed to every backend (e.g. -B timeout=60 -B max_retries=5 -B n_ctx=8192)."),
+    click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),
+    click.Option(["--cache", "cache_path"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file (default ~/.cache/btkit/cache.sqlite or $BTKIT_CACHE_DIR)."),
+    click.Option(["--overwrite"], is_flag=True, help="Start over in a run directory that holds a run with other settings (old files are moved aside, never deleted)."),
+    click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
+]
+
+
+def _registry():
+    from .plugins import get_registry
+
+    return get_registry()
+
+
+def _fail(e: BaseException) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Build a one-method pipeline from CLI parameters and run it."""
+    from .engine import RunConfig, StageSpec, run_pipeline
+
+    registry = _registry()
+    method = registry.method(method_name)
+    sampling = {"temperature": params.pop("temperature"), "top_p": params.pop("top_p"),
+                "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed")}
+    base_url = params.pop("base_url") or os.environ.get("OPENAI_BASE_URL")
+    backend_options = parse_key_values(params.pop("backend_option"), "--backend-option")
+    if base_url:
+        backend_options["base_url"] = base_url
+    config = RunConfig(
+        input=input_path,
+        out_dir=params.pop("out_dir"),
+        stages=[StageSpec(method_name, s) for s in method.default_stages],
+        model=params.pop("model") or DEFAULT_MODEL,
+        options={**params, **{k: v for k, v in sampling.items() if v is not None}},
+        backend_options=backend_options,
+        prompt_overrides=list(params.pop("prompts_dir")),
+        concurrency=params.pop("concurrency"),
+        limit=params.pop("limit"),
+        quiet=params.pop("quiet"),
+        cache_path=params.pop("cache_path"),
+        use_cache=not params.pop("no_cache"),
+        overwrite=params.pop("overwrite"),
+    )
+    config.options = {k: v for k, v in config.options.items() if k not in ("prompts_dir", "concurrency", "limit", "quiet", "cache_path", "no_cache", "overwrite", "out_dir", "model", "base_url")}
+    return run_pipeline(config, registry)
+
+
+def parse_key_values(items: tuple[str, ...], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values that parse as JSON (numbers, true, lists) are converted."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BtkitError(f"{option} expects KEY=VALUE, got '{item}'")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def summarize(stats: dict[str, Any], out_dir: Path) -> str:
+    return (
+        f"done: {stats['kept']} kept, {stats['dropped']} dropped from {stats['units']} units "
+        f"({stats['parse_failures']} parse failures, {stats['backend_failures']} backend failures, "
+        f"{stats['calls']} calls, {stats['tokens_in']}+{stats['tokens_out']} tokens) in {stats['this_invocation_s']:.1f}s -> {out_dir}/data.jsonl"
+    )
+
+
+class RunGroup(click.Group):
+    """``btkit run METHOD ...``: one subcommand per registered method, built on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        try:
+            return sorted(_registry().methods())
+        except BtkitError:
+            return []
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name.endswith((".yaml", ".yml", ".toml")):
+            from .pipeline import pipeline_command  # noqa: F401  (pipeline files, see btkit/pipeline.py)
+
+            return pipeline_command(name)
+        try:
+            method = _registry().method(name)
+        except BtkitError as e:
+            _fail(e)
+
+        def callback(corpus: Path, **params: Any) -> None:
+            out_dir = params["out_dir"]
+            try:
+                stats = run_method(name, corpus, params)
+            except BtkitError as e:
+                _fail(e)
+            click.echo(summarize(stats, out_dir), err=True)
+
+        params = [click.Argument(["corpus"], type=click.Path(path_type=Path))] + list(COMMON_RUN_OPTIONS) + list(method.cli_options)
+        return click.Command(name, params=params, callback=callback, help=f"{method.description} {method.paper}".strip())
+
+
+class PluginGroup(click.Group):
+    """The top-level group; plugins add commands through ``btkit_register_commands``."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            try:
+                _registry().hook.btkit_register_commands(cli=self)
+            except BtkitError as e:
+                click.echo(f"warning: {e}", err=True)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=PluginGroup)
+@click.version_option(__version__, prog_name="btkit")
+def cli() -> None:
+    """btkit: turn unlabelled human-written text into instruction-tuning data (instruction backtranslation)."""
+
+
+@cli.group(cls=RunGroup, name="run")
+def run_cmd() -> None:
+    """Run a method (btkit run humpback CORPUS.jsonl -o OUT) or a pipeline file."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins with their versions and hooks."""
+    rows = _registry().plugin_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<16} {r['distribution']} {r['version']}  [{r['hooks']}]")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def methods(as_json: bool) -> None:
+    """List methods: stages with their inputs and outputs, and the paper."""
+    rows = []
+    for m in sorted(_registry().methods().values(), key=lambda m: m.name):
+        rows.append({"name": m.name, "description": m.description, "paper": m.paper, "version": m.version,
+                     "default_stages": list(m.default_stages),
+                     "stages": [{"name": s.name, "kind": s.kind, "inputs": list(s.inputs), "outputs": list(s.outputs), "description": s.description} for s in m.stages]})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}  {r['description']}")
+        if r["paper"]:
+            click.echo(f"  paper: {r['paper']}")
+        for s in r["stages"]:
+            click.echo(f"  - {s['name']} ({s['kind']}): {', '.join(s['inputs'])} -> {', '.join(s['outputs'])}  {s['description']}")
+
+
+@cli.command()
+def backends() -> None:
+    """List backend prefixes usable in --model."""
+    for prefix, f in sorted(_registry().backends().items()):
+        click.echo(f"{prefix + ':':<12} {f.description}  (plugin {f.plugin})")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--prompts", "prompts_dir", multiple=True, type=click.Path(file_okay=False, path_type=Path))
+@click.pass_context
+def prompts(ctx: click.Context, prompts_dir: tuple[Path, ...]) -> None:
+    """List prompt templates (method/stage); `btkit prompts show NAME` prints one."""
+    from .prompts import PromptLibrary
+
+    try:
+        ctx.obj = PromptLibrary(_registry().prompt_roots(), prompts_dir)
+    except BtkitError as e:
+        _fail(e)
+    if ctx.invoked_subcommand is None:
+        for name in ctx.obj.names():
+            click.echo(f"{name:<28} {ctx.obj.path(name)}")
+
+
+@prompts.command("show")
+@click.argument("name")
+@click.pass_obj
+def prompts_show(lib: Any, name: str) -> None:
+    """Print one template's source."""
+    try:
+        click.echo(lib.source(name), nl=False)
+    except BtkitError as e:
+        _fail(e)
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect or clear the model-call cache."""
+
+
+@cache.command("stats")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def cache_stats(cache_path: Path | None) -> None:
+    from .cache import Cache
+
+    click.echo(json.dumps(Cache(cache_path).stats(), indent=2))
+
+
+@cache.command("clear")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def cache_clear(cache_path: Path | None, yes: bool) -> None:
+    from .cache import Cache
+
+    c = Cache(cache_path)
+    if not yes:
+        click.confirm(f"Delete all entries in {c.path}?", abort=True)
+    click.echo(f"removed {c.clear()} entries from {c.path}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except BtkitError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""The engine: streams work units through a list of stages and writes results as they finish.
+
+Shape of a run directory:
+- ``candidates.jsonl`` is the journal: every record the run produced, kept or dropped with its
+  reason, appended one finished unit per ``os.write``, in input order. It is the only source of
+  truth: ``data.jsonl``, ``stats.json`` and ``failures.jsonl`` are all derived from it, which makes
+  resume after ``kill -9`` simple (cut a torn last line, skip finished units, rebuild the rest).
+- ``data.jsonl`` appears only when a run is complete (written as ``data.jsonl.partial`` while it
+  runs, then renamed), so a reader never mistakes a half-written file for a finished one.
+- ``run.json`` records the settings; re-running the same command continues the run.
+
+Memory stays flat: units are read lazily and at most ``window`` are in flight; finished units are
+written in input order through a small reorder buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+from .backends import Backend, Completion
+from .cache import Cache, NullCache, cache_key
+from .errors import BackendError, BtkitError, CapabilityError, TemplateError
+from .io import AppendFile, atomic_write_json, atomic_write_text, dumps, iter_jsonl, read_journal, validate_jsonl
+from .methods import Method, Stage
+from .plugins import Registry
+from .prompts import PromptLibrary
+from .records import Record
+
+RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json")
+
+
+@dataclass
+class StageSpec:
+    """One stage of a pipeline: which method's stage, and its options (model, sampling, thresholds)."""
+
+    method: str
+    stage: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    input: Path
+    out_dir: Path
+    stages: list[StageSpec]
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)  # run-wide options every stage sees
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    prompt_overrides: list[Path] = field(default_factory=list)
+    concurrency: int = 8
+    limit: int | None = None
+    quiet: bool = False
+    cache_path: Path | None = None
+    use_cache: bool = True
+    overwrite: bool = False
+
+
+class StageCtx:
+    """What a stage sees while processing one record: model calls that are cached and recorded."""
+
+    def __init__(self, run: "Run", stage: Stage, record: Record):
+        self.run = run
+        self.stage = stage
+        self.record = record
+
+    def backend(self) -> Backend:
+        return self.run.backend_for(self.stage)
+
+    def for_record(self, record: Record) -> "StageCtx":
+        """The same stage's context for another record (e.g. one of several candidates)."""
+        return StageCtx(self.run, self.stage, record)
+
+    def count(self, key: str, n: int = 1) -> None:
+        c = self.run.live_counts.setdefault(self.stage.label, collections.Counter())
+        c[key] += n
+
+    def _step(self, kind: str, backend: Backend, template: str | None, template_hash: str | None, **extra: Any) -> dict[str, Any]:
+        step = {
+            "step": f"{self.record.id}/{self.stage.label}/{len(self.record.lineage)}",
+            "stage": self.stage.label,
+            "kind": kind,
+            "model": backend.spec,
+            "template": template,
+            "template_hash": template_hash,
+            **extra,
+        }
+        self.record.lineage.append(step)
+        return step
+
+    async def _cached_call(self, kind: str, backend: Backend, payload: dict[str, Any], call, valid=lambda v: True):
+        key = cache_key(kind, backend.identity(), payload)
+        hit = self.run.cache.get(key)
+        if hit is not None:
+            return hit, True
+        async with self.run.semaphore_for(backend):
+            value = await call()
+        if valid(value):
+            self.run.cache.put(key, kind, backend.spec, value)
+        return value, False
+
+    async def complete(self, template: str, variables: dict[str, Any], **params: Any) -> Completion:
+        """Render ``template`` with ``variables``, call the stage's model, record the step.
+
+        The returned completion carries ``.step`` (its lineage entry): the stage adds ``parsed``
+        or ``parse_error`` to it. A backend failure raises :class:`BackendError` (the engine records it).
+        """
+        prompt = self.run.prompts.render(template, variables)
+        backend = self.backend()
+        params = {k: v for k, v in params.items() if v is not None}
+        payload = {"messages": prompt.messages, "assistant_prefix": prompt.assistant_prefix, "params": params}
+        if prompt.assistant_prefix:
+            params = {**params, "assistant_prefix": prompt.assistant_prefix}
+
+        async def call():
+            comp = await backend.chat(prompt.messages, params)
+            return comp.to_json()
+
+        value, cached = await self._cached_call("chat", backend, payload, call, valid=lambda v: Completion.from_json(v).ok)
+        comp = Completion.from_json(value)
+        comp.cached = cached
+        comp.step = self._step(  # type: ignore[attr-defined]
+            "chat", backend, template, prompt.template_hash,
+            params=params, raw=comp.text, finish_reason=comp.finish_reason,
+            tokens=[comp.prompt_tokens, comp.completion_tokens], cached=cached,
+            **({"cost": comp.extra["cost"]} if comp.extra.get("cost") and not cached else {}),
+        )
+        return comp
+
+    async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> dict[str, float]:
+        """Log-probabilities of ``candidates`` as the next token after the template's assistant prefix."""
+        prompt = self.run.prompts.render(template, variables)
+        backend = self.backend()
+        backend.require("next_token_logprobs", f"stage {self.stage.label}")
+        payload = {"messages": prompt.messages, "assistant_prefix": prompt.assistant_prefix, "candidates": candidates}
+
+        async def call():
+            return await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, candidates)
+
+        value, cached = await self._cached_call("next_token_logprobs", backend, payload, call)
+        self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, cached=cached)
+        return value
+
+    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]:
+        """Per-token logprobs of ``continuation`` after the rendered template (None: unconditional)."""
+        backend = self.backend()
+        backend.require("score_continuation", f"stage {self.stage.label}")
+        messages = None
+        template_hash = None
+        if template is not None:
+            prompt = self.run.prompts.render(template, variables)
+            messages, template_hash = prompt.messages, prompt.template_hash
+        payload = {"messages": messages, "continuation": continuation}
+
+        async def call():
+            return await backend.score_continuation(messages, continuation)
+
+        value, cached = await self._cached_call("score_continuation", backend, payload, call)
+        self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), cached=cached)
+        return value
+
+
+class Run:
+    """One execution of a pipeline over an input file into a run directory."""
+
+    def __init__(self, config: RunConfig, registry: Registry):
+        self.config = config
+        self.registry = registry
+        self.out = Path(config.out_dir)
+        self.first_method: Method = registry.method(config.stages[0].method)
+        self.stages: list[Stage] = []
+        for spec in config.stages:
+            method = registry.method(spec.method)
+            known = {s.name for s in method.stages}
+            if spec.stage not in known:
+                raise BtkitError(f"method '{spec.method}' has no stage '{spec.stage}'; its stages: {', '.join(sorted(known))}")
+            self.stages.append(method.build_stage(spec.stage, {**config.options, **spec.options}))
+        self.prompts = PromptLibrary(roots=registry.prompt_roots(), overrides=config.prompt_overrides)
+        self.cache = (Cache(config.cache_path) if config.use_cache else NullCache())
+        self._backends: dict[str, Backend] = {}
+        self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self.live_counts: dict[str, collections.Counter] = {}
+        self.progress = {"units": 0, "kept": 0, "dropped": 0, "skipped": 0}
+
+    # -- setup -----------------------------------------------------------------------------
+    def model_for(self, stage: Stage) -> str:
+        return stage.model or self.config.model
+
+    def backend_for(self, stage: Stage) -> Backend:
+        spec = self.model_for(stage)
+        opts = {**self.config.backend_options, **{k: v for k, v in stage.options.items() if k in ("base_url",) and v}}
+        key = spec + "|" + json.dumps(opts, sort_keys=True, default=str)
+        if key not in self._backends:
+            self._backends[key] = self.registry.make_backend(spec, opts)
+        return self._backends[key]
+
+    def semaphore_for(self, backend: Backend) -> asyncio.Semaphore:
+        if id(backend) not in self._semaphores:
+            limit = self.config.concurrency
+            if backend.max_concurrency:
+                limit = min(limit, backend.max_concurrency)
+            self._semaphores[id(backend)] = asyncio.Semaphore(max(1, limit))
+        return self._semaphores[id(backend)]
+
+    def check_templates(self) -> None:
+        """Every template a stage uses exists, parses and has all its variables: before any call."""
+        for stage in self.stages:
+            for name in stage.templates:
+                self.prompts.check_variables(name, stage.variables)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that change results. Not included: limit, concurrency, quiet, cache location."""
+        st = self.config.input.stat()
+        templates = {n: self.prompts.template_hash(n) for s in self.stages for n in s.templates}
+        return {
+            "btkit": __version__,
+            "input": {"path": str(self.config.input.resolve()), "size": st.st_size},
+            "model": self.config.model,
+            "backend_options": {k: v for k, v in self.config.backend_options.items() if "key" not in k.lower()},
+            "stages": [{"method": s.method, "stage": s.stage, "options": _jsonable({**self.config.options, **s.options})} for s in self.config.stages],
+            "templates": templates,
+        }
+
+    # -- resume ----------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> set[str]:
+        """Create or resume the run directory; return the ids of units already finished."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        run_json = self.out / "run.json"
+        fp = self.fingerprint()
+        if run_json.exists():
+            old = json.loads(run_json.read_text(encoding="utf-8")).get("fingerprint")
+            if old != fp:
+                if not self.config.overwrite:
+                    changed = sorted(k for k in set(fp) | set(old or {}) if (old or {}).get(k) != fp.get(k))
+                    raise BtkitError(
+                        f"{self.out} holds a run with different settings (changed: {', '.join(changed)}); "
+                        f"pass --overwrite to start over (old files move to {self.out}/previous-<time>/) or use another -o"
+                    )
+                backup = self.out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+                backup.mkdir()
+                for name in RUN_FILES:
+                    if (self.out / name).exists():
+                        shutil.move(str(self.out / name), str(backup / name))
+        elif any((self.out / n).exists() for n in RUN_FILES):
+            raise BtkitError(f"{self.out} holds run files but no run.json; use another -o")
+        done: set[str] = set()
+        partial = self.out / "data.jsonl.partial"
+        tmp = self.out / ".data.rebuild"
+        tmp.unlink(missing_ok=True)
+        with _Closing(AppendFile(tmp)) as data:
+            for line in read_journal(self.out / "candidates.jsonl"):
+                done.add(line["unit"])
+                if line["status"] == "kept":
+                    data.write_lines([self._output_line(Record.from_candidate(line), line["method"])])
+        os.replace(tmp, partial)
+        if (self.out / "data.jsonl").exists() and done:
+            os.unlink(self.out / "data.jsonl")  # will be re-published when the run completes
+        atomic_write_json(run_json, {"fingerprint": fp, "command": sys.argv, "started": time.time()})
+        return done
+
+    def _output_line(self, record: Record, method_name: str) -> dict[str, Any]:
+        return self.registry.method(method_name).to_output(record)
+
+    # -- execution -------------------------------------------------------------------------
+    def units(self) -> Iterator[Record]:
+        method = self.first_method
+        opts = {**self.config.options, **self.config.stages[0].options}
+        required = method_required_fields(method, opts)
+        rows = (row for _, row in iter_jsonl(self.config.input, required, required))
+        if self.config.limit is not None:
+            rows = _take(rows, self.config.limit)
+        extra = list(method.extra_records(opts))
+        if extra:
+            holder = Record(id="extra", source_id="extra", fields={})
+            holder.meta["extra"] = extra
+            yield holder
+        yield from method.prepare(rows, opts)
+
+    async def process_unit(self, unit: Record) -> list[Record]:
+        if unit.id == "extra":
+            return list(unit.meta["extra"])
+        if not unit.alive:  # dropped while preparing (too short, duplicate...)
+            return [unit]
+        alive, terminal = [unit], []
+        for stage in self.stages:
+            results = await asyncio.gather(*(self._run_stage(stage, r) for r in alive))
+            alive = []
+            for outs in results:
+                for rec in outs:
+                    (alive if rec.alive else terminal).append(rec)
+            if not alive:
+                break
+        return terminal + alive
+
+    async def _run_stage(self, stage: Stage, record: Record) -> list[Record]:
+        hook = self.registry.hook
+        for reason in hook.btkit_before_stage(record=record, stage=stage, run=self):
+            if reason:
+                return [record.drop(stage.label, str(reason))]
+        try:
+            outs = await stage.process(record, StageCtx(self, stage, record))
+        except (CapabilityError, TemplateError):
+            raise
+        except BackendError as e:
+            return [record.drop(stage.label, "backend_error", error=str(e), raw=e.raw)]
+        except Exception as e:  # a bug in a stage loses one record, not the run
+            return [record.drop(stage.label, "stage_error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=5))]
+        for rec in outs:
+            if rec.alive:
+                for reason in hook.btkit_after_stage(record=rec, stage=stage, run=self):
+                    if reason:
+                        rec.drop(stage.label, str(reason))
+                        break
+        return outs
+
+    async def execute(self) -> dict[str, Any]:
+        cfg = self.config
+        required = method_required_fields(self.first_method, {**cfg.options, **cfg.stages[0].options})
+        validate_jsonl(cfg.input, required, required)
+        self.check_templates()
+        done = self._prepare_out_dir()
+        self.registry.hook.btkit_run_start(run=self)
+        t0 = time.monotonic()
+        journal = AppendFile(self.out / "candidates.jsonl")
+        data = AppendFile(self.out / "data.jsonl.partial")
+        window = max(4, 2 * cfg.concurrency)
+        bar = _progress(cfg.quiet)
+        in_flight: collections.deque = collections.deque()
+
+        def flush_ready() -> None:
+            while in_flight and in_flight[0][1].done():
+                unit, task = in_flight.popleft()
+                records = task.result()
+                method_names = [self._method_of(r) for r in records]
+                journal.write_lines({**r.to_candidate(), "unit": unit.id, "method": m} for r, m in zip(records, method_names))
+                kept = [self._output_line(r, m) for r, m in zip(records, method_names) if r.alive]
+                if kept:
+                    data.write_lines(kept)
+                self.progress["units"] += 1
+                self.progress["kept"] += len(kept)
+                self.progress["dropped"] += len(records) - len(kept)
+                bar.update(self.progress)
+
+        try:
+            for unit in self.units():
+                if unit.id in done:
+                    self.progress["skipped"] += 1
+                    continue
+                in_flight.append((unit, asyncio.ensure_future(self.process_unit(unit))))
+                while len(in_flight) >= window:
+                    await asyncio.wait([t for _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
+                    flush_ready()
+            while in_flight:
+                await asyncio.wait([t for _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
+                flush_ready()
+        finally:
+            for _, task in in_flight:
+                task.cancel()
+            bar.close()
+            journal.close()
+            data.close()
+            for backend in self._backends.values():
+                await backend.aclose()
+        os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
+        stats = self.compute_stats(time.monotonic() - t0)
+        self._write_failures()
+        atomic_write_json(self.out / "stats.json", stats)
+        self.registry.hook.btkit_run_end(run=self, stats=stats)
+        self.cache.close()
+        return stats
+
+    def _method_of(self, record: Record) -> str:
+        """The method that shapes a kept record's data.jsonl line: the last stage's, unless set."""
+        return record.meta.get("output_method") or self.config.stages[-1].method
+
+    # -- stats -----------------------------------------------------------------------------
+    def compute_stats(self, elapsed: float) -> dict[str, Any]:
+        """Stats are derived from the journal alone, so a resumed run reports the whole run."""
+        labels = [s.label for s in self.stages]
+        per_stage = {l: {"in": 0, "out": 0, "dropped": collections.Counter(), "calls": 0, "cache_hits": 0,
+                         "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "parse_failures": collections.Counter()} for l in labels}
+        totals = collections.Counter()
+        dropped_by_reason: collections.Counter = collections.Counter()
+        current_unit, seen_steps = None, set()
+        for line in read_journal(self.out / "candidates.jsonl"):
+            totals["records"] += 1
+            totals[line["status"]] += 1
+            if line["unit"] != current_unit:
+                current_unit, seen_steps = line["unit"], set()
+                totals["units"] += 1
+            if line["status"] == "dropped":
+                dropped_by_reason[f"{line['dropped_at']}:{line['reason']}"] += 1
+            for label in labels:
+                if line.get("meta", {}).get("source") == "seed":
+                    break
+                st = per_stage[label]
+                st["in"] += 1
+                if line["dropped_at"] == label:
+                    st["dropped"][line["reason"]] += 1
+                    break
+                st["out"] += 1
+            for step in line.get("lineage", []):
+                if step.get("step") in seen_steps or step.get("stage") not in per_stage:
+                    continue
+                seen_steps.add(step.get("step"))
+                st = per_stage[step["stage"]]
+                st["calls"] += 1
+                st["cache_hits"] += bool(step.get("cached"))
+                toks = step.get("tokens") or [0, 0]
+                st["tokens_in"] += toks[0]
+                st["tokens_out"] += toks[1]
+                st["cost_usd"] += float(step.get("cost") or 0.0)
+                if step.get("parse_error"):
+                    st["parse_failures"][step["parse_error"]] += 1
+        previous = {}
+        try:
+            previous = json.loads((self.out / "stats.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        for st in per_stage.values():
+            st["dropped"] = dict(st["dropped"])
+            st["parse_failures_total"] = sum(st["parse_failures"].values())
+            st["parse_failures"] = dict(st["parse_failures"])
+        return {
+            "status": "complete",
+            "btkit": __version__,
+            "input": str(self.config.input),
+            "model": self.config.model,
+            "stages": per_stage,
+            "units": totals["units"],
+            "records": totals["records"],
+            "kept": totals["kept"],
+            "dropped": totals["dropped"],
+            "dropped_by_reason": dict(dropped_by_reason),
+            "parse_failures": sum(s["parse_failures_total"] for s in per_stage.values()),
+            "backend_failures": sum(v for k, v in dropped_by_reason.items() if k.endswith(":backend_error")),
+            "tokens_in": sum(s["tokens_in"] for s in per_stage.values()),
+            "tokens_out": sum(s["tokens_out"] for s in per_stage.values()),
+            "calls": sum(s["calls"] for s in per_stage.values()),
+            "cost_usd": round(sum(s["cost_usd"] for s in per_stage.values()), 6),
+            "cache_hits_this_invocation": self.cache.hits,
+            "model_calls_this_invocation": self.cache.misses,
+            "units_resumed": self.progress["skipped"],
+            "wall_time_s": round(elapsed + float(previous.get("wall_time_s", 0) if previous.get("status") != "complete" else 0), 3),
+            "this_invocation_s": round(elapsed, 3),
+        }
+
+    def _write_failures(self) -> None:
+        tmp = self.out / ".failures.tmp"
+        tmp.unlink(missing_ok=True)
+        with _Closing(AppendFile(tmp)) as out:
+            for line in read_journal(self.out / "candidates.jsonl"):
+                details = line.get("meta", {}).get("drop_details", {})
+                if line["status"] == "dropped" and line["reason"] in ("backend_error", "stage_error"):
+                    out.write_lines([{"id": line["id"], "stage": line["dropped_at"], "reason": line["reason"], **details}])
+        os.replace(tmp, self.out / "failures.jsonl")
+
+
+def method_required_fields(method: Method, options: dict[str, Any]) -> dict[str, str]:
+    """Input fields the first method needs, mapped to the CLI option that renames each."""
+    fn = getattr(method, "required_fields", None)
+    if fn:
+        return fn(options)
+    return {options.get("text_field", "text"): "--text-field"}
+
+
+class _Closing:
+    def __init__(self, f: AppendFile):
+        self.f = f
+
+    def __enter__(self) -> AppendFile:
+        return self.f
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def _take(it, n: int):
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str, sort_keys=True))
+
+
+class _progress:
+    """A tqdm bar on a terminal; silent when quiet or when stderr is not a TTY."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="units", unit="unit", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, progress: dict[str, int]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(kept=progress["kept"], dropped=progress["dropped"], refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_pipeline(config: RunConfig, registry: Registry) -> dict[str, Any]:
+    """Run synchronously (the CLI's entry point into the async engine)."""
+    return asyncio.run(Run(config, registry).execute())

@@ -1,0 +1,34 @@
+"""User-facing errors: one clear line, naming file, line and field where there is one."""
+
+from __future__ import annotations
+
+
+class BtkitError(Exception):
+    """An error caused by the user's input or setup; the CLI prints it as one line and exits 2."""
+
+
+class InputError(BtkitError):
+    """Bad corpus or seed input. The message names file, line and field."""
+
+    def __init__(self, path: str, message: str, line: int | None = None, field: str | None = None):
+        where = str(path) + (f":{line}" if line is not None else "")
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+        self.path, self.line, self.field = path, line, field
+
+
+class TemplateError(BtkitError):
+    """A prompt template that cannot be used (missing, undefined variable, unsafe)."""
+
+
+class BackendError(Exception):
+    """A backend call that failed. ``raw`` keeps whatever the backend sent back, for the failure log."""
+
+    def __init__(self, message: str, raw: str | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.raw = raw
+        self.retryable = retryable
+
+
+class CapabilityError(BtkitError):
+    """The chosen backend cannot do what a stage needs (e.g. logprobs)."""

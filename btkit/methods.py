@@ -1,0 +1,142 @@
+"""The method interface: a method is data (stages, templates, options) plus plain functions.
+
+A method plugin registers a :class:`Method`. Each of its stages is a :class:`Stage` whose
+``process(record, ctx)`` turns one record into zero or more records, calling models only through
+``ctx`` (which renders templates, caches, counts tokens and records lineage). Most LLM stages are
+"render a template, call the model, parse the reply, filter": :meth:`StageContext.complete` and a
+parse function returning fields or raising :class:`ParseError` keep those parts testable without a
+model (golden prompt tests, parser tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+from .records import Record
+
+STAGE_KINDS = ("prepare", "augment", "curate", "rewrite", "constrain")
+
+
+class ParseError(ValueError):
+    """A completion that could not be parsed. Recorded with the raw text and counted; never guessed."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class StageContext(Protocol):
+    """What a stage may use while processing a record (implemented by the engine)."""
+
+    run: Any
+    stage: "Stage"
+    record: Record
+
+    async def complete(self, template: str, variables: dict[str, Any], **params: Any) -> Any: ...
+
+    async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> dict[str, float]: ...
+
+    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]: ...
+
+    def backend(self) -> Any: ...
+
+    def count(self, key: str, n: int = 1) -> None: ...
+
+
+class Stage:
+    """One step of a method. ``options`` are this stage's settings (model, sampling, thresholds).
+
+    ``templates`` lists the template names the stage renders and ``variables`` the names it passes
+    to them, so undefined variables are caught before the first model call.
+    """
+
+    kind: str = "augment"
+    templates: tuple[str, ...] = ()
+    variables: tuple[str, ...] = ()
+
+    def __init__(self, method: str, name: str, options: dict[str, Any] | None = None):
+        self.method = method
+        self.name = name
+        self.options = dict(options or {})
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}.{self.name}"
+
+    @property
+    def model(self) -> str | None:
+        """Model spec for this stage; None means the run's default model."""
+        return self.options.get("model")
+
+    def sampling(self, **defaults: Any) -> dict[str, Any]:
+        """Sampling parameters: the method's defaults overridden by the stage's options."""
+        params = dict(defaults)
+        for key in ("temperature", "top_p", "max_tokens", "seed", "stop", "repetition_penalty"):
+            if self.options.get(key) is not None:
+                params[key] = self.options[key]
+        return params
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "templates": list(self.templates)}
+
+    async def process(self, record: Record, ctx: StageContext) -> list[Record]:
+        raise NotImplementedError
+
+
+@dataclass
+class StageInfo:
+    """What ``btkit methods`` shows for a stage."""
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass
+class Method:
+    """A registered method. Subclass or instantiate with callables.
+
+    - ``prepare(records, options)`` turns raw input rows into work units (segmentation, dedup);
+      it runs sequentially and must be deterministic so a resumed run sees the same units.
+    - ``build_stage(name, options)`` makes a :class:`Stage`.
+    - ``to_output(record)`` shapes a kept record into a ``data.jsonl`` line.
+    """
+
+    name: str
+    description: str
+    paper: str = ""
+    stages: list[StageInfo] = field(default_factory=list)
+    default_stages: tuple[str, ...] = ()
+    prompts_dir: Path | None = None
+    cli_options: list[Any] = field(default_factory=list)
+    version: str = ""
+
+    def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
+        raise NotImplementedError
+
+    def extra_records(self, options: dict[str, Any]) -> Iterator[Record]:
+        """Records written to the output without passing through stages (e.g. seed pairs)."""
+        return iter(())
+
+    def to_output(self, record: Record) -> dict[str, Any]:
+        f = record.fields
+        return {
+            "instruction": f.get("instruction", ""),
+            "response": f.get("response", ""),
+            "system": f.get("system", ""),
+            "meta": {
+                "id": record.id,
+                "source_id": record.source_id,
+                "method": self.name,
+                **{k: v for k, v in record.meta.items() if k != "drop_details"},
+                "lineage": record.lineage,
+            },
+        }

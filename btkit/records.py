@@ -1,0 +1,74 @@
+"""The record that flows through a run, with its lineage."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Record:
+    """One unit of work: a segment, then an (instruction, response) pair as stages fill it in.
+
+    ``fields`` holds the data (text, instruction, response, score...); ``lineage`` holds one entry
+    per stage step (model spec, template name and hash, raw completion, parsed fields), so every
+    output line can be traced back to its source and the exact prompts that made it.
+    """
+
+    id: str
+    source_id: str
+    fields: dict[str, Any]
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    dropped_at: str | None = None
+    reason: str | None = None
+    #: Set by a method for records that skip all LLM stages (e.g. seed pairs mixed into the output).
+    final: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.reason is None
+
+    def drop(self, stage: str, reason: str, **details: Any) -> "Record":
+        """Mark the record dropped; ``reason`` is a short stable key counted in stats."""
+        self.dropped_at = stage
+        self.reason = reason
+        if details:
+            self.meta.setdefault("drop_details", {}).update(details)
+        return self
+
+    def child(self, suffix: str, **fields: Any) -> "Record":
+        """A new record derived from this one (e.g. the n-th candidate of a segment)."""
+        return Record(
+            id=f"{self.id}{suffix}",
+            source_id=self.source_id,
+            fields={**copy.deepcopy(self.fields), **fields},
+            lineage=copy.deepcopy(self.lineage),
+            meta=copy.deepcopy(self.meta),
+        )
+
+    def to_candidate(self) -> dict[str, Any]:
+        """The line written to candidates.jsonl: every record, kept or dropped, with its reason."""
+        return {
+            "id": self.id,
+            "source_id": self.source_id,
+            "status": "kept" if self.alive else "dropped",
+            "dropped_at": self.dropped_at,
+            "reason": self.reason,
+            "fields": self.fields,
+            "meta": self.meta,
+            "lineage": self.lineage,
+        }
+
+    @classmethod
+    def from_candidate(cls, line: dict[str, Any]) -> "Record":
+        return cls(
+            id=line["id"],
+            source_id=line["source_id"],
+            fields=line.get("fields", {}),
+            lineage=line.get("lineage", []),
+            meta=line.get("meta", {}),
+            dropped_at=line.get("dropped_at"),
+            reason=line.get("reason"),
+        )

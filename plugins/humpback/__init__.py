@@ -1,0 +1,167 @@
+"""Humpback: self-augmentation and self-curation (Li et al. 2023, arXiv 2308.06259).
+
+Stages: ``augment`` writes one instruction per corpus segment with a prompted backward model
+(seed pairs reversed as few-shot examples, as the paper's M_yx is trained on output -> instruction);
+``curate`` rates each (instruction, segment) pair with the paper's 5-point rubric and keeps score
+>= threshold (default 5, the paper's A5). Kept pairs carry the paper's source tag as system prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import click
+
+from btkit.errors import BtkitError
+from btkit.hookspecs import hookimpl
+from btkit.io import iter_jsonl
+from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.records import Record
+
+from .. import curation
+from .parsing import parse_instruction
+from .segment import segment_corpus
+
+from .._prompts import PROMPTS
+
+AUGMENTED_SYSTEM = "Answer with knowledge from web search."
+SEED_SYSTEM = "Answer in the style of an AI Assistant."
+DEFAULT_SEED = Path(__file__).with_name("default_seed.jsonl")
+CURATE_MODES = ("auto", "rubric", "logprob")
+
+
+def load_seed(path: str | Path) -> list[dict[str, str]]:
+    """Seed pairs from JSONL (instruction, response); clear errors naming file, line and field."""
+    return [{"instruction": o["instruction"], "response": o["response"]} for _, o in iter_jsonl(path, ("instruction", "response"))]
+
+
+def pick_examples(seed: list[dict[str, str]], key: str, shots: int) -> list[dict[str, str]]:
+    """A deterministic, per-segment choice of few-shot examples, so prompts vary but reproduce."""
+    if not seed or shots <= 0:
+        return []
+    start = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % len(seed)
+    return [seed[(start + i) % len(seed)] for i in range(min(shots, len(seed)))]
+
+
+class AugmentStage(Stage):
+    """Segment -> instruction (the segment becomes the response)."""
+
+    kind = "augment"
+    templates = ("humpback/augment",)
+    variables = ("text", "examples")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        seed_path = options.get("seed")
+        self.seed = load_seed(seed_path) if seed_path else load_seed(DEFAULT_SEED)
+        self.shots = int(options.get("shots") or 3)
+        self.candidates = int(options.get("candidates") or 1)
+        self.max_instruction_words = int(options.get("max_instruction_words") or 150)
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        text = record.fields["text"]
+        examples = pick_examples(self.seed, record.id, self.shots)
+        params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=128)
+        outs = []
+        for i in range(self.candidates):
+            rec = record if self.candidates == 1 else record.child(f"~{i}")
+            p = dict(params)
+            if self.candidates > 1:
+                p["seed"] = int(p.get("seed") or 0) + i
+            comp = await ctx.for_record(rec).complete("humpback/augment", {"text": text, "examples": examples}, **p)
+            if comp.finish_reason == "length":
+                comp.step["parse_error"] = "truncated"
+                outs.append(rec.drop(self.label, "instruction_truncated"))
+                continue
+            try:
+                instruction = parse_instruction(comp.text, text, max_words=self.max_instruction_words)
+            except ParseError as e:
+                comp.step["parse_error"] = e.reason
+                outs.append(rec.drop(self.label, f"instruction_{e.reason}", detail=e.detail))
+                continue
+            comp.step["parsed"] = {"instruction": instruction}
+            rec.fields.update(instruction=instruction, response=text)
+            outs.append(rec)
+        return outs
+
+
+class CurateStage(Stage):
+    """(instruction, response) -> score on the paper's rubric; keep score >= threshold."""
+
+    kind = "curate"
+    templates = ("humpback/curate",)
+    variables = ("instruction", "response", "mode")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.mode = options.get("curate_mode") or "auto"
+        if self.mode not in CURATE_MODES:
+            raise BtkitError(f"curate mode '{self.mode}' unknown; choose one of {', '.join(CURATE_MODES)}")
+        self.threshold = int(options.get("threshold") if options.get("threshold") is not None else 5)
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        variables = {"instruction": record.fields["instruction"], "response": record.fields["response"]}
+        mode = self.mode
+        if mode == "auto":
+            mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "rubric"
+        if mode == "logprob":
+            score, details = await curation.logprob_score(ctx, "humpback/curate", variables)
+        else:
+            params = self.sampling(temperature=0.0, max_tokens=256)
+            score, details = await curation.rubric_score(ctx, "humpback/curate", variables, params)
+        record.meta.update(details, curate_mode=mode, threshold=self.threshold)
+        if score is None:
+            return [record.drop(self.label, "unparseable_score", error=details.get("score_error"))]
+        if score < self.threshold:
+            return [record.drop(self.label, "below_threshold", score=score)]
+        record.fields["system"] = AUGMENTED_SYSTEM
+        return [record]
+
+
+class Humpback(Method):
+    def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
+        return segment_corpus(rows, options)
+
+    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
+        return {"augment": AugmentStage, "curate": CurateStage}[name](self.name, name, options)
+
+    def extra_records(self, options: dict[str, Any]) -> Iterator[Record]:
+        if not (options.get("mix_seed") and options.get("seed")):
+            return iter(())
+        recs = []
+        for i, pair in enumerate(load_seed(options["seed"])):
+            r = Record(id=f"seed#{i}", source_id=f"seed:{i}", fields={**pair, "system": SEED_SYSTEM})
+            r.meta["source"] = "seed"
+            recs.append(r)
+        return iter(recs)
+
+
+METHOD = Humpback(
+    name="humpback",
+    description="Humpback: self-augmentation (backward instruction generation) and self-curation (5-point rubric).",
+    paper="Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
+    stages=[
+        StageInfo("augment", "augment", ("text",), ("instruction", "response"), "write the instruction a segment answers (seed pairs reversed as few-shot examples)"),
+        StageInfo("curate", "curate", ("instruction", "response"), ("score", "system"), "rate on the paper's 5-point rubric, keep score >= threshold"),
+    ],
+    default_stages=("augment", "curate"),
+    prompts_dir=PROMPTS,
+    cli_options=[
+        click.Option(["--seed"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
+        click.Option(["--threshold"], type=click.IntRange(1, 5), default=5, show_default=True, help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),
+        click.Option(["--curate-mode"], type=click.Choice(CURATE_MODES), default="auto", show_default=True, help="rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; auto: logprob when the backend can."),
+        click.Option(["--shots"], type=int, default=3, show_default=True, help="Few-shot examples per augment prompt."),
+        click.Option(["--candidates"], type=int, default=1, show_default=True, help="Instructions generated per segment."),
+        click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop segments shorter than this."),
+        click.Option(["--max-words"], type=int, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        click.Option(["--mix-seed"], is_flag=True, help="Also write the seed pairs to data.jsonl, tagged 'Answer in the style of an AI Assistant.' (the paper trains on seed + curated)."),
+    ],
+)
+
+
+@hookimpl
+def btkit_register_methods(register):
+    register(METHOD)

@@ -1,0 +1,1 @@
+"""Work in progress: this plugin module is being written (see the open issues)."""

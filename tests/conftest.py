@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated cache per test, a fresh plugin registry, scripted backends, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own model-call cache, so tests never see each other's completions."""
+    d = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("BTKIT_CACHE_DIR", str(d))
+    return d / "cache.sqlite"
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A fresh registry loaded from entry points, also used by the CLI for this test."""
+    from btkit import plugins
+
+    reg = plugins.Registry()
+    monkeypatch.setattr(plugins, "_registry", reg)
+    return reg
+
+
+@pytest.fixture
+def scripted(registry):
+    """``scripted(replies=[...], ...)`` -> (backend, spec) usable as ``--model spec``."""
+    from btkit_plugins import fake
+
+    made = []
+
+    def make(name: str = "t", **kwargs: Any):
+        backend = fake.script(f"{name}{len(made)}", fake.ScriptedBackend(**kwargs))
+        made.append(backend)
+        return backend, backend.spec
+
+    yield make
+    for b in made:
+        fake.SCRIPTS.pop(b.spec.split(":", 1)[1], None)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+@pytest.fixture
+def cli(registry):
+    """Invoke ``btkit ...`` in process; returns click's Result (exit_code, output, stderr)."""
+    from btkit.cli import cli as btkit_cli
+
+    def invoke(*args: Any):
+        runner = CliRunner()
+        return runner.invoke(btkit_cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def words(n: int, start: int = 0) -> str:
+    """A deterministic text of n distinct-ish words (for segment length tests)."""
+    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon".split()
+    return " ".join(f"{vocab[(start + i) % len(vocab)]}{(start + i) // len(vocab)}" for i in range(n))
