@@ -310,7 +310,7 @@ class Run:
                 return [record.drop(stage.label, str(reason))]
         try:
             outs = await stage.process(record, StageCtx(self, stage, record))
-        except (CapabilityError, TemplateError):
+        except BtkitError:  # configuration problems stop the run with their message
             raise
         except BackendError as e:
             return [record.drop(stage.label, "backend_error", error=str(e), raw=e.raw)]
@@ -329,6 +329,8 @@ class Run:
         required = method_required_fields(self.first_method, {**cfg.options, **cfg.stages[0].options})
         validate_jsonl(cfg.input, required, required)
         self.check_templates()
+        for stage in self.stages:  # resolve every model spec now: a typo fails before any work
+            self.backend_for(stage)
         done = self._prepare_out_dir()
         self.registry.hook.btkit_run_start(run=self)
         t0 = time.monotonic()

@@ -3,7 +3,10 @@
 A template lives at ``<root>/<method>/<stage>.j2`` and is named ``method/stage``. It may define
 ``{% block system %}``, ``{% block user %}`` and ``{% block assistant_prefix %}``; each block is
 rendered on its own into one chat message, so corpus text (always a variable, never template source)
-can never forge a role boundary. A template without blocks is the user message.
+can never forge a role boundary. A template without blocks is the user message. Few-shot examples
+as real chat turns (small chat models follow these far better than examples pasted into one
+message): blocks ``example_user`` and ``example_assistant`` are rendered once per item of the
+``examples`` variable, with the item as ``ex``, before the final user message.
 
 Rendering uses an immutable sandbox with StrictUndefined: a template that reaches for Python
 internals fails with a security error, and one that names an undefined variable fails when the
@@ -24,6 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from .errors import TemplateError
 
 BLOCKS = ("system", "user", "assistant_prefix")
+EXAMPLE_BLOCKS = ("example_user", "example_assistant")
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ class PromptLibrary:
             ast = self.env.parse(src)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
-        missing = sorted(jinja_meta.find_undeclared_variables(ast) - set(provided) - set(self.env.globals))
+        missing = sorted(jinja_meta.find_undeclared_variables(ast) - set(provided) - set(self.env.globals) - {"ex"})
         if missing:
             raise TemplateError(
                 f"{path}: template '{name}' uses undefined variable(s) {', '.join(missing)}; "
@@ -129,5 +133,15 @@ class PromptLibrary:
         messages = []
         if parts.get("system"):
             messages.append({"role": "system", "content": parts["system"]})
+        if all(b in tmpl.blocks for b in EXAMPLE_BLOCKS):
+            for ex in variables.get("examples") or []:
+                try:
+                    ectx = tmpl.new_context({**variables, "ex": ex})
+                    for block, role in zip(EXAMPLE_BLOCKS, ("user", "assistant")):
+                        messages.append({"role": role, "content": "".join(tmpl.blocks[block](ectx)).strip()})
+                except SecurityError as e:
+                    raise TemplateError(f"{path}: security error: template tried unsafe access ({e})") from None
+                except jinja2.UndefinedError as e:
+                    raise TemplateError(f"{path}: undefined variable in template '{name}': {e.message}") from None
         messages.append({"role": "user", "content": parts["user"]})
         return RenderedPrompt(messages, parts.get("assistant_prefix", ""), name, digest)

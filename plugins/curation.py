@@ -92,6 +92,7 @@ async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top:
     """Read the distribution over 1..top after the template's ``Score: `` prefix."""
     digits = [str(i) for i in range(1, top + 1)]
     lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, digits)
+    lp = {d: float(lp.get(d, -math.inf)) for d in digits}  # a backend may omit unlikely digits
     mass = sum(math.exp(v) for v in lp.values())
     if mass <= 0:
         return None, {"score_error": "no_digit_mass"}
