@@ -55,7 +55,7 @@ class AugmentStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        seed_path = options.get("seed")
+        seed_path = options.get("seed_file")
         self.seed = load_seed(seed_path) if seed_path else load_seed(DEFAULT_SEED)
         self.shots = int(options.get("shots") or 3)
         self.candidates = int(options.get("candidates") or 1)
@@ -129,10 +129,10 @@ class Humpback(Method):
         return {"augment": AugmentStage, "curate": CurateStage}[name](self.name, name, options)
 
     def extra_records(self, options: dict[str, Any]) -> Iterator[Record]:
-        if not (options.get("mix_seed") and options.get("seed")):
+        if not (options.get("mix_seed") and options.get("seed_file")):
             return iter(())
         recs = []
-        for i, pair in enumerate(load_seed(options["seed"])):
+        for i, pair in enumerate(load_seed(options["seed_file"])):
             r = Record(id=f"seed#{i}", source_id=f"seed:{i}", fields={**pair, "system": SEED_SYSTEM})
             r.meta["source"] = "seed"
             recs.append(r)
@@ -150,7 +150,7 @@ METHOD = Humpback(
     default_stages=("augment", "curate"),
     prompts_dir=PROMPTS,
     cli_options=[
-        click.Option(["--seed"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
+        click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
         click.Option(["--threshold"], type=click.IntRange(1, 5), default=5, show_default=True, help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),
         click.Option(["--curate-mode"], type=click.Choice(CURATE_MODES), default="auto", show_default=True, help="rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; auto: logprob when the backend can."),
         click.Option(["--shots"], type=int, default=3, show_default=True, help="Few-shot examples per augment prompt."),
