@@ -90,7 +90,9 @@ class Backend:
     ) -> list[float]:
         """Per-token logprobs of ``continuation`` as the assistant's reply to ``messages``.
 
-        ``messages=None`` scores the continuation unconditionally (no prompt).
+        ``messages=None`` scores it unconditionally: as the reply to an empty user turn in the same
+        chat frame (system prompt and role headers as the chat template writes them), so a
+        conditional and an unconditional score differ by the instruction text alone (PMI, IFD).
         """
         self.require(SCORE_CONTINUATION, "likelihood scoring")
         raise NotImplementedError

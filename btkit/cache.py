@@ -1,11 +1,26 @@
 """Content-addressed store of raw model outputs (SQLite in WAL mode).
 
 The key is a hash of everything that determines a model's output: the backend identity (spec,
-base URL, model), the call kind, the rendered messages, the sampling parameters and any schema.
-Never in the key: API keys, concurrency, retry settings, timeouts. Only raw outputs are stored,
-never parsed results, so changing a parser, a filter or a threshold re-runs with zero model calls,
-while changing a template or a sampling parameter re-calls exactly the affected requests.
-Failed calls are never stored.
+base URL, model), the call kind, the rendered messages, the sampling parameters and any schema or
+grammar (they travel in the parameters). Never in the key: API keys, concurrency, retry settings,
+timeouts; :func:`cache_key` drops such names even if a backend's ``identity()`` lists them. Only raw
+outputs are stored, never parsed results, so changing a parser, a filter or a threshold re-runs
+with zero model calls, while changing a template or a sampling parameter re-calls exactly the
+affected requests.
+
+What is stored, decided:
+- A failed call (backend error) and an unusable completion (empty, cut at max tokens, content
+  filtered: ``Completion.ok`` false) are never stored; a re-run asks again.
+- A complete reply that a parser rejects IS stored, as the raw text it is, never as a parsed
+  success: the parse runs again on every use and fails again, counted each time. Storing it is what
+  lets a fixed parser re-run for free, and re-asking the identical request would mostly buy the
+  same reply. Getting a *different* reply is the job of the parse-retry policy
+  (``StageCtx.complete(parse=..., retries=K)``), which re-samples with another seed: another key.
+
+One file serves a whole process: a single connection behind a lock, so threads and asyncio tasks
+may share a :class:`Cache`; separate processes (or separate ``Cache`` objects) on the same file
+are serialised by SQLite's WAL locking. Each ``put`` is its own committed transaction, so a
+``kill -9`` loses at most the call in flight.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -37,8 +53,27 @@ def default_cache_path() -> Path:
     return Path(base) / "cache.sqlite"
 
 
+#: Settings that never change what a model answers, so never part of a key (secrets least of all).
+NOT_IN_KEY = re.compile(
+    r"^(api_?key|.*secret.*|.*password.*|.*access_?token|auth.*|headers|.*timeout.*|.*retries|retry.*|.*backoff.*|"
+    r"concurrency|max_concurrency|batch_size|n_threads)$",
+    re.IGNORECASE,
+)
+
+
+def _content_only(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: v for k, v in d.items() if not NOT_IN_KEY.match(str(k))}
+    return d
+
+
 def cache_key(kind: str, backend: dict[str, Any], payload: dict[str, Any]) -> str:
-    blob = json.dumps({"kind": kind, "backend": backend, "payload": payload}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """sha256 of the call kind, the backend identity and the request, minus :data:`NOT_IN_KEY` names."""
+    payload = dict(payload)
+    if isinstance(payload.get("params"), dict):
+        payload["params"] = _content_only(payload["params"])
+    blob = json.dumps({"kind": kind, "backend": _content_only(backend), "payload": payload},
+                      sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -67,6 +102,10 @@ class Cache:
 
     def put(self, key: str, kind: str, backend: str, value: Any) -> None:
         blob = json.dumps(value, ensure_ascii=False)
+        try:
+            blob.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: store them escaped, losslessly
+            blob = json.dumps(value, ensure_ascii=True)
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO entries(key, kind, backend, value, created) VALUES (?,?,?,?,?)",

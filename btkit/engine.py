@@ -2,15 +2,27 @@
 
 Shape of a run directory:
 - ``candidates.jsonl`` is the journal: every record the run produced, kept or dropped with its
-  reason, appended one finished unit per ``os.write``, in input order. It is the only source of
+  reason, appended in input order, whole finished units per ``os.write``. It is the only source of
   truth: ``data.jsonl``, ``stats.json`` and ``failures.jsonl`` are all derived from it, which makes
   resume after ``kill -9`` simple (cut a torn last line, skip finished units, rebuild the rest).
+  Each line carries ``unit_seq`` (the unit's position in the input) and ``unit_records`` (how
+  many lines its unit has): a kill can cut a multi-line write short (Linux checks for fatal
+  signals between pages), and a last unit with fewer lines than announced is cut and redone.
 - ``data.jsonl`` appears only when a run is complete (written as ``data.jsonl.partial`` while it
   runs, then renamed), so a reader never mistakes a half-written file for a finished one.
-- ``run.json`` records the settings; re-running the same command continues the run.
+- ``run.json`` records the settings, written first; re-running the same command continues the
+  run. Finished units are always the first N of the deterministic unit stream, so resuming skips
+  N units in constant memory, after checking that their ids hash the same (an input edited in
+  place stops the run instead of mixing two inputs).
+
+Every model call goes through the content-addressed cache (:mod:`btkit.cache`) and is written there
+the moment it returns, so a resumed run pays only for calls that were in flight at the kill.
+Identical requests in flight at once are sent once. A stage that returns no record for a record
+gets it recorded as dropped (``no_output``), never silently lost.
 
 Memory stays flat: units are read lazily and at most ``window`` are in flight; finished units are
-written in input order through a small reorder buffer.
+written in input order through a small reorder buffer; units dropped while preparing (too short,
+duplicate) cost no task.
 """
 
 from __future__ import annotations
@@ -26,14 +38,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import __version__
 from .backends import Backend, Completion
 from .cache import Cache, NullCache, cache_key
 from .errors import BackendError, BtkitError, CapabilityError, TemplateError
-from .io import AppendFile, atomic_write_json, atomic_write_text, dumps, iter_jsonl, read_journal, validate_jsonl
-from .methods import Method, Stage
+from .io import AppendFile, atomic_write_json, atomic_write_text, dumps, iter_jsonl, read_journal, scrub_text, validate_jsonl
+from .methods import Method, ParseError, Stage
 from .plugins import Registry
 from .prompts import PromptLibrary
 from .records import Record
@@ -104,18 +116,76 @@ class StageCtx:
         hit = self.run.cache.get(key)
         if hit is not None:
             return hit, True
-        async with self.run.semaphore_for(backend):
-            value = await call()
-        if valid(value):
-            self.run.cache.put(key, kind, backend.spec, value)
-        return value, False
+        pending = self.run._pending.get(key)
+        if pending is not None:  # the same request is already in flight: share its answer, pay once
+            value = await asyncio.shield(pending)
+            return json.loads(json.dumps(value)), True  # a copy, as a cache hit would be
 
-    async def complete(self, template: str, variables: dict[str, Any], **params: Any) -> Completion:
+        async def call_and_store():
+            async with self.run.semaphore_for(backend):
+                value = await call()
+            if valid(value):
+                self.run.cache.put(key, kind, backend.spec, value)
+            return value
+
+        task = asyncio.ensure_future(call_and_store())
+        self.run._pending[key] = task
+        try:
+            return await task, False
+        finally:
+            self.run._pending.pop(key, None)
+
+    async def complete(self, template: str, variables: dict[str, Any], *, parse: Callable[[str | None], Any] | None = None,
+                       retries: int | None = None, **params: Any) -> Completion:
         """Render ``template`` with ``variables``, call the stage's model, record the step.
 
         The returned completion carries ``.step`` (its lineage entry): the stage adds ``parsed``
         or ``parse_error`` to it. A backend failure raises :class:`BackendError` (the engine records it).
+
+        With ``parse`` (text -> value, raising :class:`ParseError`), parsing happens here and the
+        completion comes back with ``.parsed`` (the value) or ``.parse_error`` (the ParseError), both
+        also written to the step; a reply cut at max tokens or by a content filter is a parse failure
+        ('truncated', 'content_filter'). A failed parse is re-sampled with a different seed up to
+        ``retries`` times (default: the stage's ``parse_retries`` option, 0 = never): each attempt is
+        its own lineage step with ``attempt`` and ``retry_of``, counted in stats. A greedy request
+        (temperature 0) is retried at ``parse_retry_temperature`` (default 0.7), since re-sampling
+        greedily would only return the same reply.
         """
+        comp = await self._complete_once(template, variables, params)
+        if parse is None:
+            return comp
+        retries = int(self.stage.options.get("parse_retries") or 0) if retries is None else int(retries)
+        self._parse_into(comp, parse)
+        attempt = 0
+        while comp.parse_error is not None and attempt < retries:  # type: ignore[attr-defined]
+            attempt += 1
+            retry_params = {k: v for k, v in params.items() if v is not None}
+            retry_params["seed"] = retry_seed(retry_params.get("seed"), attempt)
+            if retry_params.get("temperature") == 0:
+                retry_params["temperature"] = float(self.stage.options.get("parse_retry_temperature") or 0.7)
+            previous = comp.step["step"]  # type: ignore[attr-defined]
+            comp = await self._complete_once(template, variables, retry_params, attempt=attempt, retry_of=previous)
+            self._parse_into(comp, parse)
+        return comp
+
+    @staticmethod
+    def _parse_into(comp: Completion, parse: Callable[[str | None], Any]) -> None:
+        comp.parsed, comp.parse_error = None, None  # type: ignore[attr-defined]
+        try:
+            if comp.finish_reason == "length":
+                raise ParseError("truncated", "the reply hit max_tokens")
+            if comp.finish_reason == "content_filter":
+                raise ParseError("content_filter", "the provider filtered the reply")
+            comp.parsed = parse(comp.text)  # type: ignore[attr-defined]
+        except ParseError as e:
+            comp.parse_error = e  # type: ignore[attr-defined]
+            comp.step["parse_error"] = e.reason  # type: ignore[attr-defined]
+            if e.detail:
+                comp.step["parse_error_detail"] = e.detail[:500]  # type: ignore[attr-defined]
+            return
+        comp.step["parsed"] = _jsonable_value(comp.parsed)  # type: ignore[attr-defined]
+
+    async def _complete_once(self, template: str, variables: dict[str, Any], params: dict[str, Any], **step_extra: Any) -> Completion:
         prompt = self.run.prompts.render(template, variables)
         backend = self.backend()
         params = {k: v for k, v in params.items() if v is not None}
@@ -125,6 +195,7 @@ class StageCtx:
 
         async def call():
             comp = await backend.chat(prompt.messages, params)
+            comp.text = scrub_text(comp.text)  # lone surrogates from a backend must not break cache or journal
             return comp.to_json()
 
         value, cached = await self._cached_call("chat", backend, payload, call, valid=lambda v: Completion.from_json(v).ok)
@@ -135,6 +206,7 @@ class StageCtx:
             params=params, raw=comp.text, finish_reason=comp.finish_reason,
             tokens=[comp.prompt_tokens, comp.completion_tokens], cached=cached,
             **({"cost": comp.extra["cost"]} if comp.extra.get("cost") and not cached else {}),
+            **step_extra,
         )
         return comp
 
@@ -190,8 +262,11 @@ class Run:
         self.cache = (Cache(config.cache_path) if config.use_cache else NullCache())
         self._backends: dict[str, Backend] = {}
         self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self._pending: dict[str, asyncio.Future] = {}  # cache key -> the call in flight for it
         self.live_counts: dict[str, collections.Counter] = {}
         self.progress = {"units": 0, "kept": 0, "dropped": 0, "skipped": 0}
+        self.input_counts: dict[str, int] = {}
+        self.encoding_errors = str(config.options.get("encoding_errors") or "strict")
 
     # -- setup -----------------------------------------------------------------------------
     def model_for(self, stage: Stage) -> str:
@@ -233,8 +308,13 @@ class Run:
         }
 
     # -- resume ----------------------------------------------------------------------------
-    def _prepare_out_dir(self) -> set[str]:
-        """Create or resume the run directory; return the ids of units already finished."""
+    def _prepare_out_dir(self) -> tuple[int, str]:
+        """Create or resume the run directory; return how many units are finished and a digest of their ids.
+
+        The journal holds finished units in input order, so they are always the first N units of
+        the (deterministic) unit stream: resuming skips N units, in constant memory, and checks
+        that the skipped units' ids hash to the same digest (an input edited in place is caught).
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         run_json = self.out / "run.json"
         fp = self.fingerprint()
@@ -254,20 +334,24 @@ class Run:
                         shutil.move(str(self.out / name), str(backup / name))
         elif any((self.out / n).exists() for n in RUN_FILES):
             raise BtkitError(f"{self.out} holds run files but no run.json; use another -o")
-        done: set[str] = set()
+        # run.json first: a kill from here on leaves a directory that resumes.
+        atomic_write_json(run_json, {"fingerprint": fp, "command": redact_argv(sys.argv), "started": time.time()})
+        n_done, ids, current = 0, hashlib.blake2b(digest_size=16), None
         partial = self.out / "data.jsonl.partial"
         tmp = self.out / ".data.rebuild"
         tmp.unlink(missing_ok=True)
         with _Closing(AppendFile(tmp)) as data:
-            for line in read_journal(self.out / "candidates.jsonl"):
-                done.add(line["unit"])
+            for line in read_journal(self.out / "candidates.jsonl", "unit_seq", "unit_records"):
+                seq = line.get("unit_seq", line["unit"])
+                if seq != current:
+                    current, n_done = seq, n_done + 1
+                    ids.update(line["unit"].encode("utf-8", "surrogatepass") + b"\n")
                 if line["status"] == "kept":
                     data.write_lines([self._output_line(Record.from_candidate(line), line["method"])])
         os.replace(tmp, partial)
-        if (self.out / "data.jsonl").exists() and done:
+        if (self.out / "data.jsonl").exists() and n_done:
             os.unlink(self.out / "data.jsonl")  # will be re-published when the run completes
-        atomic_write_json(run_json, {"fingerprint": fp, "command": sys.argv, "started": time.time()})
-        return done
+        return n_done, ids.hexdigest()
 
     def _output_line(self, record: Record, method_name: str) -> dict[str, Any]:
         return self.registry.method(method_name).to_output(record)
@@ -277,7 +361,7 @@ class Run:
         method = self.first_method
         opts = {**self.config.options, **self.config.stages[0].options}
         required = method_required_fields(method, opts)
-        rows = (row for _, row in iter_jsonl(self.config.input, required, required))
+        rows = (row for _, row in iter_jsonl(self.config.input, required, required, self.encoding_errors))
         if self.config.limit is not None:
             rows = _take(rows, self.config.limit)
         extra = list(method.extra_records(opts))
@@ -316,6 +400,8 @@ class Run:
             return [record.drop(stage.label, "backend_error", error=str(e), raw=e.raw)]
         except Exception as e:  # a bug in a stage loses one record, not the run
             return [record.drop(stage.label, "stage_error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=5))]
+        if not outs:  # a stage that returns nothing would make the record vanish: record why instead
+            return [record.drop(stage.label, "no_output")]
         for rec in outs:
             if rec.alive:
                 for reason in hook.btkit_after_stage(record=rec, stage=stage, run=self):
@@ -327,11 +413,12 @@ class Run:
     async def execute(self) -> dict[str, Any]:
         cfg = self.config
         required = method_required_fields(self.first_method, {**cfg.options, **cfg.stages[0].options})
-        validate_jsonl(cfg.input, required, required)
+        validate_jsonl(cfg.input, required, required, self.encoding_errors, self.input_counts)
         self.check_templates()
-        for stage in self.stages:  # resolve every model spec now: a typo fails before any work
-            self.backend_for(stage)
-        done = self._prepare_out_dir()
+        for stage in self.stages:  # resolve every model spec now: a typo or a missing capability fails before any work
+            stage.check_backend(self.backend_for(stage))
+        n_done, done_digest = self._prepare_out_dir()
+        skipped_ids = hashlib.blake2b(digest_size=16)
         self.registry.hook.btkit_run_start(run=self)
         t0 = time.monotonic()
         journal = AppendFile(self.out / "candidates.jsonl")
@@ -339,70 +426,136 @@ class Run:
         window = max(4, 2 * cfg.concurrency)
         bar = _progress(cfg.quiet)
         in_flight: collections.deque = collections.deque()
+        loop = asyncio.get_running_loop()
 
         def flush_ready() -> None:
-            while in_flight and in_flight[0][1].done():
-                unit, task = in_flight.popleft()
+            """Journal every finished unit at the head of the window, in input order, in one write."""
+            journal_lines, data_lines = [], []
+            while in_flight and in_flight[0][2].done():
+                seq, unit, task = in_flight.popleft()
                 records = task.result()
                 method_names = [self._method_of(r) for r in records]
-                journal.write_lines({**r.to_candidate(), "unit": unit.id, "method": m} for r, m in zip(records, method_names))
+                journal_lines += [{**r.to_candidate(), "unit": unit.id, "unit_seq": seq, "unit_records": len(records), "method": m}
+                                  for r, m in zip(records, method_names)]
                 kept = [self._output_line(r, m) for r, m in zip(records, method_names) if r.alive]
-                if kept:
-                    data.write_lines(kept)
+                data_lines += kept
                 self.progress["units"] += 1
                 self.progress["kept"] += len(kept)
                 self.progress["dropped"] += len(records) - len(kept)
                 bar.update(self.progress)
+            if journal_lines:  # journal first: data.jsonl.partial is rebuilt from it on resume
+                journal.write_lines(journal_lines)
+            if data_lines:
+                data.write_lines(data_lines)
 
         try:
-            for unit in self.units():
-                if unit.id in done:
+            for seq, unit in enumerate(self.units()):
+                if seq < n_done:
+                    skipped_ids.update(unit.id.encode("utf-8", "surrogatepass") + b"\n")
+                    if seq == n_done - 1 and skipped_ids.hexdigest() != done_digest:
+                        raise BtkitError(
+                            f"{cfg.input} changed since {self.out} was started: its first {n_done} units are not the ones "
+                            f"in the journal; pass --overwrite to start over or use another -o"
+                        )
                     self.progress["skipped"] += 1
                     continue
-                in_flight.append((unit, asyncio.ensure_future(self.process_unit(unit))))
+                if unit.id != "extra" and not unit.alive:  # dropped while preparing: no task needed
+                    done_unit = loop.create_future()
+                    done_unit.set_result([unit])
+                    in_flight.append((seq, unit, done_unit))
+                else:
+                    in_flight.append((seq, unit, asyncio.ensure_future(self.process_unit(unit))))
+                if len(in_flight) >= window:
+                    flush_ready()
                 while len(in_flight) >= window:
-                    await asyncio.wait([t for _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([t for _, _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
                     flush_ready()
             while in_flight:
-                await asyncio.wait([t for _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
                 flush_ready()
+                if in_flight:
+                    await asyncio.wait([t for _, _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for _, task in in_flight:
+            for _, _, task in in_flight:
                 task.cancel()
             bar.close()
             journal.close()
             data.close()
             for backend in self._backends.values():
                 await backend.aclose()
+        self._apply_end_of_run()
         os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
-        stats = self.compute_stats(time.monotonic() - t0)
-        self._write_failures()
+        stats = self._write_failures(time.monotonic() - t0)
         atomic_write_json(self.out / "stats.json", stats)
         self.registry.hook.btkit_run_end(run=self, stats=stats)
         self.cache.close()
         return stats
+
+    def _apply_end_of_run(self) -> None:
+        """Let stages re-decide kept records with the whole run in view (``Stage.end_of_run``).
+
+        Drops are written into the journal (rewritten to a temporary file, then renamed) and
+        ``data.jsonl.partial`` is rebuilt from it, so stats, failures and a resumed run agree.
+        """
+        path = self.out / "candidates.jsonl"
+        drops: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        for stage in self.stages:
+            decided = stage.end_of_run(lambda: read_journal(path, "unit_seq", "unit_records"))
+            for rid, (reason, details) in (decided or {}).items():
+                drops.setdefault(rid, (stage.label, reason, details))
+        if not drops:
+            return
+        journal_tmp, data_tmp = self.out / ".candidates.rewrite", self.out / ".data.rebuild"
+        journal_tmp.unlink(missing_ok=True)
+        data_tmp.unlink(missing_ok=True)
+        with _Closing(AppendFile(journal_tmp)) as journal, _Closing(AppendFile(data_tmp)) as data:
+            lines, kept = [], []
+            for line in read_journal(path, "unit_seq", "unit_records"):
+                if line["status"] == "kept" and line["id"] in drops:
+                    label, reason, details = drops[line["id"]]
+                    line.update(status="dropped", dropped_at=label, reason=reason)
+                    if details:
+                        line.setdefault("meta", {}).setdefault("drop_details", {}).update(details)
+                lines.append(line)
+                if line["status"] == "kept":
+                    kept.append(self._output_line(Record.from_candidate(line), line["method"]))
+                if len(lines) >= 512:
+                    journal.write_lines(lines)
+                    data.write_lines(kept)
+                    lines, kept = [], []
+            journal.write_lines(lines)
+            data.write_lines(kept)
+        os.replace(journal_tmp, path)
+        os.replace(data_tmp, self.out / "data.jsonl.partial")
 
     def _method_of(self, record: Record) -> str:
         """The method that shapes a kept record's data.jsonl line: the last stage's, unless set."""
         return record.meta.get("output_method") or self.config.stages[-1].method
 
     # -- stats -----------------------------------------------------------------------------
-    def compute_stats(self, elapsed: float) -> dict[str, Any]:
-        """Stats are derived from the journal alone, so a resumed run reports the whole run."""
+    def compute_stats(self, elapsed: float, failures: AppendFile | None = None) -> dict[str, Any]:
+        """Stats are derived from the journal alone, so a resumed run reports the whole run.
+
+        With ``failures``, the failed records' lines are written there in the same pass.
+        """
         labels = [s.label for s in self.stages]
         per_stage = {l: {"in": 0, "out": 0, "dropped": collections.Counter(), "calls": 0, "cache_hits": 0,
-                         "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "parse_failures": collections.Counter()} for l in labels}
+                         "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "parse_failures": collections.Counter(),
+                         "parse_retries": 0, "parse_retries_recovered": 0} for l in labels}
         totals = collections.Counter()
         dropped_by_reason: collections.Counter = collections.Counter()
         current_unit, seen_steps = None, set()
-        for line in read_journal(self.out / "candidates.jsonl"):
+        for line in read_journal(self.out / "candidates.jsonl", "unit_seq", "unit_records"):
             totals["records"] += 1
             totals[line["status"]] += 1
-            if line["unit"] != current_unit:
-                current_unit, seen_steps = line["unit"], set()
+            unit_key = line.get("unit_seq", line["unit"])
+            if unit_key != current_unit:
+                current_unit, seen_steps = unit_key, set()
                 totals["units"] += 1
             if line["status"] == "dropped":
                 dropped_by_reason[f"{line['dropped_at']}:{line['reason']}"] += 1
+                if failures is not None and line["reason"] in ("backend_error", "stage_error"):
+                    details = line.get("meta", {}).get("drop_details", {})
+                    failures.write_lines([{"id": line["id"], "stage": line["dropped_at"], "reason": line["reason"], **details}])
             for label in labels:
                 if line.get("meta", {}).get("source") == "seed":
                     break
@@ -425,6 +578,9 @@ class Run:
                 st["cost_usd"] += float(step.get("cost") or 0.0)
                 if step.get("parse_error"):
                     st["parse_failures"][step["parse_error"]] += 1
+                if step.get("attempt"):
+                    st["parse_retries"] += 1
+                    st["parse_retries_recovered"] += "parsed" in step
         previous = {}
         try:
             previous = json.loads((self.out / "stats.json").read_text(encoding="utf-8"))
@@ -446,6 +602,9 @@ class Run:
             "dropped": totals["dropped"],
             "dropped_by_reason": dict(dropped_by_reason),
             "parse_failures": sum(s["parse_failures_total"] for s in per_stage.values()),
+            "parse_failures_by_reason": dict(sum((collections.Counter(s["parse_failures"]) for s in per_stage.values()), collections.Counter())),
+            "parse_retries": sum(s["parse_retries"] for s in per_stage.values()),
+            "input_lines_with_replaced_text": self.input_counts.get("replaced_lines", 0),
             "backend_failures": sum(v for k, v in dropped_by_reason.items() if k.endswith(":backend_error")),
             "tokens_in": sum(s["tokens_in"] for s in per_stage.values()),
             "tokens_out": sum(s["tokens_out"] for s in per_stage.values()),
@@ -458,15 +617,21 @@ class Run:
             "this_invocation_s": round(elapsed, 3),
         }
 
-    def _write_failures(self) -> None:
+    def _write_failures(self, elapsed: float = 0.0) -> dict[str, Any]:
+        """Write ``failures.jsonl`` (atomically) and return the stats, in one pass over the journal."""
         tmp = self.out / ".failures.tmp"
         tmp.unlink(missing_ok=True)
         with _Closing(AppendFile(tmp)) as out:
-            for line in read_journal(self.out / "candidates.jsonl"):
-                details = line.get("meta", {}).get("drop_details", {})
-                if line["status"] == "dropped" and line["reason"] in ("backend_error", "stage_error"):
-                    out.write_lines([{"id": line["id"], "stage": line["dropped_at"], "reason": line["reason"], **details}])
+            stats = self.compute_stats(elapsed, failures=out)
         os.replace(tmp, self.out / "failures.jsonl")
+        return stats
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line for run.json with credential-like values masked (``-B api_key=sk-...``)."""
+    import re
+
+    return [re.sub(r"(?i)((?:key|token|secret|password)[\w-]*=).*", r"\1***", a) for a in argv]
 
 
 def method_required_fields(method: Method, options: dict[str, Any]) -> dict[str, str]:
@@ -497,6 +662,16 @@ def _take(it, n: int):
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str, sort_keys=True))
+
+
+def _jsonable_value(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def retry_seed(seed: Any, attempt: int) -> int:
+    """A seed for the n-th parse retry, far from ``seed + i`` (which stages use for candidates)."""
+    digest = hashlib.blake2b(f"{seed}|parse-retry|{attempt}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
 class _progress:

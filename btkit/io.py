@@ -4,16 +4,27 @@ Input JSONL is validated in one streaming pass before any model call, so a bad l
 at once with file, line and field named. Output appends go through a single ``os.write`` per
 finished unit, and whole-file outputs are written to a temporary file and renamed, so a reader
 never sees a torn file as complete.
+
+Text that is not valid Unicode (bytes that are not UTF-8, or JSON ``\\udXXX`` escapes of lone
+surrogates) is an error by default, named by file, line and field: decoding a latin-1 corpus "with
+replacement" would quietly put U+FFFD into every accented word. ``errors="replace"`` (the run option
+``encoding_errors``) replaces such text with U+FFFD instead and counts the lines it touched.
+Nothing btkit writes can fail on such text either: :func:`dumps` falls back to ASCII escapes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import InputError
+from .errors import BtkitError, InputError
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_path(path: Path) -> None:
@@ -25,24 +36,36 @@ def _check_path(path: Path) -> None:
         raise InputError(str(path), "file is empty, expected JSONL (one JSON object per line)")
 
 
-def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, str] | None = None,
+               errors: str = "strict", counts: dict[str, int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line, raising :class:`InputError` on bad input.
 
     ``required`` fields must be present and non-empty strings; ``hint`` maps a field to the CLI
-    option that picks another field name (named in the error).
+    option that picks another field name (named in the error). ``errors="replace"`` turns invalid
+    UTF-8 and lone surrogates into U+FFFD and counts such lines in ``counts["replaced_lines"]``.
     """
     path = Path(path)
     _check_path(path)
+    if errors not in ("strict", "replace"):
+        raise BtkitError(f"encoding errors must be 'strict' or 'replace', got '{errors}'")
     hint = hint or {}
+    required = tuple(required)
     with path.open("rb") as fh:
         seen_any = False
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors)
+                raw = raw[3:]
             if b"\x00" in raw:
                 raise InputError(str(path), "binary data (NUL bytes); expected UTF-8 JSONL text", lineno)
+            replaced = False
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(str(path), f"not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8", lineno) from None
+                if errors == "strict":
+                    raise InputError(str(path), f"not valid UTF-8 at byte {e.start + 1} of the line; re-encode the file as UTF-8 "
+                                     f"(e.g. iconv -f latin1 -t utf-8) or pass encoding_errors=replace",
+                                     lineno, _field_with(raw.decode("utf-8", "replace"), "\ufffd")) from None
+                line, replaced = raw.decode("utf-8", "replace"), True
             if not line.strip():
                 continue
             try:
@@ -51,6 +74,15 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, s
                 raise InputError(str(path), f"not valid JSON ({e.msg} at column {e.colno})", lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(str(path), f"expected a JSON object, got {type(obj).__name__}", lineno)
+            if _ESCAPED_SURROGATE.search(raw):  # rare: only then look for lone surrogates (pairs are fine)
+                bad = _lone_surrogate_field(obj)
+                if bad is not None:
+                    if errors == "strict":
+                        raise InputError(str(path), "holds a lone UTF-16 surrogate escape (\\udXXX without its pair), not valid "
+                                         "Unicode; fix the producer or pass encoding_errors=replace", lineno, bad)
+                    obj, replaced = _replace_surrogates(obj), True
+            if replaced and counts is not None:
+                counts["replaced_lines"] = counts.get("replaced_lines", 0) + 1
             for name in required:
                 value = obj.get(name)
                 if name not in obj:
@@ -64,13 +96,78 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, s
             raise InputError(str(path), "no records: the file holds only blank lines")
 
 
-def validate_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, str] | None = None) -> int:
+def _field_with(line: str, needle: str) -> str | None:
+    """The top-level field whose value holds ``needle`` (to name it in an error), if the line parses."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if needle in json.dumps(value, ensure_ascii=False) or needle in key:
+                return key
+    return None
+
+
+def _lone_surrogate_field(obj: dict[str, Any]) -> str | None:
+    for key, value in obj.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return key
+    return None
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {scrub_text(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def scrub_text(text: str | None) -> str | None:
+    """Replace lone surrogates (not encodable as UTF-8) with U+FFFD; other text is returned as is."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def validate_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, str] | None = None,
+                   errors: str = "strict", counts: dict[str, int] | None = None) -> int:
     """Stream through the whole file once; return the record count or raise on the first bad line."""
-    return sum(1 for _ in iter_jsonl(path, required, hint))
+    return sum(1 for _ in iter_jsonl(path, required, hint, errors, counts))
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON that any reader accepts: always encodable as UTF-8 (lone surrogates fall back to
+    ``\\u`` escapes), and never ``NaN``/``Infinity`` (not JSON; written as null)."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        obj = _finite(obj)
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class AppendFile:
@@ -96,26 +193,54 @@ class AppendFile:
             self.fd = -1
 
 
-def read_journal(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Read an append-only JSONL journal, cutting a torn last line (left by a kill mid-write)."""
+def read_journal(path: str | Path, group: str | None = None, group_size: str | None = None) -> Iterator[dict[str, Any]]:
+    """Read an append-only JSONL journal, cutting what a kill mid-write left at its end.
+
+    A torn last line (no newline) is cut. With ``group``/``group_size`` (line keys naming a group
+    and how many lines it has), a last group with fewer lines than announced is cut too, since one
+    ``os.write`` of several lines can be cut short by a kill. A bad line *before* the end is not a
+    torn write but damage: that raises, so nothing after it is silently thrown away.
+    """
     path = Path(path)
     if not path.exists():
         return
     size = path.stat().st_size
-    good_end = 0
+    good_end = 0  # end of the last complete line
+    group_start = 0  # byte offset where the current group began
+    pending: list[dict[str, Any]] = []  # lines of the current group, held back until it is complete
     with path.open("rb") as fh:
+        lineno = 0
         for raw in fh:
+            lineno += 1
             if not raw.endswith(b"\n"):
                 break
             try:
                 obj = json.loads(raw)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if good_end + len(raw) < size:
+                    raise BtkitError(f"{path}:{lineno}: damaged journal line (not JSON) before the end of the file; "
+                                     f"move the run directory aside or fix that line by hand") from None
                 break
             good_end += len(raw)
-            yield obj
-    if good_end < size:
+            if group is None or group_size is None or group_size not in obj:
+                if pending:  # a group marker vanished mid-group: treat what we have as complete
+                    yield from pending
+                    pending = []
+                group_start = good_end
+                yield obj
+                continue
+            if pending and pending[0].get(group) != obj.get(group):
+                raise BtkitError(f"{path}:{lineno}: journal group '{pending[0].get(group)}' has {len(pending)} of "
+                                 f"{pending[0][group_size]} lines before the next group starts")
+            pending.append(obj)
+            if len(pending) >= int(obj[group_size]):
+                yield from pending
+                pending = []
+                group_start = good_end
+    cut = group_start if pending else good_end
+    if cut < size:
         with path.open("r+b") as fh:
-            fh.truncate(good_end)
+            fh.truncate(cut)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

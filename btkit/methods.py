@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .records import Record
 
@@ -84,6 +84,24 @@ class Stage:
 
     async def process(self, record: Record, ctx: StageContext) -> list[Record]:
         raise NotImplementedError
+
+    def check_backend(self, backend: Any) -> None:
+        """Called once per run with this stage's backend, before any model call.
+
+        Raise :class:`btkit.errors.CapabilityError` (``backend.require(...)``) when the stage
+        cannot work with it, so a run stops before paying for earlier stages' calls.
+        """
+
+    def end_of_run(self, journal: Callable[[], Iterator[dict[str, Any]]]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Decisions that need the whole run in view (e.g. keep the top P% by score).
+
+        Called after every unit finished, before ``data.jsonl`` is published (again on a resumed
+        run, so it must be deterministic given the journal). ``journal()`` iterates the
+        ``candidates.jsonl`` lines. Returns ``{record id: (reason, details)}`` for kept records
+        to drop now; the engine marks them dropped at this stage in the journal, and stats and
+        ``data.jsonl`` follow. Default: no decisions.
+        """
+        return {}
 
 
 @dataclass

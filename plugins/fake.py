@@ -6,12 +6,16 @@
   ``(messages, params)``) and a ``history`` of every request, for asserting what was sent.
   ``scripted:FILE.json`` loads ``{"replies": [...], "logprobs": {...}}`` from a file instead, so a
   subprocess (e.g. a ``btkit run`` killed for real in a test) can use a script too.
+- ``det:FILE.json`` replies with a pure function of the request, so a request sent again (after a
+  kill) gets the same answer: see :class:`DeterministicBackend`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,6 +94,59 @@ class EchoBackend(Backend):
         return Completion(text=text, finish_reason="stop", prompt_tokens=sum(len(m["content"].split()) for m in messages), completion_tokens=len(text.split()))
 
 
+class DeterministicBackend(Backend):
+    """Replies that depend only on the request, configured by a JSON file::
+
+        {"rules": [{"contains": "5-point scale", "reply": "Fine.\\nScore: {digit}"}],
+         "default": "What does note {hash} explain?", "delay": 0.02, "log": "requests.jsonl"}
+
+    The first rule whose ``contains`` occurs in the messages gives the reply, else ``default``;
+    ``{hash}`` is 8 hex digits of the request's hash and ``{digit}`` a digit 1..5 drawn from it.
+    Logprobs put most mass on one candidate picked by the hash. With ``log``, every request is
+    appended to that file (one ``os.write`` per request) when it arrives, so a test can count what
+    was sent across processes.
+    """
+
+    capabilities = frozenset({CHAT, NEXT_TOKEN_LOGPROBS})
+
+    def __init__(self, rest: str, options: dict[str, Any]):
+        path = Path(rest)
+        if not path.is_file():
+            raise BtkitError(f"det: needs a JSON file, got '{rest}'")
+        conf = json.loads(path.read_text(encoding="utf-8"))
+        self.rules = list(conf.get("rules", []))
+        self.default = str(conf.get("default", "What does note {hash} explain in detail?"))
+        self.delay = float(conf.get("delay", 0))
+        self.log = conf.get("log")
+        self.spec = f"det:{rest}"
+
+    def _record(self, request: dict[str, Any]) -> str:
+        blob = json.dumps(request, sort_keys=True, ensure_ascii=True)
+        if self.log:
+            fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, (json.dumps({"pid": os.getpid(), **request}, ensure_ascii=True) + "\n").encode())
+            finally:
+                os.close(fd)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        h = self._record({"kind": "chat", "messages": messages, "params": params})
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        text = "\n".join(m["content"] for m in messages)
+        reply = next((r["reply"] for r in self.rules if r.get("contains", "") in text), self.default)
+        reply = reply.replace("{hash}", h).replace("{digit}", str(1 + int(h, 16) % 5))
+        return Completion(text=reply, finish_reason="stop", prompt_tokens=len(text.split()), completion_tokens=len(reply.split()))
+
+    async def next_token_logprobs(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> dict[str, float]:
+        h = self._record({"kind": "next_token_logprobs", "messages": messages, "assistant_prefix": assistant_prefix, "candidates": candidates})
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        pick = int(h, 16) % len(candidates)
+        return {c: (-0.05 if i == pick else -4.0) for i, c in enumerate(candidates)}
+
+
 def script(name: str, backend: ScriptedBackend) -> ScriptedBackend:
     """Make ``scripted:NAME`` resolve to ``backend``."""
     backend.spec = f"scripted:{name}"
@@ -113,3 +170,4 @@ def _scripted(rest: str, options: dict[str, Any]) -> Backend:
 def btkit_register_backends(register):
     register("echo", EchoBackend, description="test backend: replies with the prompt (or echo:TEXT)")
     register("scripted", _scripted, description="test backend: scripted replies with a request history")
+    register("det", DeterministicBackend, description="test backend: replies are a function of the request (det:FILE.json)")

@@ -58,8 +58,23 @@ def _split_long(para: str, max_words: int) -> list[str]:
     return pieces
 
 
+#: A segment is also capped at this many characters per allowed word, so text without spaces
+#: (a base64 blob, a minified file, CJK prose) cannot become one segment of any size.
+CHARS_PER_WORD = 20
+
+
+def _cap_chars(segment: str, max_chars: int) -> list[str]:
+    if len(segment) <= max_chars:
+        return [segment]
+    return [segment[i : i + max_chars] for i in range(0, len(segment), max_chars)]
+
+
 def segments(text: str, max_words: int) -> list[str]:
-    """Pack paragraphs into segments of at most ``max_words`` words, joined by blank lines."""
+    """Pack paragraphs into segments of at most ``max_words`` words (and ``max_words * CHARS_PER_WORD`` characters)."""
+    return [cut for seg in _word_segments(text, max_words) for cut in _cap_chars(seg, max_words * CHARS_PER_WORD)]
+
+
+def _word_segments(text: str, max_words: int) -> list[str]:
     out: list[str] = []
     current: list[str] = []
     count = 0
