@@ -1,1 +1,170 @@
-"""Work in progress: this plugin module is being written (see the open issues)."""
+"""``litellm:PROVIDER/MODEL``: every provider litellm supports (Anthropic, Gemini, Bedrock, Azure...).
+
+litellm is optional (``pip install 'btkit[remote]'``) and imported on the first call only: its import
+takes seconds. Before importing it, ``LITELLM_LOCAL_MODEL_COST_MAP`` defaults to ``True`` so the
+import does not fetch a price list from the internet (reproducible costs, no stall when offline);
+set it to ``False`` yourself for the live list.
+
+- Keys come from the provider's own variables (``ANTHROPIC_API_KEY``...) or ``-B api_key=...``;
+  ``--base-url`` becomes litellm's ``api_base`` (e.g. ``litellm:openai/NAME`` on a local server).
+- Retries are btkit's (same options and run-wide budget as ``openai:``; litellm's own are off), so
+  every backend fails the same way: 429/5xx/connection/timeout retried, other errors final.
+- ``extra["cost"]`` comes from litellm's price table where it knows the model.
+- An assistant prefix is sent as a final assistant message where litellm says the model supports
+  prefill (Anthropic, DeepSeek...); elsewhere it is a configuration error.
+Capabilities: chat, ``n`` candidates, JSON-schema output. No logprob scoring (providers differ too
+much); methods fall back to rubric parsing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, Backend, Completion
+from btkit.errors import BackendError, BtkitError, CapabilityError
+from btkit.hookspecs import hookimpl
+
+from .remote_http import (
+    RAW_LIMIT, RETRY_STATUSES, RemoteSettings, RetryableError, RetryBudget, Secret, call_with_retries, env_secrets,
+    normalize_base_url, parse_retry_after, public_url,
+)
+
+_SAMPLING = ("temperature", "top_p", "max_tokens", "seed", "stop", "n")
+_CONTROL = ("assistant_prefix", "json_schema", "json_schema_name", "repetition_penalty")
+
+
+def import_litellm() -> Any:
+    """Import litellm quietly and offline-safe; a clear message when it is not installed."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+    except ImportError:
+        raise BtkitError("the litellm: backend needs litellm: pip install 'btkit[remote]' (or pip install litellm)") from None
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    return litellm
+
+
+class LiteLLMBackend(Backend):
+    """Chat through ``litellm.acompletion`` with btkit's retry policy."""
+
+    capabilities = frozenset({CHAT, MULTI_SAMPLE, JSON_SCHEMA})
+
+    def __init__(self, rest: str, options: dict[str, Any]):
+        self.model = rest.strip()
+        if not self.model:
+            raise BtkitError("litellm: needs PROVIDER/MODEL, e.g. --model litellm:anthropic/claude-3-5-haiku-latest")
+        base = options.get("base_url") or options.get("api_base")
+        self.api_base = normalize_base_url(str(base)) if base else None
+        self.api_key = Secret(options.get("api_key"), also=env_secrets())  # litellm reads provider keys from the environment
+        self.settings = RemoteSettings.from_options(options)
+        self.budget = RetryBudget(self.settings.retry_budget, self.settings.retry_ratio)
+        self.spec = f"litellm:{rest}"
+        self._litellm: Any = None
+
+    def __repr__(self) -> str:
+        return f"<LiteLLMBackend {self.spec}>"
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "litellm", "model": self.model, "base_url": public_url(self.api_base) if self.api_base else None}
+
+    def litellm(self) -> Any:
+        if self._litellm is None:
+            self._litellm = import_litellm()
+        return self._litellm
+
+    def request_kwargs(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+        kw: dict[str, Any] = {"model": self.model, "messages": list(messages), "timeout": self.settings.timeout, "num_retries": 0}
+        if self.api_base:
+            kw["api_base"] = self.api_base
+        if self.api_key.get():
+            kw["api_key"] = self.api_key.get()
+        for key, value in params.items():
+            if value is None or key in _CONTROL or (key == "stop" and not value) or (key == "n" and int(value) == 1):
+                continue
+            kw[key] = value
+        if params.get("json_schema"):
+            kw["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": str(params.get("json_schema_name") or "output"), "schema": params["json_schema"], "strict": True}}
+        prefix = params.get("assistant_prefix")
+        if prefix:
+            if not self.supports_prefill():
+                raise CapabilityError(f"backend '{self.spec}' cannot continue an assistant prefix ({prefix!r}): litellm does not "
+                                      "list prefill support for this model; use a template without one, vllm: or llamacpp:")
+            kw["messages"].append({"role": "assistant", "content": prefix})
+        return kw
+
+    def supports_prefill(self) -> bool:
+        try:
+            return bool(self.litellm().get_model_info(self.model).get("supports_assistant_prefill"))
+        except Exception:  # unknown model: litellm raises
+            return False
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        litellm = self.litellm()
+        kwargs = self.request_kwargs(messages, params)
+
+        async def attempt() -> Any:
+            try:
+                return await litellm.acompletion(**kwargs)
+            except Exception as e:
+                raise self.classify(e) from None
+
+        resp = await call_with_retries(attempt, self.settings, self.budget, f"{self.spec}")
+        return self.completion_from(resp, int(kwargs.get("n") or 1))
+
+    def classify(self, e: Exception) -> Exception:
+        """litellm's exception -> btkit's: retryable, final for this record, or fatal for the run."""
+        ex = self.litellm().exceptions
+        status = getattr(e, "status_code", None)
+        response = getattr(e, "response", None)
+        headers = getattr(e, "litellm_response_headers", None) or getattr(response, "headers", None) or {}
+        try:
+            raw = self.api_key.redact(response.text) if response is not None else None
+        except Exception:
+            raw = None
+        message = self.api_key.redact(f"{type(e).__name__}: {e}")[:2000]
+        if isinstance(e, (ex.AuthenticationError, ex.PermissionDeniedError)) or status in (401, 403):
+            return BtkitError(f"{self.spec}: the provider refused the API key ({message})")
+        if isinstance(e, ex.NotFoundError) or status == 404:
+            return BtkitError(f"{self.spec}: not found ({message}); check the model name and --base-url")
+        retryable_types = (ex.RateLimitError, ex.APIConnectionError, ex.Timeout, ex.InternalServerError, ex.ServiceUnavailableError)
+        if isinstance(e, retryable_types) or (isinstance(status, int) and (status in RETRY_STATUSES or status >= 500)):
+            try:
+                retry_after = parse_retry_after(headers)
+            except Exception:
+                retry_after = None
+            return RetryableError(message, raw=(raw or message)[:RAW_LIMIT], retry_after=retry_after)
+        return BackendError(message, raw=(raw or message)[:RAW_LIMIT])
+
+    def completion_from(self, resp: Any, n: int) -> Completion:
+        try:
+            choices = [{"text": c.message.content, "finish_reason": c.finish_reason} for c in resp.choices]
+        except (AttributeError, TypeError):
+            raise BackendError(f"{self.spec}: reply has no choices", raw=str(resp)[:RAW_LIMIT]) from None
+        if not choices:
+            raise BackendError(f"{self.spec}: reply has no choices", raw=str(resp)[:RAW_LIMIT])
+        usage = getattr(resp, "usage", None)
+        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        extra: dict[str, Any] = {}
+        if n > 1:
+            extra["choices"] = choices
+        cost = self.cost(resp)
+        if cost:
+            extra["cost"] = cost
+        return Completion(text=choices[0]["text"], finish_reason=choices[0]["finish_reason"],
+                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, extra=extra)
+
+    def cost(self, resp: Any) -> float | None:
+        """Dollars from litellm's price table for the model we asked for (servers may echo another name)."""
+        try:
+            return float(self.litellm().completion_cost(completion_response=resp, model=self.model))
+        except Exception:
+            return None
+
+
+@hookimpl
+def btkit_register_backends(register):
+    register("litellm", LiteLLMBackend, description="any provider litellm supports (litellm:PROVIDER/MODEL; needs btkit[remote])")
