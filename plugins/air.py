@@ -1,1 +1,258 @@
-"""Work in progress: this plugin module is being written (see the open issues)."""
+"""AIR: complex instruction generation via automatic iterative refinement (Liu et al. 2025, arXiv 2502.17787).
+
+- ``augment``: back-translate a document into one instruction it would answer.
+- ``score``: rate the instruction on AIR's additive 5-point scale (a point each for: basic task,
+  answerable from knowledge, no external document needed, clear intent, general topic); keep >= 4.
+- ``refine``: up to ``--rounds`` times (default 5): the model answers the current instruction; a
+  judge compares that answer with the document (the ideal response) and names the single most
+  important constraint the answer misses, or None (which ends the loop); a constraint that
+  near-duplicates an earlier one (ROUGE-L > 0.6) is skipped; otherwise it is merged into the
+  instruction. The response stays the document. Every round (answer, constraint, what happened)
+  is kept in the record, and in ``data.jsonl`` under ``meta.rounds``.
+
+Each round's answer is sampled with its own seed, so a round after a skipped constraint sees a
+new answer rather than a cached repeat.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Iterator
+
+import click
+
+from btkit.errors import BtkitError
+from btkit.hookspecs import hookimpl
+from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.records import Record
+
+from . import curation
+from ._prompts import PROMPTS
+from .crab.text import near_duplicate
+from .humpback.parsing import parse_instruction
+from .humpback.segment import segment_corpus
+
+SCORE_MODES = ("auto", "rubric", "logprob")
+TOP_SCORE = 5
+_ZERO = re.compile(r"(?:score|points?|rating)\s*(?:\*\*|__)?\s*[:=]\s*(?:\*\*|__)?\s*0\s*(?:(?:/|out\s+of)\s*5)?\s*(?:\*\*)?\s*\.?\s*$", re.IGNORECASE)
+_CONSTRAINT_LINE = re.compile(r"^[\s>*#_-]*constraint[\s*_]*[:：]\s*(.*)$", re.IGNORECASE)
+_NONE = {"none", "no", "n/a", "na", "null", "nothing", "no constraint", "no constraints", "none needed", "no missing constraint"}
+
+
+def parse_points(text: str | None) -> int:
+    """An additive score 0..5 from a judge reply ("... Score: 4"); ParseError otherwise."""
+    try:
+        return curation.parse_score(text, TOP_SCORE)
+    except ParseError as e:
+        if e.reason == "out_of_range" and text and text.strip():
+            last = [l for l in text.strip().splitlines() if l.strip()][-1]
+            if _ZERO.search(last):
+                return 0
+        raise
+
+
+def parse_constraint(text: str | None, min_words: int = 3, max_words: int = 40) -> str | None:
+    """The judge's constraint, or None when it found nothing missing; ParseError when unclear."""
+    if text is None or not text.strip():
+        raise ParseError("empty_reply")
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    found = [m.group(1) for m in (_CONSTRAINT_LINE.match(l) for l in lines) if m]
+    if found:
+        value = found[-1]
+    elif len(lines) == 1:
+        value = lines[0]
+    else:
+        raise ParseError("no_constraint_line", "no 'Constraint:' line in the reply")
+    value = value.strip().strip("*_`").strip().strip('"“”\'').strip()
+    if value.rstrip(".!").strip().lower() in _NONE:
+        return None
+    n = len(value.split())
+    if n < min_words:
+        raise ParseError("too_short", f"{n} words")
+    if n > max_words:
+        raise ParseError("too_long", f"{n} words")
+    return value
+
+
+async def score_instruction(ctx: Any, instruction: str, mode: str, params: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+    """AIR's additive score by generated reasoning + parse, or read from the digits' logprobs."""
+    variables = {"instruction": instruction}
+    if mode == "auto":
+        mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "rubric"
+    if mode == "logprob":
+        digits = [str(i) for i in range(TOP_SCORE + 1)]
+        lp = await ctx.next_token_logprobs("air/score", {**variables, "mode": "logprob"}, digits)
+        probs = {d: math.exp(float(lp.get(d, -math.inf))) for d in digits}
+        mass = sum(probs.values())
+        if mass <= 0:
+            return None, {"score_mode": mode, "score_error": "no_digit_mass"}
+        dist = {d: p / mass for d, p in probs.items()}
+        score = int(max(digits, key=lambda d: dist[d]))
+        return score, {"score_mode": mode, "score": score, "score_dist": {d: round(p, 4) for d, p in dist.items()},
+                       "score_expected": round(sum(int(d) * p for d, p in dist.items()), 4), "digit_mass": round(mass, 4)}
+    comp = await ctx.complete("air/score", {**variables, "mode": "rubric"}, **params)
+    if not comp.ok:
+        reason = "truncated" if comp.finish_reason == "length" else "empty_reply"
+        comp.step["parse_error"] = reason
+        return None, {"score_mode": mode, "score_error": reason}
+    try:
+        score = parse_points(comp.text)
+    except ParseError as e:
+        comp.step["parse_error"] = e.reason
+        return None, {"score_mode": mode, "score_error": e.reason}
+    comp.step["parsed"] = {"score": score}
+    return score, {"score_mode": mode, "score": score}
+
+
+class AugmentStage(Stage):
+    """Document -> the single instruction it answers; the document becomes the response."""
+
+    kind = "augment"
+    templates = ("air/augment",)
+    variables = ("text",)
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        text = record.fields["text"]
+        comp = await ctx.complete("air/augment", {"text": text}, parse=lambda t: parse_instruction(t, text),
+                                  **self.sampling(temperature=0.7, top_p=0.9, max_tokens=160))
+        if comp.parse_error is not None:
+            return [record.drop(self.label, f"instruction_{comp.parse_error.reason}", detail=comp.parse_error.detail)]
+        record.fields.update(instruction=comp.parsed, response=text)
+        return [record]
+
+
+class ScoreStage(Stage):
+    """Keep instructions scoring at least the threshold (default 4) on the additive scale."""
+
+    kind = "curate"
+    templates = ("air/score",)
+    variables = ("instruction", "mode")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.mode = options.get("score_mode") or "auto"
+        if self.mode not in SCORE_MODES:
+            raise BtkitError(f"score mode '{self.mode}' unknown; choose one of {', '.join(SCORE_MODES)}")
+        self.threshold = int(options["threshold"]) if options.get("threshold") is not None else 4
+
+    def check_backend(self, backend: Any) -> None:
+        if self.mode == "logprob":
+            backend.require("next_token_logprobs", f"--score-mode logprob in stage {self.label} (or use --score-mode rubric)")
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        score, details = await score_instruction(ctx, record.fields["instruction"], self.mode, self.sampling(temperature=0.0, max_tokens=256))
+        record.meta.update(details, threshold=self.threshold)
+        if score is None:
+            return [record.drop(self.label, "unparseable_score", error=details.get("score_error"))]
+        if score < self.threshold:
+            return [record.drop(self.label, "below_threshold", score=score)]
+        return [record]
+
+
+class RefineStage(Stage):
+    """Iterative refinement: answer, judge against the document, merge the missing constraint."""
+
+    kind = "constrain"
+    templates = ("air/answer", "air/judge", "air/merge")
+    variables = ("instruction", "document", "answer", "constraints", "constraint")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.rounds = int(options["rounds"]) if options.get("rounds") is not None else 5
+        self.min_constraints = int(options["min_constraints"]) if options.get("min_constraints") is not None else 1
+        self.dedup_threshold = float(options["dedup_threshold"]) if options.get("dedup_threshold") is not None else 0.6
+        self.merge = options.get("merge") or "llm"
+        if self.merge not in ("llm", "append"):
+            raise BtkitError(f"merge '{self.merge}' unknown; choose llm or append")
+
+    async def _merge(self, ctx, instruction: str, constraint: str, document: str) -> tuple[str, dict[str, Any]]:
+        appended = f"{instruction.rstrip()} {constraint}"
+        if self.merge == "append":
+            return appended, {"merge": "append"}
+        comp = await ctx.complete("air/merge", {"instruction": instruction, "constraint": constraint},
+                                  parse=lambda t: parse_instruction(t, document, max_words=400), **self.sampling(temperature=0.0, max_tokens=320))
+        if comp.parse_error is not None:  # a failed merge keeps the constraint, appended verbatim
+            return appended, {"merge": "append_fallback", "merge_error": comp.parse_error.reason}
+        return comp.parsed, {"merge": "llm"}
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        document = record.fields["response"]
+        initial = instruction = record.fields["instruction"]
+        constraints: list[str] = []
+        rounds: list[dict[str, Any]] = []
+        answer_params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=512)
+        for i in range(1, self.rounds + 1):
+            params = {**answer_params, "seed": int(answer_params.get("seed") or 0) + i}
+            ans = await ctx.complete("air/answer", {"instruction": instruction}, **params)
+            entry: dict[str, Any] = {"round": i, "instruction": instruction, "answer": ans.text or "", "answer_finish": ans.finish_reason}
+            rounds.append(entry)
+            judge = await ctx.complete("air/judge", {"instruction": instruction, "document": document, "answer": ans.text or "",
+                                                     "constraints": constraints}, parse=parse_constraint,
+                                       **self.sampling(temperature=0.0, max_tokens=256))
+            if judge.parse_error is not None:
+                entry.update(status="unparseable_judgment", error=judge.parse_error.reason)
+                continue
+            constraint = entry["constraint"] = judge.parsed
+            if constraint is None:
+                entry["status"] = "none"
+                break
+            dup = near_duplicate(constraint, constraints, self.dedup_threshold)
+            if dup:
+                entry.update(status="duplicate", duplicate_of=dup[0], rouge_l=round(dup[1], 3))
+                continue
+            instruction, how = await self._merge(ctx, instruction, constraint, document)
+            constraints.append(constraint)
+            entry.update(status="added", merged_instruction=instruction, **how)
+        record.fields.update(instruction=instruction, initial_instruction=initial, constraints=constraints, rounds=rounds)
+        if len(constraints) < self.min_constraints:
+            return [record.drop(self.label, "too_few_constraints", constraints=len(constraints), min_constraints=self.min_constraints,
+                                statuses=[r.get("status") for r in rounds])]
+        return [record]
+
+
+class Air(Method):
+    def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
+        return segment_corpus(rows, options, stage="air.segment")
+
+    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
+        stages = {"augment": AugmentStage, "score": ScoreStage, "refine": RefineStage}
+        if name not in stages:
+            raise BtkitError(f"air has no stage '{name}'")
+        return stages[name](self.name, name, options)
+
+    def to_output(self, record: Record) -> dict[str, Any]:
+        out = super().to_output(record)
+        f = record.fields
+        out["meta"].update({k: f[k] for k in ("initial_instruction", "constraints", "rounds") if k in f})
+        return out
+
+
+METHOD = Air(
+    name="air",
+    description="AIR: automatic iterative refinement; an instruction from the document, then constraints the model's answer misses, merged in round by round.",
+    paper="Liu et al. 2025, AIR: Complex Instruction Generation via Automatic Iterative Refinement, arXiv:2502.17787",
+    stages=[
+        StageInfo("augment", "augment", ("text",), ("instruction", "response"), "write the single instruction that would lead to the document as the response"),
+        StageInfo("score", "curate", ("instruction",), ("score",), "additive 5-point score (basic task, answerable, no external document, clear intent, general topic); keep >= threshold"),
+        StageInfo("refine", "constrain", ("instruction", "response"), ("instruction", "constraints", "rounds"),
+                  "rounds of: answer, judge vs the document for the most important missing constraint, skip duplicates, merge"),
+    ],
+    default_stages=("augment", "score", "refine"),
+    prompts_dir=PROMPTS,
+    cli_options=[
+        click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop documents (segments) shorter than this."),
+        click.Option(["--max-words"], type=int, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        click.Option(["--threshold"], type=click.IntRange(0, 5), default=4, show_default=True, help="Keep instructions scoring at least this on the additive 0-5 scale."),
+        click.Option(["--score-mode"], type=click.Choice(SCORE_MODES), default="auto", show_default=True, help="rubric: generate and parse 'Score: N'; logprob: read P(0..5) after 'Score: '; auto: logprob when the backend can."),
+        click.Option(["--rounds"], type=click.IntRange(1, 20), default=5, show_default=True, help="At most this many refinement rounds."),
+        click.Option(["--min-constraints"], type=click.IntRange(0, 20), default=1, show_default=True, help="Drop records that gained fewer constraints than this."),
+        click.Option(["--merge"], type=click.Choice(("llm", "append")), default="llm", show_default=True, help="llm: the model merges each constraint into the instruction; append: add it as a sentence."),
+        click.Option(["--dedup-threshold"], type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Skip a constraint whose ROUGE-L with an earlier one exceeds this."),
+    ],
+)
+
+
+@hookimpl
+def btkit_register_methods(register):
+    register(METHOD)

@@ -1,0 +1,328 @@
+"""CRAB: constraint back-translation (Qi et al. 2024, arXiv 2410.24175; code THU-KEG/Crab).
+
+Input is existing (instruction, response) pairs: any JSONL whose field names are given with
+``--instruction-field``/``--response-field``, btkit's own ``data.jsonl`` included. No new response
+is written: constraints that the response *already satisfies* are added to the instruction.
+
+- ``constrain``: rule-based constraints computed from the response by code (:mod:`.rules`: word
+  count, forbidden punctuation, keywords, sentences per paragraph, words per sentence, characters
+  per word), plus LLM-written constraints by the paper's ten types, returned as one JSON object;
+  near-duplicates (ROUGE-L > 0.6, :mod:`.text`) are removed.
+- ``verify``: rule constraints are re-checked by code on the current response; each LLM constraint
+  is checked by the model (satisfied and valid? yes/no). Failures are removed and listed.
+- ``compose``: a *forward* example (instruction + 6-8 constraints -> the response) and a *reverse*
+  example (instruction + response -> 3-6 constraints), the paper's counts, rendered through the
+  ``crab/forward`` and ``crab/reverse`` templates so their wording is the user's to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from typing import Any, Iterable, Iterator
+
+import click
+
+from btkit.errors import BtkitError
+from btkit.hookspecs import hookimpl
+from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.records import Record
+
+from .._prompts import PROMPTS
+from . import rules
+from .text import near_duplicate
+from .verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
+
+#: The paper's ten LLM-written constraint types (four global, six local), with what each asks for.
+LLM_TYPES: dict[str, str] = {
+    "writing_style": "the tone, formality, sentiment or register of the answer",
+    "semantic_elements": "the main theme, focus or key points the answer must convey",
+    "morphological": "words, phrases or formatting the answer must avoid",
+    "multilingual": "the language or languages the answer is written in",
+    "hierarchical_instructions": "the order or priority in which the answer handles its parts",
+    "special_output_format": "a format the answer follows, such as code, a table, JSON or HTML",
+    "paragraphs": "the number of paragraphs or sections and how they are separated",
+    "specific_sentence": "an exact phrase the answer must begin or end with",
+    "key_formatting": "how titles or key terms are styled, such as bold, italics or capital letters",
+    "item_listing": "how list items are marked, such as bullets, numbers or hyphens",
+}
+_NULLS = {"", "null", "none", "n/a", "na", "not applicable", "nil"}
+_KEY_ALIASES = {"multi_lingual": "multilingual", "item_listing_details": "item_listing", "desired_writing_style": "writing_style",
+                "paragraph": "paragraphs", "style": "writing_style", "output_format": "special_output_format"}
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+MIN_CONSTRAINT_WORDS, MAX_CONSTRAINT_WORDS = 3, 40
+
+
+# -- parsing ---------------------------------------------------------------------------------
+def _type_key(key: str) -> str:
+    k = re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+    k = re.sub(r"_?constraints?$", "", k)
+    return _KEY_ALIASES.get(k, k)
+
+
+def parse_llm_constraints(text: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(constraints, rejected) from the model's JSON reply; ParseError when there is no JSON object.
+
+    Null values are skipped; unknown types, non-strings and sentences outside 3..40 words are
+    returned as rejected with a reason, never guessed into another type.
+    """
+    if text is None or not text.strip():
+        raise ParseError("empty_reply")
+    body = text.strip()
+    fence = _FENCE.search(body)
+    if fence:
+        body = fence.group(1)
+    start, end = body.find("{"), body.rfind("}")
+    if start < 0 or end <= start:
+        raise ParseError("no_json", "no JSON object in the reply")
+    try:
+        obj = json.loads(body[start:end + 1])
+    except json.JSONDecodeError as e:
+        raise ParseError("invalid_json", e.msg) from None
+    if not isinstance(obj, dict):
+        raise ParseError("invalid_json", "not an object")
+    found, rejected = [], []
+    for key, value in obj.items():
+        kind = _type_key(str(key))
+        if value is None or (isinstance(value, str) and value.strip().strip(".").lower() in _NULLS):
+            continue
+        if kind not in LLM_TYPES:
+            rejected.append({"type": str(key), "text": value, "reason": "unknown_type"})
+            continue
+        if not isinstance(value, str):
+            rejected.append({"type": kind, "text": value, "reason": "not_a_sentence"})
+            continue
+        sentence = " ".join(value.split())
+        n = len(sentence.split())
+        if not MIN_CONSTRAINT_WORDS <= n <= MAX_CONSTRAINT_WORDS:
+            rejected.append({"type": kind, "text": sentence, "reason": "too_short" if n < MIN_CONSTRAINT_WORDS else "too_long"})
+            continue
+        found.append({"type": kind, "source": "llm", "text": sentence, "verified_by": "llm"})
+    return found, rejected
+
+
+def dedup_constraints(constraints: list[dict[str, Any]], threshold: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Keep constraints in order, removing any whose ROUGE-L with a kept one exceeds ``threshold``."""
+    kept: list[dict[str, Any]] = []
+    removed: list[dict[str, Any]] = []
+    for c in constraints:
+        dup = near_duplicate(c["text"], [k["text"] for k in kept], threshold)
+        if dup:
+            removed.append({**c, "removed": "near_duplicate", "duplicate_of": dup[0], "rouge_l": round(dup[1], 3)})
+        else:
+            kept.append(c)
+    return kept, removed
+
+
+# -- options ---------------------------------------------------------------------------------
+class CountRange(click.ParamType):
+    """``6-8`` (or ``6``, or a two-item list in a pipeline file) -> (6, 8)."""
+
+    name = "MIN-MAX"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, int]:
+        try:
+            if isinstance(value, (list, tuple)) and len(value) == 2:
+                lo, hi = int(value[0]), int(value[1])
+            elif isinstance(value, int):
+                lo = hi = value
+            else:
+                parts = str(value).split("-")
+                if len(parts) not in (1, 2):
+                    raise ValueError
+                lo, hi = int(parts[0]), int(parts[-1])
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a count range like 6-8", param, ctx)
+        if not 1 <= lo <= hi:
+            self.fail(f"{value!r}: need 1 <= MIN <= MAX", param, ctx)
+        return lo, hi
+
+
+def _count_range(value: Any, default: tuple[int, int]) -> tuple[int, int]:
+    return default if value is None else CountRange().convert(value, None, None)
+
+
+# -- stages ----------------------------------------------------------------------------------
+class ConstrainStage(Stage):
+    """(instruction, response) -> constraints the response satisfies (rule-based + LLM-written)."""
+
+    kind = "constrain"
+    templates = ("crab/constrain",)
+    variables = ("instruction", "response", "types")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.use_llm = options.get("llm_constraints", True) is not False
+        self.dedup_threshold = float(options.get("dedup_threshold") if options.get("dedup_threshold") is not None else 0.6)
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        response = record.fields["response"]
+        found = rules.rule_constraints(response, random.Random(f"{record.id}|crab.rules"))
+        if self.use_llm:
+            variables = {"instruction": record.fields["instruction"], "response": response,
+                         "types": [{"name": k, "description": v} for k, v in LLM_TYPES.items()]}
+            comp = await ctx.complete("crab/constrain", variables, parse=parse_llm_constraints,
+                                      **self.sampling(temperature=0.2, top_p=0.9, max_tokens=600))
+            if comp.parse_error is not None:  # the rule constraints still stand
+                record.meta["llm_constraints_error"] = comp.parse_error.reason
+            else:
+                llm, rejected = comp.parsed
+                if rejected:
+                    record.meta["llm_constraints_rejected"] = rejected
+                found += llm
+        kept, removed = dedup_constraints(found, self.dedup_threshold)
+        record.fields["constraints"] = kept
+        if removed:
+            record.meta["constraints_removed"] = removed
+        if not kept:
+            return [record.drop(self.label, "no_constraints")]
+        return [record]
+
+
+class VerifyStage(Stage):
+    """Re-check rule constraints by code and LLM constraints by the model; drop what fails."""
+
+    kind = "curate"
+    templates = ("crab/verify",)
+    variables = ("instruction", "response", "constraint", "mode")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.mode = check_mode(options.get("verify_mode"), "verify mode")
+
+    def check_backend(self, backend: Any) -> None:
+        require_logprobs(self.mode, backend, f"--verify-mode logprob in stage {self.label} (or use --verify-mode generate)")
+
+    async def _check(self, record: Record, ctx, c: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        response = record.fields["response"]
+        if c["source"] == "rule":
+            return ({**c, "verified": True}, None) if rules.check(c, response) else (c, "rule_violated")
+        variables = {"instruction": record.fields["instruction"], "response": response, "constraint": c["text"]}
+        verdict, details = await binary_verdict(ctx, "crab/verify", variables, "Yes", "No", self.mode,
+                                                self.sampling(temperature=0.0, max_tokens=8))
+        c = {**c, **details}
+        if verdict is None:
+            return c, "unverifiable"
+        return ({**c, "verified": True}, None) if verdict else (c, "llm_rejected")
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        results = await asyncio.gather(*(self._check(record, ctx, c) for c in record.fields.get("constraints", [])))
+        kept = [c for c, why in results if why is None]
+        removed = [{**c, "removed": why} for c, why in results if why is not None]
+        record.fields["constraints"] = kept
+        if removed:
+            record.meta["constraints_removed"] = record.meta.get("constraints_removed", []) + removed
+        if not kept:
+            return [record.drop(self.label, "no_verified_constraints", removed=[c["removed"] for c in removed])]
+        return [record]
+
+
+class ComposeStage(Stage):
+    """Constraints -> a forward example and a reverse example (the paper's counts by default)."""
+
+    kind = "constrain"
+    templates = ("crab/forward", "crab/reverse")
+    variables = ("instruction", "response", "constraints")
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.forward_range = _count_range(options.get("forward_constraints"), (6, 8))
+        self.reverse_range = _count_range(options.get("reverse_constraints"), (3, 6))
+        self.reverse = options.get("reverse", True) is not False
+
+    def _example(self, ctx, record: Record, kind: str, count: tuple[int, int], rng: random.Random) -> Record:
+        constraints = record.fields["constraints"]
+        chosen = rng.sample(constraints, min(rng.randint(*count), len(constraints)))
+        instruction, response = record.fields["instruction"], record.fields["response"]
+        prompt = ctx.run.prompts.render(f"crab/{kind}", {"instruction": instruction, "response": response,
+                                                         "constraints": [c["text"] for c in chosen]})
+        rec = record.child(f"~{kind}")
+        rec.fields.update(base_instruction=instruction, base_response=response, constraints=chosen)
+        if kind == "forward":
+            rec.fields.update(instruction=prompt.messages[-1]["content"], response=response)
+        else:
+            rec.fields.update(instruction=prompt.messages[-1]["content"],
+                              response="\n".join(f"{i}. {c['text']}" for i, c in enumerate(chosen, start=1)))
+        if prompt.messages[0]["role"] == "system":
+            rec.fields["system"] = prompt.messages[0]["content"]
+        rec.meta.update(crab_example=kind, n_constraints=len(chosen))
+        return rec
+
+    async def process(self, record: Record, ctx) -> list[Record]:
+        rng = random.Random(f"{record.id}|crab.compose")
+        out = [self._example(ctx, record, "forward", self.forward_range, rng)]
+        if self.reverse:
+            out.append(self._example(ctx, record, "reverse", self.reverse_range, rng))
+        return out
+
+
+# -- method ----------------------------------------------------------------------------------
+class Crab(Method):
+    def required_fields(self, options: dict[str, Any]) -> dict[str, str]:
+        return {options.get("instruction_field") or "instruction": "--instruction-field",
+                options.get("response_field") or "response": "--response-field"}
+
+    def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
+        """Input pairs -> records; ids from the id field, btkit's meta.id, or the line number."""
+        ifield = options.get("instruction_field") or "instruction"
+        rfield = options.get("response_field") or "response"
+        id_field = options.get("id_field") or "id"
+        seen: set[str] = set()
+        for n, row in enumerate(rows, start=1):
+            meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+            rid = str(row.get(id_field) or meta.get("id") or f"line{n}")
+            if rid in seen:
+                rid = f"{rid}@line{n}"
+            seen.add(rid)
+            fields = {"instruction": row[ifield].strip(), "response": row[rfield].strip()}
+            if isinstance(row.get("system"), str) and row["system"]:
+                fields["system"] = row["system"]
+            rec = Record(id=rid, source_id=str(meta.get("source_id") or rid), fields=fields)
+            if not fields["instruction"] or not fields["response"]:
+                rec.drop("crab.prepare", "empty_pair", empty=[k for k in ("instruction", "response") if not fields[k]])
+            yield rec
+
+    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
+        stages = {"constrain": ConstrainStage, "verify": VerifyStage, "compose": ComposeStage}
+        if name not in stages:
+            raise BtkitError(f"crab has no stage '{name}'")
+        return stages[name](self.name, name, options)
+
+    def to_output(self, record: Record) -> dict[str, Any]:
+        out = super().to_output(record)
+        out["meta"]["constraints"] = record.fields.get("constraints", [])
+        return out
+
+
+METHOD = Crab(
+    name="crab",
+    description="CRAB: constraint back-translation; adds constraints an existing response already satisfies (rule-based, verified by code; LLM-written, verified by the model).",
+    paper="Qi et al. 2024, Constraint Back-translation Improves Complex Instruction Following of Large Language Models, arXiv:2410.24175",
+    stages=[
+        StageInfo("constrain", "constrain", ("instruction", "response"), ("constraints",),
+                  "rule constraints computed from the response + LLM constraints of ten types (JSON); ROUGE-L > 0.6 duplicates removed"),
+        StageInfo("verify", "curate", ("instruction", "response", "constraints"), ("constraints",),
+                  "rule constraints re-checked by code, LLM constraints by a yes/no model check; drop records left with none"),
+        StageInfo("compose", "constrain", ("instruction", "response", "constraints"), ("instruction", "response"),
+                  "forward example (instruction + 6-8 constraints -> response) and reverse example (-> 3-6 constraints)"),
+    ],
+    default_stages=("constrain", "verify", "compose"),
+    prompts_dir=PROMPTS,
+    cli_options=[
+        click.Option(["--instruction-field"], default="instruction", show_default=True, help="Input field holding the instruction."),
+        click.Option(["--response-field"], default="response", show_default=True, help="Input field holding the response."),
+        click.Option(["--forward-constraints"], type=CountRange(), default="6-8", show_default=True, help="Constraints per forward example (capped at those found)."),
+        click.Option(["--reverse-constraints"], type=CountRange(), default="3-6", show_default=True, help="Constraints per reverse example."),
+        click.Option(["--reverse/--no-reverse"], default=True, show_default=True, help="Also write reverse examples (instruction + response -> constraints)."),
+        click.Option(["--llm-constraints/--no-llm-constraints"], default=True, show_default=True, help="Ask the model for constraints of the ten LLM types (off: rule-based only, no model calls)."),
+        click.Option(["--verify-mode"], type=click.Choice(VERDICT_MODES), default="auto", show_default=True, help="logprob: compare P(Yes)/P(No) in one forward pass; generate: parse a Yes/No reply; auto: logprob when the backend can."),
+        click.Option(["--dedup-threshold"], type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Remove a constraint whose ROUGE-L with an earlier one exceeds this."),
+    ],
+)
+
+
+@hookimpl
+def btkit_register_methods(register):
+    register(METHOD)

@@ -1,0 +1,73 @@
+"""Binary judgments (yes/no, good/bad) shared by CRAB's constraint check and Kun's instruction judge.
+
+Two ways to get a verdict, as with Humpback's scores: ``logprob`` prefills the template's answer
+prefix and compares the next-token probabilities of the two labels (one forward pass, nothing to
+parse; small local models rarely format a reply well), ``generate`` lets the model reply and parses
+the label strictly: a reply naming neither label, or both without a clear final answer, is a
+:class:`ParseError`, counted and recorded with the raw text, never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from btkit.errors import BtkitError
+from btkit.methods import ParseError
+
+VERDICT_MODES = ("auto", "logprob", "generate")
+
+
+def check_mode(mode: str | None, option: str) -> str:
+    mode = mode or "auto"
+    if mode not in VERDICT_MODES:
+        raise BtkitError(f"{option} '{mode}' unknown; choose one of {', '.join(VERDICT_MODES)}")
+    return mode
+
+
+def require_logprobs(mode: str, backend: Any, why: str) -> None:
+    """Stop before the first call when ``logprob`` mode was asked of a backend that cannot do it."""
+    if mode == "logprob":
+        backend.require("next_token_logprobs", why)
+
+
+def parse_binary(text: str | None, positive: str, negative: str) -> bool:
+    """True for ``positive``, False for ``negative``; ParseError when absent or ambiguous."""
+    if text is None or not text.strip():
+        raise ParseError("empty_reply")
+    pattern = re.compile(r"\b(" + re.escape(positive) + "|" + re.escape(negative) + r")\b", re.IGNORECASE)
+    found = [m.group(1).lower() for m in pattern.finditer(text)]
+    if not found:
+        raise ParseError("no_verdict", f"neither '{positive}' nor '{negative}' in the reply")
+    if len(set(found)) == 1:
+        return found[0] == positive.lower()
+    # Both labels appear: accept only a labelled final answer ("Answer: yes", "Verdict: bad").
+    labelled = re.findall(r"(?:answer|verdict|judg(?:e)?ment|decision)\s*\**\s*[:=]\s*\**\s*(" + re.escape(positive) + "|" + re.escape(negative) + r")\b",
+                          text, re.IGNORECASE)
+    if len({x.lower() for x in labelled}) == 1:
+        return labelled[0].lower() == positive.lower()
+    raise ParseError("ambiguous_verdict", f"both '{positive}' and '{negative}' in the reply")
+
+
+async def binary_verdict(ctx: Any, template: str, variables: dict[str, Any], positive: str, negative: str,
+                         mode: str = "auto", params: dict[str, Any] | None = None) -> tuple[bool | None, dict[str, Any]]:
+    """Ask ``template`` for a two-label verdict. Returns (verdict or None when unparseable, details)."""
+    if mode == "auto":
+        mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "generate"
+    if mode == "logprob":
+        lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, [positive, negative])
+        pos, neg = math.exp(float(lp.get(positive, -math.inf))), math.exp(float(lp.get(negative, -math.inf)))
+        if pos + neg <= 0:
+            return None, {"verdict_mode": mode, "verdict_error": "no_label_mass"}
+        p = pos / (pos + neg)
+        return p >= 0.5, {"verdict_mode": mode, f"p_{positive.lower()}": round(p, 4), "label_mass": round(pos + neg, 4)}
+    comp = await ctx.complete(template, {**variables, "mode": "generate"}, **(params or {}))
+    try:  # the label comes first, so a reply cut off later still carries it
+        verdict = parse_binary(comp.text, positive, negative)
+    except ParseError as e:
+        reason = "truncated" if comp.finish_reason == "length" else e.reason
+        comp.step["parse_error"] = reason
+        return None, {"verdict_mode": mode, "verdict_error": reason}
+    comp.step["parsed"] = {"verdict": positive if verdict else negative}
+    return verdict, {"verdict_mode": mode}

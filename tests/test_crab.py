@@ -1,0 +1,319 @@
+"""CRAB: rule constraints that really hold (property test), ROUGE-L dedup, the JSON parser, golden
+prompts, forward/reverse examples on a scripted backend, any JSONL as input, and a real-model run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from btkit.methods import ParseError
+from btkit.prompts import PromptLibrary
+from btkit_plugins.crab import LLM_TYPES, dedup_constraints, parse_llm_constraints
+from btkit_plugins.crab import rules
+from btkit_plugins.crab.text import count_words, paragraphs, rouge_l, sentences
+from btkit_plugins.crab.verdict import parse_binary
+
+from conftest import EXAMPLES, read_jsonl, write_jsonl
+
+GOLDEN = Path(__file__).parent / "golden" / "crab"
+
+RESPONSE = ("Use `ls -a` to list hidden files. The -a flag shows entries whose names start with a dot.\n\n"
+            "To see them with details, combine it with -l. Hidden files are ordinary files.")
+
+
+def render_text(prompt) -> str:
+    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
+    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
+    return "\n\n".join(out) + "\n"
+
+
+# -- golden prompts ---------------------------------------------------------------------------
+TYPES = [{"name": k, "description": v} for k, v in LLM_TYPES.items()]
+CASES = {
+    "constrain": ("crab/constrain", {"instruction": "How do I list hidden files?", "response": RESPONSE, "types": TYPES}),
+    "verify_generate": ("crab/verify", {"instruction": "How do I list hidden files?", "response": RESPONSE,
+                                        "constraint": "Explain the command in a friendly, practical tone for beginners.", "mode": "generate"}),
+    "verify_logprob": ("crab/verify", {"instruction": "How do I list hidden files?", "response": RESPONSE,
+                                       "constraint": "Explain the command in a friendly, practical tone for beginners.", "mode": "logprob"}),
+    "forward": ("crab/forward", {"instruction": "How do I list hidden files?", "response": RESPONSE,
+                                 "constraints": ["Answer with at most 40 words.", "Include the keywords \"hidden\" and \"files\" in your response."]}),
+    "reverse": ("crab/reverse", {"instruction": "How do I list hidden files?", "response": RESPONSE,
+                                 "constraints": ["Answer with at most 40 words.", "Do not use any commas in your response.", "Keep every sentence to at most 15 words."]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_crab_prompts(registry, case):
+    name, variables = CASES[case]
+    got = render_text(PromptLibrary(registry.prompt_roots()).render(name, variables))
+    path = GOLDEN / f"{case}.txt"
+    if os.environ.get("BTKIT_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(got, encoding="utf-8")
+    assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+
+
+def test_constrain_prompt_names_all_ten_types(registry):
+    text = PromptLibrary(registry.prompt_roots()).render(*CASES["constrain"]).messages[-1]["content"]
+    for name in LLM_TYPES:
+        assert f"- {name}:" in text
+    assert len(LLM_TYPES) == 10
+
+
+# -- text measures and ROUGE-L --------------------------------------------------------------------
+def test_words_sentences_paragraphs():
+    assert count_words("Don't stop -- x-ray, 42 times!") == 5  # don't, stop, x-ray, 42, times
+    assert paragraphs("a\n\n  \n\nb\nc") == ["a", "b\nc"]
+    assert sentences("One. Two!  Three? four\n- item five") == ["One.", "Two!", "Three?", "four", "- item five"]
+    assert sentences("第一句。第二句！") == ["第一句。", "第二句！"]
+
+
+def test_rouge_l_values():
+    assert rouge_l("Answer with at most 40 words.", "answer with at most 40 words") == 1.0
+    assert rouge_l("alpha beta", "gamma delta") == 0.0
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)  # LCS a c d: P = R = 3/4
+    assert rouge_l("x", "") == 0.0
+    assert rouge_l("a b c d e", "a c") == rouge_l("a c", "a b c d e")
+
+
+def test_dedup_removes_near_duplicates_and_says_which():
+    cs = [{"text": "Write in a formal and neutral tone for system administrators."},
+          {"text": "Write in a formal, neutral tone for system administrators."},
+          {"text": "Use a numbered list for the installation steps."}]
+    kept, removed = dedup_constraints(cs, 0.6)
+    assert [c["text"] for c in kept] == [cs[0]["text"], cs[2]["text"]]
+    assert removed[0]["removed"] == "near_duplicate" and removed[0]["duplicate_of"] == cs[0]["text"] and removed[0]["rouge_l"] > 0.6
+
+
+# -- rule constraints -------------------------------------------------------------------------------
+def test_rule_constraints_of_a_known_text():
+    found = {c["type"]: c for c in rules.rule_constraints(RESPONSE, random.Random(0))}
+    assert {"forbidden_punctuation", "keywords", "max_sentences_per_paragraph", "max_words_per_sentence"} <= set(found)
+    assert found["forbidden_punctuation"]["params"]["name"] != "commas"  # the text has a comma
+    assert not any(ch in RESPONSE for ch in rules.PUNCTUATION[found["forbidden_punctuation"]["params"]["name"]])
+    assert rules.punctuation_constraint("No commas at all here.", random.Random(0))["params"] == {"name": "commas"}
+    assert found["max_sentences_per_paragraph"]["params"] == {"n": 2}
+    assert found["max_words_per_sentence"]["params"] == {"n": 15}  # longest sentence 13 words, rounded up to 5
+    assert "hidden" in found["keywords"]["params"]["keywords"] or "files" in found["keywords"]["params"]["keywords"]
+    assert "min_chars_per_word" not in found  # "a" is one character
+    assert all(c["source"] == "rule" and c["verified_by"] == "code" for c in found.values())
+
+
+@pytest.mark.parametrize("constraint,good,bad", [
+    ({"type": "word_count_min", "params": {"n": 3}}, "one two three", "one two"),
+    ({"type": "word_count_max", "params": {"n": 3}}, "one two three", "one two three four"),
+    ({"type": "word_count_around", "params": {"n": 50}}, " ".join(["w"] * 45), " ".join(["w"] * 44)),
+    ({"type": "word_count_range", "params": {"lo": 2, "hi": 3}}, "one two", "one"),
+    ({"type": "forbidden_punctuation", "params": {"name": "commas"}}, "no commas here.", "one, two"),
+    ({"type": "forbidden_punctuation", "params": {"name": "commas"}}, "none", "中文，逗号"),
+    ({"type": "keywords", "params": {"keywords": ["apt", "dpkg"]}}, "Apt calls DPKG.", "apt alone; dpkgs is another word"),
+    ({"type": "max_sentences_per_paragraph", "params": {"n": 2}}, "One. Two.\n\nThree.", "One. Two. Three."),
+    ({"type": "max_words_per_sentence", "params": {"n": 3}}, "One two three. Four.", "One two three four."),
+    ({"type": "min_chars_per_word", "params": {"n": 3}}, "the cat sat", "the cat is"),
+])
+def test_rule_checks_accept_and_refuse(constraint, good, bad):
+    assert rules.check(constraint, good)
+    assert not rules.check(constraint, bad)
+
+
+def test_length_constraints_all_hold_for_every_choice():
+    for n in (1, 7, 19, 20, 25, 99, 123, 1000):
+        text = " ".join(["word"] * n)
+        for seed in range(12):
+            c = rules.length_constraint(count_words(text), random.Random(seed))
+            assert rules.check(c, text), (n, c)
+            assert str(c["params"].get("n", c["params"].get("lo"))) in c["text"]
+
+
+def test_no_constraints_from_an_empty_text():
+    assert [c["type"] for c in rules.rule_constraints("", random.Random(0))] == ["forbidden_punctuation"]
+    assert rules.rule_constraints("...!?,;:", random.Random(0)) == []
+
+
+_WORDS = st.text(alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd")), min_size=1, max_size=12)
+_SEPARATORS = st.sampled_from([" ", " ", " ", ", ", ". ", "! ", "? ", "; ", ": ", "\n", "\n\n", " - ", "'", "。", "，", "\t"])
+_STRUCTURED = st.lists(st.tuples(_WORDS, _SEPARATORS), max_size=80).map(lambda parts: "".join(w + s for w, s in parts))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(_STRUCTURED, st.text(max_size=300)), seed=st.integers(0, 2**32 - 1))
+def test_property_rule_constraints_hold_on_the_text_they_came_from(text, seed):
+    for c in rules.rule_constraints(text, random.Random(seed)):
+        assert rules.check(c, text), c
+        assert c["text"].strip() and c["type"] in rules.RULE_TYPES
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=_STRUCTURED, seed=st.integers(0, 1000))
+def test_property_rule_constraints_are_deterministic_per_seed(text, seed):
+    assert rules.rule_constraints(text, random.Random(seed)) == rules.rule_constraints(text, random.Random(seed))
+
+
+# -- parsing the model's constraints --------------------------------------------------------------
+def test_parser_reads_a_realistic_reply_with_prose_fence_and_nulls():
+    reply = """Here are the constraints:
+```json
+{
+  "writing_style": "Write in a concise, practical tone suitable for Linux beginners.",
+  "semantic_elements": "Focus on listing hidden files and explain why their names start with a dot.",
+  "Multilingual": "NULL",
+  "special_output_format": null,
+  "Key_Formatting_Constraints": "Format every command in inline code, such as `ls -a`.",
+  "favourite_colour": "Mention the colour blue somewhere in the answer please.",
+  "paragraphs": "Two."
+}
+```"""
+    found, rejected = parse_llm_constraints(reply)
+    assert [(c["type"], c["source"]) for c in found] == [("writing_style", "llm"), ("semantic_elements", "llm"), ("key_formatting", "llm")]
+    assert {r["reason"] for r in rejected} == {"unknown_type", "too_short"}
+
+
+@pytest.mark.parametrize("reply,reason", [
+    ("", "empty_reply"), (None, "empty_reply"),
+    ("I think the style is formal.", "no_json"),
+    ('{"writing_style": "Write formally', "no_json"),
+    ('{"writing_style": "Write formally",}', "invalid_json"),
+])
+def test_parser_refuses(reply, reason):
+    with pytest.raises(ParseError) as e:
+        parse_llm_constraints(reply)
+    assert e.value.reason == reason
+
+
+@pytest.mark.parametrize("reply,expected", [("Yes", True), ("no.", False), ("Answer: Yes, it does.", True),
+                                            ("Yes or no? Answer: No", False), ("**No**, the response uses commas.", False)])
+def test_binary_parser(reply, expected):
+    assert parse_binary(reply, "Yes", "No") is expected
+
+
+@pytest.mark.parametrize("reply,reason", [("", "empty_reply"), ("Maybe.", "no_verdict"), ("Yes and no.", "ambiguous_verdict")])
+def test_binary_parser_refuses(reply, reason):
+    with pytest.raises(ParseError) as e:
+        parse_binary(reply, "Yes", "No")
+    assert e.value.reason == reason
+
+
+# -- whole runs on a scripted backend ---------------------------------------------------------------
+LLM_REPLY = json.dumps({
+    "writing_style": "Write in a concise, practical tone suitable for Linux beginners.",
+    "semantic_elements": "Explain both how to show hidden files and why their names begin with a dot.",
+    "key_formatting": "Format every shell command as inline code, for example `ls -a`.",
+    "morphological": "Write in a concise and practical tone suitable for Linux beginners.",  # near-duplicate of the first
+    "multilingual": None,
+})
+
+
+def crab_reply(messages, params):
+    content = messages[-1]["content"]
+    if "Reply with one JSON object" in content:
+        return LLM_REPLY
+    if "Reply with one word: Yes or No" in content:
+        return "No" if "inline code" in content else "Yes"  # the model rejects one constraint
+    raise AssertionError("unexpected prompt")
+
+
+def test_run_on_pairs_with_custom_fields_writes_forward_and_reverse(cli, scripted, tmp_path):
+    backend, spec = scripted(default=crab_reply)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"qid": "q1", "q": "How do I list hidden files?", "a": RESPONSE},
+                                                    {"qid": "q2", "q": "Empty one", "a": "   "}])
+    out = tmp_path / "out"
+    r = cli("run", "crab", pairs, "-o", out, "--model", spec, "--instruction-field", "q", "--response-field", "a",
+            "--id-field", "qid", "--verify-mode", "generate", "-q")
+    assert r.exit_code == 0, r.output
+    data = read_jsonl(out / "data.jsonl")
+    assert [d["meta"]["crab_example"] for d in data] == ["forward", "reverse"]
+    fwd, rev = data
+    assert set(fwd) == {"instruction", "response", "system", "meta"}
+    assert fwd["response"] == RESPONSE and fwd["instruction"].startswith("How do I list hidden files?\n\nYour answer must meet")
+    used = [c["text"] for c in fwd["meta"]["constraints"]]
+    assert 1 <= len(used) <= 8 and all(u in fwd["instruction"] for u in used)
+    assert "Format every shell command as inline code, for example `ls -a`." not in used  # rejected by the model check
+    for c in fwd["meta"]["constraints"]:
+        if c["source"] == "rule":
+            assert rules.check(c, RESPONSE)
+        assert c["verified"] is True
+    assert 3 <= rev["meta"]["n_constraints"] <= 6
+    assert RESPONSE in rev["instruction"] and rev["response"].startswith("1. ")
+    assert len(rev["response"].splitlines()) == rev["meta"]["n_constraints"]
+    removed = {c["text"]: c["removed"] for c in fwd["meta"]["constraints_removed"]}
+    assert removed["Write in a concise and practical tone suitable for Linux beginners."] == "near_duplicate"
+    assert removed["Format every shell command as inline code, for example `ls -a`."] == "llm_rejected"
+    cands = {c["id"]: c for c in read_jsonl(out / "candidates.jsonl")}
+    assert cands["q2"]["reason"] == "empty_pair" and cands["q2"]["dropped_at"] == "crab.prepare"
+    assert cands["q1~forward"]["lineage"][0]["template"] == "crab/constrain"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["stages"]["crab.constrain"]["calls"] == 1 and stats["kept"] == 2
+
+
+def test_btkit_data_jsonl_is_valid_input_and_ids_come_from_meta(cli, scripted, tmp_path):
+    backend, spec = scripted(default=crab_reply)
+    rows = [{"instruction": "How do I list hidden files?", "response": RESPONSE, "system": "Answer with knowledge from web search.",
+             "meta": {"id": "doc7#0", "source_id": "doc7", "method": "humpback"}}]
+    out = tmp_path / "out"
+    r = cli("run", "crab", write_jsonl(tmp_path / "data.jsonl", rows), "-o", out, "--model", spec,
+            "--no-llm-constraints", "--no-reverse", "--forward-constraints", "2-2", "-q")
+    assert r.exit_code == 0, r.output
+    [row] = read_jsonl(out / "data.jsonl")
+    assert row["meta"]["id"] == "doc7#0~forward" and row["meta"]["source_id"] == "doc7"
+    assert row["system"] == "Answer with knowledge from web search."
+    assert len(row["meta"]["constraints"]) == 2 and all(c["source"] == "rule" for c in row["meta"]["constraints"])
+    assert backend.history == []  # rule constraints only: no model call
+
+
+def test_missing_field_names_the_option(cli, scripted, tmp_path):
+    _, spec = scripted(default=crab_reply)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"question": "x", "answer": "y"}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "-q")
+    assert r.exit_code == 2
+    assert "field 'instruction'" in r.output and "--instruction-field" in r.output
+
+
+def test_logprob_verification_reads_yes_no(cli, scripted, tmp_path):
+    def lp(messages, prefix, candidates):
+        assert prefix == "Answer: " and candidates == ["Yes", "No"]
+        return {"Yes": -0.1, "No": -2.5} if "beginners" in messages[-1]["content"] else {"Yes": -3.0, "No": -0.05}
+
+    backend, spec = scripted(default=crab_reply, logprobs=lp)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "-q")
+    assert r.exit_code == 0, r.output
+    fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
+    llm = [c for c in fwd["meta"]["constraints"] if c["source"] == "llm"]
+    assert [c["text"] for c in llm] == ["Write in a concise, practical tone suitable for Linux beginners."]
+    assert llm[0]["verdict_mode"] == "logprob" and llm[0]["p_yes"] > 0.9
+
+
+@pytest.mark.model
+def test_crab_on_seed_pairs_with_embedded_model(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "btkit.cli", "run", "crab", str(EXAMPLES / "seed.jsonl"), "-o", str(out), "--limit", "2",
+           "--max-tokens", "48", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("data.jsonl", "candidates.jsonl", "stats.json"):
+        assert (out / name).is_file()
+    cands = read_jsonl(out / "candidates.jsonl")
+    assert cands and all((c["status"] == "kept") == (c["reason"] is None) for c in cands)
+    for c in cands:
+        if c["status"] == "dropped":
+            assert c["dropped_at"].startswith("crab.") and c["reason"]
+    pairs = {json.loads(l)["instruction"]: json.loads(l)["response"] for l in (EXAMPLES / "seed.jsonl").read_text().splitlines()[:2]}
+    for row in read_jsonl(out / "data.jsonl"):
+        assert row["meta"]["crab_example"] in ("forward", "reverse")
+        assert row["meta"]["constraints"]
+        if row["meta"]["crab_example"] == "forward":  # the original response, constraints that hold on it
+            base = next(i for i in pairs if row["instruction"].startswith(i))
+            assert row["response"] == pairs[base]
+            for c in row["meta"]["constraints"]:
+                if c["source"] == "rule":
+                    assert rules.check(c, row["response"])
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["status"] == "complete" and stats["records"] == len(cands)
