@@ -7,17 +7,41 @@
 - ``logprob_score``: prefill ``Score: `` and read the next-token distribution over the digits,
   one forward pass and no parsing; the score is the most likely digit, and the distribution and
   its expectation are kept.
+- ``likelihood_score``: no judging prompt at all. The model scores the response twice, as the
+  reply to the instruction and as a reply to an empty request; how much the instruction makes the
+  response more likely says whether the pair fits. Small models whose rubric scores are noise
+  (SmolLM2-135M) still rank pairs well this way. Two modes:
+
+  * ``pmi``: mean log P(response | instruction) - mean log P(response), in nats per token
+    (pointwise mutual information of the pair, length-normalised). > 0: the instruction helps.
+  * ``ifd``: Instruction-Following Difficulty (Li et al. 2023, arXiv 2308.12032; Superfiltering,
+    arXiv 2402.00530): IFD = L(response | instruction) / L(response), L the mean negative
+    log-likelihood per token. Low IFD: the instruction makes the response much easier to predict;
+    IFD >= 1: the instruction does not help (Superfiltering drops those as misaligned). The
+    papers then *prefer high IFD below 1* to find difficult training examples; here the question
+    is whether the instruction fits the response, so lower IFD is better and the stage's score is
+    ``1 - IFD`` (the share of the response's loss the instruction removes), so that in every
+    mode a higher score means a better pair and ``score >= 0`` is exactly "IFD <= 1".
+
+  The unconditional term comes from a separate ``ctx.score_continuation(None, {}, response)``
+  call, so the engine's content-addressed cache computes it once per response however many
+  instructions are scored against it.
+- ``top_percent_cutoff``: the score a record needs to be in the top P% of a run's scores.
+- :class:`Curator`: a curate stage's settings and decisions (mode, absolute threshold, keep the
+  top P%), so every method's curate stage scores and keeps pairs the same way.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
+from btkit.backends import NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
+from btkit.errors import BtkitError
 from btkit.methods import ParseError
 
-_NUM = r"(\d+(?:[.,]\d+)?)"
+_NUM = r"(\d+(?:[.,]\d+)?)(?!\w|[.,]\d)"  # "1e1", "4x", "12abc" are not scores
 # "Score: 4", "**Score:** 4", "score = 4", "Score - 4/5", "Rating: 4 out of 5", "Score: [4]"
 _SCORE_RE = re.compile(
     r"(?:score|rating)\s*(?:\*\*|__)?\s*(?:[:=\-–]|is|of)\s*(?:\*\*|__)?\s*[\[\(\"'“]?\s*" + _NUM + r"\s*[\]\)\"'”]?\s*(?:(?:/|out\s+of)\s*(\d+))?",
@@ -93,6 +117,8 @@ async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top:
     digits = [str(i) for i in range(1, top + 1)]
     lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, digits)
     lp = {d: float(lp.get(d, -math.inf)) for d in digits}  # a backend may omit unlikely digits
+    if any(math.isnan(v) or v == math.inf for v in lp.values()):
+        return None, {"score_error": "invalid_logprobs"}
     mass = sum(math.exp(v) for v in lp.values())
     if mass <= 0:
         return None, {"score_error": "no_digit_mass"}
@@ -101,3 +127,176 @@ async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top:
     expected = sum(int(d) * p for d, p in dist.items())
     return score, {"score": score, "score_dist": {d: round(p, 4) for d, p in dist.items()},
                    "score_expected": round(expected, 4), "digit_mass": round(mass, 4)}
+
+
+#: Curate modes that score by likelihood (need a backend with ``score_continuation``).
+LIKELIHOOD_MODES = ("pmi", "ifd")
+
+
+def likelihood_parts(mode: str, cond: list[float], uncond: list[float]) -> tuple[float | None, dict[str, Any]]:
+    """The pair's score in ``mode`` ('pmi' or 'ifd') from per-token logprobs, with its parts for meta.
+
+    ``cond``: logprobs of the response's tokens after the instruction; ``uncond``: the same
+    response with no instruction. Higher score = better pair in both modes (see module docstring).
+    """
+    if mode not in LIKELIHOOD_MODES:
+        raise ValueError(f"unknown likelihood mode {mode!r}")
+    if not cond or not uncond:
+        return None, {"score_error": "empty_response"}
+    if not all(math.isfinite(v) for v in (*cond, *uncond)):
+        return None, {"score_error": "invalid_logprobs"}
+    cond_mean = math.fsum(cond) / len(cond)
+    uncond_mean = math.fsum(uncond) / len(uncond)
+    details: dict[str, Any] = {
+        "cond_logprob": round(cond_mean, 6),
+        "uncond_logprob": round(uncond_mean, 6),
+        "cond_tokens": len(cond),
+        "uncond_tokens": len(uncond),
+        "pmi": round(cond_mean - uncond_mean, 6),
+    }
+    uncond_loss = -uncond_mean
+    if uncond_loss > 0:
+        details["ifd"] = round(-cond_mean / uncond_loss, 6)
+    if mode == "pmi":
+        score = cond_mean - uncond_mean
+    elif uncond_loss > 0:
+        score = 1.0 - (-cond_mean / uncond_loss)
+    else:  # the response is certain without the instruction: IFD is undefined
+        return None, {**details, "score_error": "zero_unconditional_loss"}
+    details["score"] = round(score, 6)
+    return details["score"], details
+
+
+async def likelihood_score(ctx: Any, mode: str, template: str, variables: dict[str, Any], response: str) -> tuple[float | None, dict[str, Any]]:
+    """Score a pair by likelihood: the response after the rendered ``template`` vs after nothing.
+
+    The conditional call renders ``template`` (the instruction as the user message); the
+    unconditional one is ``score_continuation(None, ...)``, a separate cached call per response.
+    """
+    cond = await ctx.score_continuation(template, variables, response)
+    uncond = await ctx.score_continuation(None, {}, response)
+    return likelihood_parts(mode, cond, uncond)
+
+
+def top_percent_cutoff(scores: Iterable[float], percent: float) -> float | None:
+    """The lowest score inside the top ``percent`` % (at least one record when any scored).
+
+    Records scoring >= the cutoff are kept, so ties at the boundary are all kept: equal scores
+    never get different decisions. None when there are no scores.
+    """
+    ranked = sorted(scores, reverse=True)
+    if not ranked:
+        return None
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    k = max(1, math.ceil(len(ranked) * percent / 100 - 1e-9))
+    return ranked[k - 1]
+
+
+#: Every curate mode. auto: logprob when the backend can, else rubric.
+CURATE_MODES = ("auto", "rubric", "logprob") + LIKELIHOOD_MODES
+
+
+def rank_value(meta: dict[str, Any]) -> float | None:
+    """The number pairs are ranked by: the score, or for ``logprob`` its expectation (finer than the argmax digit)."""
+    if meta.get("score") is None:
+        return None
+    if meta.get("curate_mode") == "logprob" and meta.get("score_expected") is not None:
+        return float(meta["score_expected"])
+    return float(meta["score"])
+
+
+class Curator:
+    """How a curate stage scores a pair and decides to keep it, from the stage's options.
+
+    Options: ``curate_mode`` (see :data:`CURATE_MODES`); ``threshold`` (1..5, rubric and logprob
+    modes, default 5); ``score_threshold`` (keep score >= X, any mode; pmi and ifd default to 0,
+    "the instruction helps"); ``keep_top`` (keep the top P% of the run's scored pairs, decided at the
+    end of the run over all of them; ties at the cutoff are kept). With ``keep_top`` only an explicit
+    ``score_threshold`` also applies. The score and its parts go to the record's meta.
+    """
+
+    def __init__(self, label: str, options: dict[str, Any], default_threshold: int = 5):
+        self.label = label
+        self.mode = options.get("curate_mode") or "auto"
+        if self.mode not in CURATE_MODES:
+            raise BtkitError(f"curate mode '{self.mode}' unknown; choose one of {', '.join(CURATE_MODES)}")
+        self.threshold = int(options["threshold"]) if options.get("threshold") is not None else default_threshold
+        self.score_threshold = float(options["score_threshold"]) if options.get("score_threshold") is not None else None
+        self.keep_top = float(options["keep_top"]) if options.get("keep_top") is not None else None
+        if self.keep_top is not None and not 0 < self.keep_top <= 100:
+            raise BtkitError(f"keep_top must be a percentage in (0, 100], got {self.keep_top:g}")
+
+    @property
+    def likelihood(self) -> bool:
+        return self.mode in LIKELIHOOD_MODES
+
+    def cutoff(self) -> float | None:
+        """The absolute threshold applied as each pair is scored (None: none, keep_top decides)."""
+        if self.score_threshold is not None:
+            return self.score_threshold
+        if self.keep_top is not None:
+            return None
+        return 0.0 if self.likelihood else self.threshold
+
+    def check_backend(self, backend: Any) -> None:
+        """Fail before the first call when the backend cannot score this way."""
+        if self.likelihood:
+            backend.require(SCORE_CONTINUATION, f"--curate-mode {self.mode} in stage {self.label} (or use --curate-mode rubric)")
+        elif self.mode == "logprob":
+            backend.require(NEXT_TOKEN_LOGPROBS, f"--curate-mode logprob in stage {self.label} (or use --curate-mode rubric)")
+
+    def resolve_mode(self, backend: Any) -> str:
+        if self.mode == "auto":
+            return "logprob" if backend.supports(NEXT_TOKEN_LOGPROBS) else "rubric"
+        return self.mode
+
+    async def score(self, ctx: Any, instruction: str, response: str, *, judge_template: str, likelihood_template: str,
+                    params: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+        """Score one pair; returns (score or None, meta to record). Higher is better in every mode."""
+        mode = self.resolve_mode(ctx.backend())
+        if mode in LIKELIHOOD_MODES:
+            score, details = await likelihood_score(ctx, mode, likelihood_template, {"instruction": instruction}, response)
+        elif mode == "logprob":
+            score, details = await logprob_score(ctx, judge_template, {"instruction": instruction, "response": response})
+        else:
+            score, details = await rubric_score(ctx, judge_template, {"instruction": instruction, "response": response}, params)
+        details.update(curate_mode=mode, scored_by=self.label, threshold=self.cutoff())
+        if self.keep_top is not None:
+            details["keep_top"] = self.keep_top
+        return score, details
+
+    def verdict(self, score: float | None, details: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """(drop reason, details) for a pair scored as it streams by, or None to keep it (for now)."""
+        if score is None:
+            reason = "no_score" if details.get("curate_mode") in LIKELIHOOD_MODES else "unparseable_score"
+            return reason, {"error": details.get("score_error")}
+        cut = self.cutoff()
+        if cut is not None and score < cut:
+            return "below_threshold", {"score": score}
+        return None
+
+    def end_of_run(self, journal: Callable[[], Iterator[dict[str, Any]]]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """With ``keep_top``: drop kept pairs below the top-P% cutoff over every pair this stage scored.
+
+        The population is every record this stage scored, whatever happened to it later, so the
+        decision is the same when a resumed run makes it again.
+        """
+        if self.keep_top is None:
+            return {}
+        values = []
+        for line in journal():
+            meta = line.get("meta") or {}
+            if meta.get("scored_by") == self.label and (v := rank_value(meta)) is not None:
+                values.append(v)
+        cut = top_percent_cutoff(values, self.keep_top)
+        if cut is None:
+            return {}
+        drops = {}
+        for line in journal():
+            meta = line.get("meta") or {}
+            if line["status"] == "kept" and meta.get("scored_by") == self.label:
+                v = rank_value(meta)
+                if v is not None and v < cut:
+                    drops[line["id"]] = ("below_keep_top", {"score": v, "keep_top": self.keep_top, "cutoff": cut})
+        return drops

@@ -1,1 +1,371 @@
-"""Work in progress: this plugin module is being written (see the open issues)."""
+"""``btkit eval-judge``: measure how well a method's curate stage tells good pairs from bad ones.
+
+The curate stage is the weak link of instruction backtranslation (Humpback's own judge had
+precision/recall 0.44/0.09), so it must be measurable on the model you will run it with. From gold
+(instruction, response) pairs written by people this builds pairs the judge should reject:
+
+- ``swapped``: each response with another pair's instruction (a derangement drawn from ``--seed``);
+- ``truncated``: each instruction with the first 30% of its response's words;
+- ``text_ref``: each response with an instruction that points at "the text" instead of standing
+  alone ("Summarize the text above."), the backtranslation failure Kun filters for.
+
+Every item goes through the method's own curate stage with the engine's :class:`StageCtx` and
+cache, exactly as in ``btkit run``, and the report gives ROC AUC (unscored items count as rejected;
+also among scored items only), precision and recall of the keep decision at the configured
+threshold, the share of items that got a score, and seconds per item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+from btkit.errors import BtkitError
+from btkit.hookspecs import hookimpl
+
+from .curation import CURATE_MODES, rank_value, top_percent_cutoff
+
+NEGATIVE_KINDS = ("swapped", "truncated", "text_ref")
+
+#: Instructions that only make sense next to a document the user never sees.
+TEXT_REFERENCE_INSTRUCTIONS = (
+    "Summarize the text above.",
+    "What is the main point of this passage?",
+    "Rewrite the paragraph above in simpler words.",
+    "According to the article, what should the reader do?",
+    "Explain what the text says.",
+    "List the key facts mentioned in the passage.",
+)
+
+TRUNCATE_SHARE = 0.3
+
+
+@dataclass
+class Item:
+    """One pair to score: ``label`` 1 for a gold pair, 0 for a negative the judge should reject."""
+
+    id: str
+    kind: str
+    label: int
+    instruction: str
+    response: str
+    gold_id: str
+    score: float | None = None
+    kept: bool = False
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0  # model calls made for this item (not answered by the cache or a shared in-flight call)
+    cached: int = 0
+
+
+def derangement(n: int, rng: random.Random) -> list[int]:
+    """A permutation with no fixed point (Sattolo's algorithm: one random cycle)."""
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def truncate_words(text: str, share: float = TRUNCATE_SHARE) -> str | None:
+    """The text cut after the first ``share`` of its words (layout kept); None if that cuts nothing."""
+    ends = [m.end() for m in re.finditer(r"\S+", text)]
+    keep = max(1, math.floor(len(ends) * share))
+    if keep >= len(ends):
+        return None
+    return text[: ends[keep - 1]]
+
+
+def build_items(pairs: list[dict[str, str]], seed: int = 0, kinds: Iterable[str] = NEGATIVE_KINDS) -> list[Item]:
+    """Gold pairs as positives plus the negatives of ``kinds``, deterministic for a given ``seed``."""
+    kinds = tuple(kinds)
+    unknown = sorted(set(kinds) - set(NEGATIVE_KINDS))
+    if unknown:
+        raise BtkitError(f"unknown negative kind(s) {', '.join(unknown)}; choose from {', '.join(NEGATIVE_KINDS)}")
+    rng = random.Random(seed)
+    items = [Item(f"gold:{p['id']}", "gold", 1, p["instruction"], p["response"], p["id"]) for p in pairs]
+    n = len(pairs)
+    if "swapped" in kinds and n >= 2:
+        perm = derangement(n, rng)
+        for i, j in enumerate(perm):
+            if _norm(pairs[j]["instruction"]) == _norm(pairs[i]["instruction"]):
+                continue  # the same question twice in the gold set: not a negative
+            items.append(Item(f"swapped:{pairs[i]['id']}", "swapped", 0, pairs[j]["instruction"], pairs[i]["response"], pairs[i]["id"]))
+    if "truncated" in kinds:
+        for p in pairs:
+            cut = truncate_words(p["response"])
+            if cut is not None:
+                items.append(Item(f"truncated:{p['id']}", "truncated", 0, p["instruction"], cut, p["id"]))
+    if "text_ref" in kinds:
+        for p in pairs:
+            items.append(Item(f"text_ref:{p['id']}", "text_ref", 0, rng.choice(TEXT_REFERENCE_INSTRUCTIONS), p["response"], p["id"]))
+    return items
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def roc_auc(scores: list[float | None], labels: list[int]) -> float | None:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula; ties get average ranks (count half).
+
+    ``None`` scores rank below every number (the stage drops what it cannot score). Returns None
+    without both classes.
+    """
+    n_pos = sum(1 for l in labels if l == 1)
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    keyed = sorted(range(len(scores)), key=lambda i: -math.inf if scores[i] is None else scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(keyed):
+        j = i
+        value = scores[keyed[i]]
+        while j + 1 < len(keyed) and scores[keyed[j + 1]] == value:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[keyed[k]] = (i + j) / 2 + 1  # 1-based average rank of the tie group
+        i = j + 1
+    pos_rank_sum = sum(r for r, l in zip(ranks, labels) if l == 1)
+    return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def precision_recall(kept: list[bool], labels: list[int]) -> tuple[float | None, float | None]:
+    tp = sum(1 for k, l in zip(kept, labels) if k and l == 1)
+    predicted = sum(kept)
+    positives = sum(1 for l in labels if l == 1)
+    return (tp / predicted if predicted else None), (tp / positives if positives else None)
+
+
+def load_gold(path: Path, limit: int | None) -> list[dict[str, str]]:
+    from btkit.io import iter_jsonl
+
+    pairs = []
+    for lineno, row in iter_jsonl(path, ("instruction", "response")):
+        pairs.append({"id": str(row.get("id") or f"line{lineno}"), "instruction": row["instruction"], "response": row["response"]})
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise BtkitError(f"{path}: no gold pairs")
+    return pairs
+
+
+async def score_items(items: list[Item], *, registry: Any, gold: Path, method: str, stage_name: str | None, model: str,
+                      stage_options: dict[str, Any], backend_options: dict[str, Any], prompt_overrides: list[Path],
+                      cache_path: Path | None, use_cache: bool, concurrency: int) -> dict[str, Any]:
+    """Score every item through the method's curate stage, as ``btkit run`` would; fills the items."""
+    import asyncio
+
+    from btkit.engine import Run, RunConfig, StageCtx, StageSpec
+    from btkit.errors import BackendError
+    from btkit.records import Record
+
+    m = registry.method(method)
+    curate = [s.name for s in m.stages if s.kind == "curate"]
+    name = stage_name or (curate[0] if curate else None)
+    if name is None:
+        raise BtkitError(f"method '{method}' has no curate stage to evaluate; its stages: {', '.join(s.name for s in m.stages)}")
+    config = RunConfig(input=gold, out_dir=Path("."), stages=[StageSpec(method, name, stage_options)], model=model,
+                       backend_options=backend_options, prompt_overrides=prompt_overrides, concurrency=concurrency,
+                       quiet=True, cache_path=cache_path, use_cache=use_cache)
+    run = Run(config, registry)
+    stage = run.stages[0]
+    run.check_templates()
+    backend = run.backend_for(stage)
+    stage.check_backend(backend)  # a backend that cannot score this way fails here, before any call
+
+    async def one(item: Item) -> None:
+        record = Record(id=item.id, source_id=item.gold_id, fields={"instruction": item.instruction, "response": item.response})
+        try:
+            outs = await stage.process(record, StageCtx(run, stage, record))
+        except BackendError as e:
+            item.error = f"backend_error: {e}"
+            return
+        out = outs[0] if outs else record
+        item.meta = {k: v for k, v in out.meta.items() if k != "drop_details"}
+        item.kept = out.alive
+        steps = [st for st in out.lineage if st.get("stage") == stage.label]
+        item.cached = sum(1 for st in steps if st.get("cached"))
+        item.calls = len(steps) - item.cached
+        item.score = rank_value(out.meta)
+        if item.score is None:
+            item.error = out.meta.get("score_error") or out.reason
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(it) for it in items))
+    finally:
+        for b in run._backends.values():
+            await b.aclose()
+        run.cache.close()
+    wall = time.perf_counter() - t0
+    curator = getattr(stage, "curator", None)
+    keep_top = getattr(curator, "keep_top", None)
+    cutoff = None
+    if keep_top is not None:
+        cutoff = top_percent_cutoff([it.score for it in items if it.score is not None], keep_top)
+        for it in items:
+            it.kept = it.kept and it.score is not None and cutoff is not None and it.score >= cutoff
+    return {"stage": stage.label, "wall_s": wall, "cache_hits": sum(it.cached for it in items), "model_calls": sum(it.calls for it in items),
+            "threshold": curator.cutoff() if curator else None, "keep_top": keep_top, "keep_top_cutoff": cutoff,
+            "mode": getattr(curator, "mode", stage_options.get("curate_mode"))}
+
+
+def report(items: list[Item], run_info: dict[str, Any], *, gold: Path, model: str, pairs: int) -> dict[str, Any]:
+    labels = [it.label for it in items]
+    scores = [it.score for it in items]
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    precision, recall = precision_recall([it.kept for it in items], labels)
+    by_kind = {}
+    for kind in NEGATIVE_KINDS:
+        sub = [it for it in items if it.kind in ("gold", kind)]
+        if any(it.kind == kind for it in sub):
+            by_kind[kind] = _round(roc_auc([it.score for it in sub], [it.label for it in sub]))
+    modes = sorted({it.meta.get("curate_mode") for it in items if it.meta.get("curate_mode")})
+    return {
+        "method_stage": run_info["stage"],
+        "mode": modes[0] if len(modes) == 1 else (modes or run_info["mode"]),
+        "model": model,
+        "gold": str(gold),
+        "pairs": pairs,
+        "items": len(items),
+        "positives": sum(labels),
+        "negatives": {k: sum(1 for it in items if it.kind == k) for k in NEGATIVE_KINDS if any(it.kind == k for it in items)},
+        "auc": _round(roc_auc(scores, labels)),
+        "auc_scored_only": _round(roc_auc([scores[i] for i in scored], [labels[i] for i in scored])),
+        "auc_by_negative": by_kind,
+        "threshold": run_info["threshold"],
+        "keep_top": run_info["keep_top"],
+        "keep_top_cutoff": run_info["keep_top_cutoff"],
+        "precision": _round(precision),
+        "recall": _round(recall),
+        "kept": sum(it.kept for it in items),
+        "scored": len(scored),
+        "scored_share": _round(len(scored) / len(items)) if items else None,
+        "errors": _count(it.error for it in items if it.error),
+        "seconds_per_item": _round(run_info["wall_s"] / len(items)) if items else None,
+        "wall_s": _round(run_info["wall_s"]),
+        "cache_hits": run_info["cache_hits"],
+        "model_calls": run_info["model_calls"],
+        "item_scores": [{"id": it.id, "kind": it.kind, "label": it.label, "score": it.score, "kept": it.kept} for it in items],
+    }
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        key = v.split(":", 1)[0]
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _round(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One Markdown row per mode, then AUC by negative kind and call counts."""
+    def f(x: Any) -> str:
+        return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+    first = results[0]
+    negs = ", ".join(f"{k} {v}" for k, v in first["negatives"].items())
+    lines = [
+        f"judge {first['method_stage']} model={first['model']} gold={first['gold']} "
+        f"({first['pairs']} pairs, {first['items']} items; negatives: {negs})",
+        "",
+        "| mode | AUC | AUC (scored only) | precision | recall | keep rule | scored | s/item |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rule = (f"top {r['keep_top']:g}% (score >= {f(r['keep_top_cutoff'])})" if r["keep_top"] is not None
+                else f"score >= {f(r['threshold'])}")
+        lines.append(f"| {r['mode']} | {f(r['auc'])} | {f(r['auc_scored_only'])} | {f(r['precision'])} | {f(r['recall'])} | {rule} | "
+                     f"{r['scored']}/{r['items']} ({f(r['scored_share'])}) | {f(r['seconds_per_item'])} |")
+    lines.append("")
+    for r in results:
+        by_kind = ", ".join(f"{k} {f(v)}" for k, v in r["auc_by_negative"].items()) or "-"
+        unscored = f"; unscored: {', '.join(f'{k} {v}' for k, v in r['errors'].items())}" if r["errors"] else ""
+        lines.append(f"{r['mode']}: AUC by negative kind: {by_kind}; {r['model_calls']} model calls, "
+                     f"{r['cache_hits']} cache hits, {f(r['wall_s'])} s{unscored}")
+    return "\n".join(lines)
+
+
+@click.command("eval-judge")
+@click.argument("gold", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", default="humpback", show_default=True, help="Method whose curate stage is the judge.")
+@click.option("--stage", "stage_name", default=None, help="The stage to evaluate (default: the method's curate stage).")
+@click.option("--mode", "modes", type=click.Choice(CURATE_MODES), multiple=True, help="Curate mode; repeat to compare modes (default: auto, what a run would pick).")
+@click.option("--model", default=None, help="Model spec (default: the embedded SmolLM2-135M).")
+@click.option("--base-url", default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL).")
+@click.option("-B", "--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE", help="Backend option (e.g. -B n_ctx=8192).")
+@click.option("--limit", type=int, default=None, help="Use the first N gold pairs.")
+@click.option("--negatives", default=",".join(NEGATIVE_KINDS), show_default=True, help="Negative kinds to build, comma-separated.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the derangement and the choice of text-pointing instructions.")
+@click.option("--threshold", type=click.IntRange(1, 5), default=None, help="Rubric threshold (rubric/logprob modes; default: the stage's, 5).")
+@click.option("--score-threshold", type=float, default=None, help="Keep score >= X (pmi/ifd default 0).")
+@click.option("--keep-top", type=click.FloatRange(0, 100, min_open=True), default=None, help="Keep the top P percent of scored items instead of a threshold.")
+@click.option("--prompts", "prompts_dir", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Template override folder.")
+@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--no-cache", is_flag=True, help="Do not read or write the model-call cache (honest timings).")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None, help="Write the report as JSON here ('-': stdout instead of the table).")
+def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: tuple[str, ...], model: str | None, base_url: str | None,
+                       backend_option: tuple[str, ...], limit: int | None, negatives: str, seed: int, threshold: int | None,
+                       score_threshold: float | None, keep_top: float | None, prompts_dir: tuple[Path, ...], concurrency: int,
+                       no_cache: bool, cache_path: Path | None, json_out: Path | None) -> None:
+    """Measure a curate stage on gold pairs and built negatives: ROC AUC, precision/recall, scored share, s/item."""
+    import asyncio
+    import os
+
+    from btkit import DEFAULT_MODEL
+    from btkit.cli import parse_key_values
+    from btkit.plugins import get_registry
+
+    results = []
+    try:
+        kinds = [k.strip() for k in negatives.split(",") if k.strip()]
+        pairs = load_gold(gold, limit)
+        backend_options = parse_key_values(backend_option, "--backend-option")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if base_url:
+            backend_options["base_url"] = base_url
+        spec = model or DEFAULT_MODEL
+        for mode in modes or ("auto",):
+            items = build_items(pairs, seed, kinds)
+            options: dict[str, Any] = {"curate_mode": mode}
+            for key, value in (("threshold", threshold), ("score_threshold", score_threshold), ("keep_top", keep_top)):
+                if value is not None:
+                    options[key] = value
+            info = asyncio.run(score_items(
+                items, registry=get_registry(), gold=gold, method=method, stage_name=stage_name, model=spec,
+                stage_options=options, backend_options=backend_options, prompt_overrides=list(prompts_dir),
+                cache_path=cache_path, use_cache=not no_cache, concurrency=concurrency,
+            ))
+            results.append(report(items, info, gold=gold, model=spec, pairs=len(pairs)))
+    except BtkitError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    payload: Any = results[0] if len(results) == 1 else {"modes": results}
+    text = json.dumps(payload, indent=2)
+    if json_out is not None and str(json_out) == "-":
+        click.echo(text)
+        return
+    click.echo(format_table(results))
+    if json_out is not None:
+        json_out.write_text(text + "\n", encoding="utf-8")
+
+
+@hookimpl
+def btkit_register_commands(cli: Any) -> None:
+    cli.add_command(eval_judge_command)

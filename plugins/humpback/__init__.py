@@ -30,7 +30,7 @@ from .._prompts import PROMPTS
 AUGMENTED_SYSTEM = "Answer with knowledge from web search."
 SEED_SYSTEM = "Answer in the style of an AI Assistant."
 DEFAULT_SEED = Path(__file__).with_name("default_seed.jsonl")
-CURATE_MODES = ("auto", "rubric", "logprob")
+CURATE_MODES = curation.CURATE_MODES
 
 
 def load_seed(path: str | Path) -> list[dict[str, str]]:
@@ -71,25 +71,28 @@ class AugmentStage(Stage):
             p = dict(params)
             if self.candidates > 1:
                 p["seed"] = int(p.get("seed") or 0) + i
-            comp = await ctx.for_record(rec).complete("humpback/augment", {"text": text, "examples": examples}, **p)
-            if comp.finish_reason == "length":
-                comp.step["parse_error"] = "truncated"
-                outs.append(rec.drop(self.label, "instruction_truncated"))
-                continue
-            try:
-                instruction = parse_instruction(comp.text, text, max_words=self.max_instruction_words)
-            except ParseError as e:
-                comp.step["parse_error"] = e.reason
+            comp = await ctx.for_record(rec).complete(
+                "humpback/augment", {"text": text, "examples": examples},
+                parse=lambda reply: {"instruction": parse_instruction(reply, text, max_words=self.max_instruction_words)}, **p)
+            if comp.parse_error is not None:  # truncated, content-filtered, empty, copied back, ... (recorded in the step)
+                e = comp.parse_error
                 outs.append(rec.drop(self.label, f"instruction_{e.reason}", detail=e.detail))
                 continue
-            comp.step["parsed"] = {"instruction": instruction}
+            instruction = comp.parsed["instruction"]
             rec.fields.update(instruction=instruction, response=text)
             outs.append(rec)
         return outs
 
 
 class CurateStage(Stage):
-    """(instruction, response) -> score on the paper's rubric; keep score >= threshold."""
+    """(instruction, response) -> score; keep the pair if it scores well enough.
+
+    Modes (``curate_mode``): the paper's 5-point rubric, generated and parsed (``rubric``) or read
+    from the digit distribution after ``Score: `` (``logprob``); or by likelihood, with no judging
+    prompt (``pmi``, ``ifd``: how much the instruction makes the response more likely, see
+    :mod:`btkit_plugins.curation`). Thresholds and keep-top-P% are handled by
+    :class:`~btkit_plugins.curation.Curator`.
+    """
 
     kind = "curate"
     templates = ("humpback/curate",)
@@ -97,26 +100,30 @@ class CurateStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.mode = options.get("curate_mode") or "auto"
-        if self.mode not in CURATE_MODES:
-            raise BtkitError(f"curate mode '{self.mode}' unknown; choose one of {', '.join(CURATE_MODES)}")
-        self.threshold = int(options.get("threshold") if options.get("threshold") is not None else 5)
+        self.curator = curation.Curator(self.label, options)
+        self.mode = self.curator.mode
+        self.threshold = self.curator.threshold
+        if self.curator.likelihood:  # the instruction alone as the user message; the response is scored after it
+            self.templates = ("humpback/pmi",)
+            self.variables = ("instruction",)
+
+    def check_backend(self, backend: Any) -> None:
+        self.curator.check_backend(backend)
+
+    def end_of_run(self, journal):
+        return self.curator.end_of_run(journal)
 
     async def process(self, record: Record, ctx) -> list[Record]:
-        variables = {"instruction": record.fields["instruction"], "response": record.fields["response"]}
-        mode = self.mode
-        if mode == "auto":
-            mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "rubric"
-        if mode == "logprob":
-            score, details = await curation.logprob_score(ctx, "humpback/curate", variables)
-        else:
-            params = self.sampling(temperature=0.0, max_tokens=256)
-            score, details = await curation.rubric_score(ctx, "humpback/curate", variables, params)
-        record.meta.update(details, curate_mode=mode, threshold=self.threshold)
-        if score is None:
-            return [record.drop(self.label, "unparseable_score", error=details.get("score_error"))]
-        if score < self.threshold:
-            return [record.drop(self.label, "below_threshold", score=score)]
+        score, details = await self.curator.score(
+            ctx, record.fields["instruction"], record.fields["response"],
+            judge_template="humpback/curate", likelihood_template="humpback/pmi",
+            params=self.sampling(temperature=0.0, max_tokens=256),
+        )
+        record.meta.update(details)
+        verdict = self.curator.verdict(score, details)
+        if verdict is not None:
+            reason, why = verdict
+            return [record.drop(self.label, reason, **why)]
         record.fields["system"] = AUGMENTED_SYSTEM
         return [record]
 
@@ -145,14 +152,16 @@ METHOD = Humpback(
     paper="Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
     stages=[
         StageInfo("augment", "augment", ("text",), ("instruction", "response"), "write the instruction a segment answers (seed pairs reversed as few-shot examples)"),
-        StageInfo("curate", "curate", ("instruction", "response"), ("score", "system"), "rate on the paper's 5-point rubric, keep score >= threshold"),
+        StageInfo("curate", "curate", ("instruction", "response"), ("score", "system"), "score the pair (5-point rubric, or likelihood: pmi/ifd) and keep it above a threshold or in the top P%"),
     ],
     default_stages=("augment", "curate"),
     prompts_dir=PROMPTS,
     cli_options=[
         click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
         click.Option(["--threshold"], type=click.IntRange(1, 5), default=5, show_default=True, help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),
-        click.Option(["--curate-mode"], type=click.Choice(CURATE_MODES), default="auto", show_default=True, help="rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; auto: logprob when the backend can."),
+        click.Option(["--curate-mode"], type=click.Choice(CURATE_MODES), default="auto", show_default=True, help="rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; auto: logprob when the backend can; pmi: mean log P(response|instruction) - mean log P(response); ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023). pmi and ifd need no judging prompt and work on small models."),
+        click.Option(["--score-threshold"], type=float, default=None, help="Keep pairs with score >= X, any mode (pmi/ifd default 0: the instruction makes the response more likely; overrides --threshold)."),
+        click.Option(["--keep-top"], type=click.FloatRange(0, 100, min_open=True), default=None, help="Keep the top P percent of scored pairs (decided when the run ends, over all of them; ties at the cutoff kept). Replaces --threshold."),
         click.Option(["--shots"], type=int, default=3, show_default=True, help="Few-shot examples per augment prompt."),
         click.Option(["--candidates"], type=int, default=1, show_default=True, help="Instructions generated per segment."),
         click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop segments shorter than this."),
