@@ -26,6 +26,7 @@ COMMON_RUN_OPTIONS = [
     click.Option(["--top-p"], type=float, default=None, help="Nucleus sampling for every stage."),
     click.Option(["--max-tokens"], type=int, default=None, help="Completion length cap for every stage."),
     click.Option(["--sample-seed", "sample_seed"], type=int, default=None, help="Sampling seed (part of the cache key)."),
+    click.Option(["--parse-retries", "parse_retries"], type=click.IntRange(0), default=None, help="Re-sample an unparseable reply with another seed up to N times (default 0: a failure is recorded, not retried)."),
     click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option passed to every backend (e.g. -B timeout=60 -B max_retries=5 -B n_ctx=8192)."),
     click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),
     click.Option(["--cache", "cache_path"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file (default ~/.cache/btkit/cache.sqlite or $BTKIT_CACHE_DIR)."),

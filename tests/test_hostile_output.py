@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
 
 from btkit.backends import Completion
@@ -279,8 +278,7 @@ class Retrier(Method):
 class RetrierPlugin:
     def __init__(self, prompts: Path):
         self.method = Retrier(name="retrier", description="test method for parse retries", stages=[StageInfo("ask", "augment", ("text",), ("instruction",))],
-                              default_stages=("ask",), prompts_dir=prompts,
-                              cli_options=[click.Option(["--parse-retries"], type=int, default=0)])
+                              default_stages=("ask",), prompts_dir=prompts)  # --parse-retries is a common run option
 
     @hookimpl
     def btkit_register_methods(self, register):
@@ -375,3 +373,16 @@ def test_a_stage_that_returns_nothing_is_recorded_not_lost(cli, scripted, regist
         assert stats["units"] == 2 and stats["dropped_by_reason"] == {"vanish.s:no_output": 2}
     finally:
         registry.unregister("vanish")
+
+
+def test_humpback_augment_retries_an_unparseable_instruction_when_asked(cli, scripted, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
+    replies = ["", GOOD_INSTRUCTION]  # the first instruction is empty, the retry is fine
+    backend, spec = scripted(default=lambda m, p: "Fine.\nScore: 5" if "Score:" in m[-1]["content"] else replies.pop(0))
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "rubric", "--parse-retries", "1", "-q")
+    assert r.exit_code == 0, r.output
+    out = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert [d["instruction"] for d in out] == [GOOD_INSTRUCTION]
+    assert [s.get("attempt") for s in out[0]["meta"]["lineage"]] == [None, 1, None]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["parse_retries"] == 1

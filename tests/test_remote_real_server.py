@@ -87,7 +87,7 @@ def shape(out: Path) -> dict:
         "files": sorted(p.name for p in out.iterdir()),
         "record_keys": sorted({k for c in cands for k in c}),
         # outcome keys vary with what the model wrote: every step has one of parsed / parse_error
-        "step_keys": sorted({k for c in cands for s in c["lineage"] for k in s} - {"cost", "parsed", "parse_error"}),
+        "step_keys": sorted({k for c in cands for s in c["lineage"] for k in s} - {"cost", "parsed", "parse_error", "parse_error_detail"}),
         "steps_with_one_outcome": all(("parsed" in s) != ("parse_error" in s) for c in cands for s in c["lineage"]),
         "step_kinds": sorted({s["kind"] for c in cands for s in c["lineage"]}),
         "units": sorted({c["source_id"] for c in cands}),
