@@ -20,6 +20,7 @@ COMMON_RUN_OPTIONS = [
     click.Option(["--limit"], type=int, default=None, help="Read at most N input records."),
     click.Option(["--text-field"], default="text", show_default=True, help="Input field holding the document text."),
     click.Option(["--id-field"], default="id", show_default=True, help="Input field holding a stable document id (line number if absent)."),
+    click.Option(["--encoding-errors"], type=click.Choice(["strict", "replace"]), default="strict", show_default=True, help="Input bytes that are not UTF-8: stop with the line number, or replace them with U+FFFD (counted in stats.json)."),
     click.Option(["--prompts", "prompts_dir"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 templates overriding the built-in ones."),
     click.Option(["--concurrency"], type=int, default=8, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
     click.Option(["--temperature"], type=float, default=None, help="Sampling temperature for every stage (default: each method's own)."),

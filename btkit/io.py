@@ -63,7 +63,7 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, s
             except UnicodeDecodeError as e:
                 if errors == "strict":
                     raise InputError(str(path), f"not valid UTF-8 at byte {e.start + 1} of the line; re-encode the file as UTF-8 "
-                                     f"(e.g. iconv -f latin1 -t utf-8) or pass encoding_errors=replace",
+                                     f"(e.g. iconv -f latin1 -t utf-8) or pass --encoding-errors replace",
                                      lineno, _field_with(raw.decode("utf-8", "replace"), "\ufffd")) from None
                 line, replaced = raw.decode("utf-8", "replace"), True
             if not line.strip():

@@ -46,7 +46,7 @@ STAGE_KEYS = ("use", "model", "base_url", "prompts")
 GENERAL_OPTIONS: dict[str, click.ParamType] = {
     "temperature": click.FloatRange(0), "top_p": click.FloatRange(0, 1), "max_tokens": click.IntRange(1),
     "repetition_penalty": click.FloatRange(0), "parse_retries": click.IntRange(0), "parse_retry_temperature": click.FloatRange(0),
-    "text_field": click.STRING, "id_field": click.STRING,
+    "text_field": click.STRING, "id_field": click.STRING, "encoding_errors": click.Choice(["strict", "replace"]),
 }
 
 

@@ -44,6 +44,14 @@ def test_invalid_utf8_names_file_line_and_field(cli, judge, tmp_path):
     line = error_line(r)
     assert f"{corpus}:2: field 'text': not valid UTF-8 at byte 25" in line and "re-encode" in line
     assert backend.history == []  # found before any model call
+    assert "--encoding-errors replace" in line
+
+    # the way out the message names works from the command line
+    r = run(cli, corpus, tmp_path / "out2", spec, "--encoding-errors", "replace", "--threshold", "4")
+    assert r.exit_code == 0, r.output
+    stats = json.loads((tmp_path / "out2" / "stats.json").read_text())
+    assert stats["input_lines_with_replaced_text"] == 1
+    assert [d["response"].startswith("caf\ufffd ") for d in read_jsonl(tmp_path / "out2" / "data.jsonl")] == [False, True]
 
 
 def test_lone_surrogate_escapes_name_the_field(cli, judge, tmp_path):
