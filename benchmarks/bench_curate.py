@@ -48,8 +48,12 @@ async def main() -> None:
     pairs = load_pairs(args.pairs)
     rubric_times, logprob_times = [], []
     rubric_scored = logprob_scored = 0
-    # warm-up: load the model once so neither mode pays for it
+    # warm-up: load the model (and the scoring copy of its weights) once so neither mode pays for it
     await backend.chat([{"role": "user", "content": "hi"}], {"max_tokens": 1, "temperature": 0.0})
+    if hasattr(backend, "scoring_llm"):
+        backend.scoring_llm()
+    # One mode after the other, as a run would issue them: interleaving would let the logprob call
+    # reuse the KV cache of the rubric call for the same pair and time almost nothing.
     for p in pairs:
         prompt = lib.render("humpback/curate", {**p, "mode": "rubric"})
         t = time.perf_counter()
@@ -60,6 +64,7 @@ async def main() -> None:
         except ParseError:
             pass
         rubric_times.append(time.perf_counter() - t)
+    for p in pairs:
         prompt = lib.render("humpback/curate", {**p, "mode": "logprob"})
         t = time.perf_counter()
         lp = await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, list("12345"))

@@ -12,8 +12,9 @@ call shares with the previous one (the chat frame and system prompt, the same in
 Scoring is a batched forward pass, and llama.cpp has no fast batched CPU kernel for some weight
 types: a 300-token pass of SmolLM2-135M takes 0.79 s in its Q4_1 file, 0.36 s in F16 and 0.31 s
 in BF16 on this 2-core machine. So by default (``-B score_weights=auto``) a small Q4_1 model is
-scored with a 16-bit copy of its weights, written once to ``<cache dir>/models/``; chat and
-next-token logprobs keep the original file. ``-B score_weights=same`` turns this off.
+scored with a 16-bit copy of its weights, written once to ``<cache dir>/models/``: likelihoods and
+next-token logprobs (both forward passes over a prompt) use it, generation keeps the original file.
+``-B score_weights=same`` turns this off.
 """
 
 from __future__ import annotations
@@ -201,9 +202,9 @@ class LlamaCppBackend(Backend):
         tokens = prefix_tokens[: len(prefix_tokens) - strip] if strip else prefix_tokens
         return tokens, ids
 
-    def _eval_reusing_prefix(self, tokens: list[int]) -> None:
+    def _eval_reusing_prefix(self, tokens: list[int], llm: Any = None) -> None:
         """Evaluate ``tokens``, reusing the KV cache for the prefix shared with the previous call."""
-        llm = self.llm()
+        llm = llm or self.llm()
         if len(tokens) > self.n_ctx:
             raise BackendError(f"prompt of {len(tokens)} tokens exceeds the context of {self.n_ctx}")
         shared = 0
@@ -216,10 +217,10 @@ class LlamaCppBackend(Backend):
         llm.n_tokens = shared
         llm.eval(tokens[shared:])
 
-    def last_logits(self):
+    def last_logits(self, llm: Any = None):
         import numpy as np
 
-        llm = self.llm()
+        llm = llm or self.llm()
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype("float64")
 
     def _next_token_sync(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> dict[str, float]:
@@ -228,9 +229,10 @@ class LlamaCppBackend(Backend):
         with self._lock:
             prompt = self.prompt_tokens(messages, assistant_prefix)
             tokens, ids = self.candidate_tokens(prompt, assistant_prefix, candidates)
-            try:
-                self._eval_reusing_prefix(tokens)
-                logits = self.last_logits()
+            try:  # a forward pass over the prompt, like likelihood scoring: the faster-batching copy serves both
+                scorer = self.scoring_llm()
+                self._eval_reusing_prefix(tokens, scorer)
+                logits = self.last_logits(scorer)
             except BackendError:
                 raise
             except Exception as e:
