@@ -9,12 +9,12 @@ with zero model calls, while changing a template or a sampling parameter re-call
 affected requests.
 
 What is stored, decided:
-- A failed call (backend error) and an unusable completion (empty, cut at max tokens, content
-  filtered: ``Completion.ok`` false) are never stored; a re-run asks again.
-- A complete reply that a parser rejects IS stored, as the raw text it is, never as a parsed
-  success: the parse runs again on every use and fails again, counted each time. Storing it is what
-  lets a fixed parser re-run for free, and re-asking the identical request would mostly buy the
-  same reply. Getting a *different* reply is the job of the parse-retry policy
+- A failed call (backend error) and an empty reply (no text) are never stored; a re-run asks again.
+- A reply with text that is unusable as it stands (cut at max tokens, content filtered, or rejected
+  by a parser) IS stored, as the raw reply with its ``finish_reason``, never as a parsed success:
+  the parse runs again on every use and fails again, counted each time. Storing it is what lets a
+  fixed parser or a new threshold re-run for free (the tokens were paid for), and re-asking the
+  identical request would mostly buy the same reply. Getting a *different* reply is the job of the parse-retry policy
   (``StageCtx.complete(parse=..., retries=K)``), which re-samples with another seed: another key.
 
 One file serves a whole process: a single connection behind a lock, so threads and asyncio tasks

@@ -198,7 +198,11 @@ class StageCtx:
             comp.text = scrub_text(comp.text)  # lone surrogates from a backend must not break cache or journal
             return comp.to_json()
 
-        value, cached = await self._cached_call("chat", backend, payload, call, valid=lambda v: Completion.from_json(v).ok)
+        # A reply with text is stored raw even when cut at max_tokens or filtered: it is what the
+        # request returns, and is parsed as a failure again on every read (never served as a
+        # success), so changing a parser or threshold never pays for it twice. Errors and empty
+        # replies are not stored: they are asked again.
+        value, cached = await self._cached_call("chat", backend, payload, call, valid=_has_text)
         comp = Completion.from_json(value)
         comp.cached = cached
         comp.step = self._step(  # type: ignore[attr-defined]
@@ -662,6 +666,12 @@ def _take(it, n: int):
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str, sort_keys=True))
+
+
+def _has_text(value: dict[str, Any]) -> bool:
+    """A chat reply worth storing: the model wrote something (see ``StageCtx._complete_once``)."""
+    text = value.get("text")
+    return bool(text and text.strip())
 
 
 def _jsonable_value(v: Any) -> Any:

@@ -167,10 +167,8 @@ def test_failures_are_never_cached_but_unparseable_replies_are_kept_raw(cli, scr
     assert len(calls(backend, "chat")) == 2
     assert len(read_jsonl(tmp_path / "b" / "data.jsonl")) == 1
 
-    # Truncated and empty replies: not stored either.
-    bad_replies = (Completion(text="What does alpha0", finish_reason="length"), Completion(text="", finish_reason="stop"), Completion(text=None),
-                   Completion(text="What is", finish_reason="content_filter"))
-    for i, bad in enumerate(bad_replies):
+    # Empty replies: not stored, asked again on a re-run.
+    for i, bad in enumerate((Completion(text="", finish_reason="stop"), Completion(text=None), Completion(text="  \n"))):
         corpus2 = write_jsonl(tmp_path / "c2.jsonl", [{"id": f"x{i}", "text": words(40, start=100 + i)}])
         backend.replies = [bad]
         n = len(calls(backend, "chat"))
@@ -179,6 +177,21 @@ def test_failures_are_never_cached_but_unparseable_replies_are_kept_raw(cli, scr
         run(cli, corpus2, tmp_path / f"u{i}", spec)
         assert len(calls(backend, "chat")) == n + 2, bad
         assert len(read_jsonl(tmp_path / f"u{i}" / "data.jsonl")) == 1
+
+    # Truncated and filtered replies are stored raw, never as successes: a re-run asks nothing,
+    # parses them again and drops them again with the same counted reason.
+    for i, (bad, reason) in enumerate(((Completion(text="What does alpha0", finish_reason="length"), "truncated"),
+                                       (Completion(text="What is", finish_reason="content_filter"), "content_filter"))):
+        corpus2 = write_jsonl(tmp_path / "c2.jsonl", [{"id": f"y{i}", "text": words(40, start=200 + i)}])
+        backend.replies = [bad]
+        n = len(calls(backend, "chat"))
+        run(cli, corpus2, tmp_path / f"v{i}", spec)
+        assert len(calls(backend, "chat")) == n + 1
+        run(cli, corpus2, tmp_path / f"w{i}", spec, "--threshold", "1")
+        assert len(calls(backend, "chat")) == n + 1, bad
+        assert read_jsonl(tmp_path / f"w{i}" / "data.jsonl") == []
+        stats = json.loads((tmp_path / f"w{i}" / "stats.json").read_text())
+        assert stats["parse_failures_by_reason"] == {reason: 1}, stats
 
     # A complete but unparseable reply (a refusal) is stored raw: re-running re-parses it, fails
     # again (counted), and asks nothing.
