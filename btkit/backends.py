@@ -66,12 +66,19 @@ class Backend:
         return {"spec": self.spec}
 
     def supports(self, capability: str) -> bool:
+        """Whether this backend can do ``capability`` now. Static by default; a backend whose
+        abilities depend on the server it talks to (``vllm:`` against a server that is not vLLM)
+        overrides this and may ask the server, so ``auto`` modes fall back before any call."""
         return capability in self.capabilities
 
+    def unsupported_reason(self, capability: str) -> str:
+        """Why ``capability`` is missing, for the error message (a backend may say more)."""
+        return f"backend '{self.spec}' cannot do '{capability}'"
+
     def require(self, capability: str, why: str) -> None:
-        if capability not in self.capabilities:
+        if not self.supports(capability):
             raise CapabilityError(
-                f"backend '{self.spec}' cannot do '{capability}', needed for {why}; "
+                f"{self.unsupported_reason(capability)}, needed for {why}; "
                 f"use a backend that can (e.g. llamacpp:PATH.gguf)"
             )
 
