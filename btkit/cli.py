@@ -27,6 +27,8 @@ COMMON_RUN_OPTIONS = [
     click.Option(["--top-p"], type=float, default=None, help="Nucleus sampling for every stage."),
     click.Option(["--max-tokens"], type=int, default=None, help="Completion length cap for every stage."),
     click.Option(["--sample-seed", "sample_seed"], type=int, default=None, help="Sampling seed (part of the cache key)."),
+    click.Option(["--stop"], multiple=True, help="Stop string for every stage (repeat for several)."),
+    click.Option(["-S", "--stage-option", "stage_option"], multiple=True, metavar="STAGE.KEY=VALUE", help="An option for one stage only, e.g. -S curate.temperature=0 -S augment.max_tokens=64 (sampling keys, parse_retries, or the method's own options)."),
     click.Option(["--parse-retries", "parse_retries"], type=click.IntRange(0), default=None, help="Re-sample an unparseable reply with another seed up to N times (default 0: a failure is recorded, not retried)."),
     click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option passed to every backend (e.g. -B timeout=60 -B max_retries=5 -B n_ctx=8192)."),
     click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),
@@ -54,7 +56,9 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
     registry = _registry()
     method = registry.method(method_name)
     sampling = {"temperature": params.pop("temperature"), "top_p": params.pop("top_p"),
-                "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed")}
+                "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed"),
+                "stop": list(params.pop("stop")) or None}
+    per_stage = stage_options(registry, method, params.pop("stage_option"))
     base_url = params.pop("base_url") or os.environ.get("OPENAI_BASE_URL")
     backend_options = parse_key_values(params.pop("backend_option"), "--backend-option")
     if base_url:
@@ -62,7 +66,7 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
     config = RunConfig(
         input=input_path,
         out_dir=params.pop("out_dir"),
-        stages=[StageSpec(method_name, s) for s in method.default_stages],
+        stages=[StageSpec(method_name, s, per_stage.get(s, {})) for s in method.default_stages],
         model=params.pop("model") or DEFAULT_MODEL,
         options={**params, **{k: v for k, v in sampling.items() if v is not None}},
         backend_options=backend_options,
@@ -78,18 +82,39 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
     return run_pipeline(config, registry)
 
 
-def parse_key_values(items: tuple[str, ...], option: str) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values that parse as JSON (numbers, true, lists) are converted."""
-    out: dict[str, Any] = {}
+def stage_options(registry: Any, method: Any, items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``-S STAGE.KEY=VALUE`` -> {stage: {key: value}}, each key checked and converted as a pipeline file's stage key is."""
+    from .pipeline import _Checker
+
+    check = _Checker(Path("--stage-option"), registry)
+    names = list(method.default_stages)  # the stages `btkit run METHOD` runs
+    out: dict[str, dict[str, Any]] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        dotted, value = parse_key_value(item, "--stage-option")
+        stage, sep, key = dotted.partition(".")
         if not sep or not key:
-            raise BtkitError(f"{option} expects KEY=VALUE, got '{item}'")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+            raise BtkitError(f"--stage-option expects STAGE.KEY=VALUE (e.g. curate.temperature=0), got '{item}'")
+        if stage not in names:
+            raise BtkitError(f"--stage-option {item}: method '{method.name}' runs no stage '{stage}'; its stages: {', '.join(names)}")
+        name, converted = check.stage_option(key, value, f"{stage}.{key}", [method])
+        out.setdefault(stage, {})[name] = converted
     return out
+
+
+def parse_key_value(item: str, option: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; a value that parses as JSON (number, true, list) is converted."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise BtkitError(f"{option} expects KEY=VALUE, got '{item}'")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def parse_key_values(items: tuple[str, ...], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a dict (see :func:`parse_key_value`)."""
+    return dict(parse_key_value(item, option) for item in items)
 
 
 def summarize(stats: dict[str, Any], out_dir: Path) -> str:

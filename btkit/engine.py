@@ -12,8 +12,8 @@ Shape of a run directory:
   runs, then renamed), so a reader never mistakes a half-written file for a finished one.
 - ``run.json`` records the settings, written first; re-running the same command continues the
   run. Finished units are always the first N of the deterministic unit stream, so resuming skips
-  N units in constant memory, after checking that their ids hash the same (an input edited in
-  place stops the run instead of mixing two inputs).
+  N units in constant memory, after checking that their ids and contents hash the same (an input
+  edited in place stops the run instead of mixing two inputs).
 
 Every model call goes through the content-addressed cache (:mod:`btkit.cache`) and is written there
 the moment it returns, so a resumed run pays only for calls that were in flight at the kill.
@@ -49,6 +49,7 @@ from .methods import Method, ParseError, Stage
 from .plugins import Registry
 from .prompts import PromptLibrary
 from .records import Record
+from .scheduling import PrefixGroupedLimiter
 
 RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json")
 
@@ -60,6 +61,8 @@ class StageSpec:
     method: str
     stage: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: Template folders for this stage only, searched before the run's own ``prompt_overrides``.
+    prompt_overrides: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +93,11 @@ class StageCtx:
     def backend(self) -> Backend:
         return self.run.backend_for(self.stage)
 
+    @property
+    def prompts(self) -> PromptLibrary:
+        """The templates this stage renders (its own override folders first, then the run's)."""
+        return self.run.prompts_for(self.stage)
+
     def for_record(self, record: Record) -> "StageCtx":
         """The same stage's context for another record (e.g. one of several candidates)."""
         return StageCtx(self.run, self.stage, record)
@@ -111,7 +119,8 @@ class StageCtx:
         self.record.lineage.append(step)
         return step
 
-    async def _cached_call(self, kind: str, backend: Backend, payload: dict[str, Any], call, valid=lambda v: True):
+    async def _cached_call(self, kind: str, backend: Backend, payload: dict[str, Any], call, valid=lambda v: True,
+                           group: str | None = None):
         key = cache_key(kind, backend.identity(), payload)
         hit = self.run.cache.get(key)
         if hit is not None:
@@ -122,7 +131,8 @@ class StageCtx:
             return json.loads(json.dumps(value)), True  # a copy, as a cache hit would be
 
         async def call_and_store():
-            async with self.run.semaphore_for(backend):
+            # Calls of one kind and template share their prompt prefix: the limiter sends them back to back.
+            async with self.run.limiter_for(backend).slot(group or kind):
                 value = await call()
             if valid(value):
                 self.run.cache.put(key, kind, backend.spec, value)
@@ -186,7 +196,7 @@ class StageCtx:
         comp.step["parsed"] = _jsonable_value(comp.parsed)  # type: ignore[attr-defined]
 
     async def _complete_once(self, template: str, variables: dict[str, Any], params: dict[str, Any], **step_extra: Any) -> Completion:
-        prompt = self.run.prompts.render(template, variables)
+        prompt = self.prompts.render(template, variables)
         backend = self.backend()
         params = {k: v for k, v in params.items() if v is not None}
         payload = {"messages": prompt.messages, "assistant_prefix": prompt.assistant_prefix, "params": params}
@@ -196,13 +206,14 @@ class StageCtx:
         async def call():
             comp = await backend.chat(prompt.messages, params)
             comp.text = scrub_text(comp.text)  # lone surrogates from a backend must not break cache or journal
+            self.run.count_usage(comp)
             return comp.to_json()
 
         # A reply with text is stored raw even when cut at max_tokens or filtered: it is what the
         # request returns, and is parsed as a failure again on every read (never served as a
         # success), so changing a parser or threshold never pays for it twice. Errors and empty
         # replies are not stored: they are asked again.
-        value, cached = await self._cached_call("chat", backend, payload, call, valid=_has_text)
+        value, cached = await self._cached_call("chat", backend, payload, call, valid=_has_text, group=f"chat:{template}")
         comp = Completion.from_json(value)
         comp.cached = cached
         comp.step = self._step(  # type: ignore[attr-defined]
@@ -216,7 +227,7 @@ class StageCtx:
 
     async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> dict[str, float]:
         """Log-probabilities of ``candidates`` as the next token after the template's assistant prefix."""
-        prompt = self.run.prompts.render(template, variables)
+        prompt = self.prompts.render(template, variables)
         backend = self.backend()
         backend.require("next_token_logprobs", f"stage {self.stage.label}")
         payload = {"messages": prompt.messages, "assistant_prefix": prompt.assistant_prefix, "candidates": candidates}
@@ -224,7 +235,7 @@ class StageCtx:
         async def call():
             return await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, candidates)
 
-        value, cached = await self._cached_call("next_token_logprobs", backend, payload, call)
+        value, cached = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
         self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, cached=cached)
         return value
 
@@ -235,14 +246,14 @@ class StageCtx:
         messages = None
         template_hash = None
         if template is not None:
-            prompt = self.run.prompts.render(template, variables)
+            prompt = self.prompts.render(template, variables)
             messages, template_hash = prompt.messages, prompt.template_hash
         payload = {"messages": messages, "continuation": continuation}
 
         async def call():
             return await backend.score_continuation(messages, continuation)
 
-        value, cached = await self._cached_call("score_continuation", backend, payload, call)
+        value, cached = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
         self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), cached=cached)
         return value
 
@@ -262,13 +273,18 @@ class Run:
             if spec.stage not in known:
                 raise BtkitError(f"method '{spec.method}' has no stage '{spec.stage}'; its stages: {', '.join(sorted(known))}")
             self.stages.append(method.build_stage(spec.stage, {**config.options, **spec.options}))
+        #: The run-wide templates; a stage with override folders of its own gets its own library.
         self.prompts = PromptLibrary(roots=registry.prompt_roots(), overrides=config.prompt_overrides)
+        self._stage_prompts = {
+            id(stage): PromptLibrary(roots=registry.prompt_roots(), overrides=[*spec.prompt_overrides, *config.prompt_overrides])
+            for stage, spec in zip(self.stages, config.stages) if spec.prompt_overrides
+        }
         self.cache = (Cache(config.cache_path) if config.use_cache else NullCache())
         self._backends: dict[str, Backend] = {}
-        self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self._limiters: dict[int, PrefixGroupedLimiter] = {}
         self._pending: dict[str, asyncio.Future] = {}  # cache key -> the call in flight for it
         self.live_counts: dict[str, collections.Counter] = {}
-        self.progress = {"units": 0, "kept": 0, "dropped": 0, "skipped": 0}
+        self.progress: dict[str, Any] = {"units": 0, "kept": 0, "dropped": 0, "skipped": 0, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
         self.input_counts: dict[str, int] = {}
         self.encoding_errors = str(config.options.get("encoding_errors") or "strict")
 
@@ -284,24 +300,38 @@ class Run:
             self._backends[key] = self.registry.make_backend(spec, opts)
         return self._backends[key]
 
-    def semaphore_for(self, backend: Backend) -> asyncio.Semaphore:
-        if id(backend) not in self._semaphores:
+    def limiter_for(self, backend: Backend) -> PrefixGroupedLimiter:
+        """Each backend's bound on calls in flight: ``--concurrency``, or less if the backend says so."""
+        if id(backend) not in self._limiters:
             limit = self.config.concurrency
             if backend.max_concurrency:
                 limit = min(limit, backend.max_concurrency)
-            self._semaphores[id(backend)] = asyncio.Semaphore(max(1, limit))
-        return self._semaphores[id(backend)]
+            self._limiters[id(backend)] = PrefixGroupedLimiter(max(1, limit))
+        return self._limiters[id(backend)]
+
+    def prompts_for(self, stage: Stage) -> PromptLibrary:
+        return self._stage_prompts.get(id(stage), self.prompts)
+
+    def count_usage(self, comp: Completion) -> None:
+        """Tokens and cost of a call that reached the model, for the progress display."""
+        self.progress["tokens_in"] += comp.prompt_tokens
+        self.progress["tokens_out"] += comp.completion_tokens
+        self.progress["cost_usd"] += float(comp.extra.get("cost") or 0.0)
 
     def check_templates(self) -> None:
         """Every template a stage uses exists, parses and has all its variables: before any call."""
         for stage in self.stages:
             for name in stage.templates:
-                self.prompts.check_variables(name, stage.variables)
+                self.prompts_for(stage).check_variables(name, stage.variables)
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change results. Not included: limit, concurrency, quiet, cache location."""
         st = self.config.input.stat()
-        templates = {n: self.prompts.template_hash(n) for s in self.stages for n in s.templates}
+        templates = {}
+        for s in self.stages:
+            lib = self.prompts_for(s)
+            for n in s.templates:  # a stage's own override is told apart from the run-wide template
+                templates[n if lib is self.prompts else f"{s.label}:{n}"] = lib.template_hash(n)
         return {
             "btkit": __version__,
             "input": {"path": str(self.config.input.resolve()), "size": st.st_size},
@@ -317,7 +347,7 @@ class Run:
 
         The journal holds finished units in input order, so they are always the first N units of
         the (deterministic) unit stream: resuming skips N units, in constant memory, and checks
-        that the skipped units' ids hash to the same digest (an input edited in place is caught).
+        that the skipped units' ids and contents hash to the same digest (an input edited in place is caught).
         """
         self.out.mkdir(parents=True, exist_ok=True)
         run_json = self.out / "run.json"
@@ -349,7 +379,7 @@ class Run:
                 seq = line.get("unit_seq", line["unit"])
                 if seq != current:
                     current, n_done = seq, n_done + 1
-                    ids.update(line["unit"].encode("utf-8", "surrogatepass") + b"\n")
+                    ids.update(line.get("unit_hash", "").encode() + b"\n")
                 if line["status"] == "kept":
                     data.write_lines([self._output_line(Record.from_candidate(line), line["method"])])
         os.replace(tmp, partial)
@@ -436,10 +466,11 @@ class Run:
             """Journal every finished unit at the head of the window, in input order, in one write."""
             journal_lines, data_lines = [], []
             while in_flight and in_flight[0][2].done():
-                seq, unit, task = in_flight.popleft()
+                seq, unit, task, digest = in_flight.popleft()
                 records = task.result()
                 method_names = [self._method_of(r) for r in records]
-                journal_lines += [{**r.to_candidate(), "unit": unit.id, "unit_seq": seq, "unit_records": len(records), "method": m}
+                journal_lines += [{**r.to_candidate(), "unit": unit.id, "unit_seq": seq, "unit_records": len(records),
+                                   "unit_hash": digest, "method": m}
                                   for r, m in zip(records, method_names)]
                 kept = [self._output_line(r, m) for r, m in zip(records, method_names) if r.alive]
                 data_lines += kept
@@ -454,8 +485,9 @@ class Run:
 
         try:
             for seq, unit in enumerate(self.units()):
+                digest = unit_digest(unit)  # before any stage touches the unit's fields
                 if seq < n_done:
-                    skipped_ids.update(unit.id.encode("utf-8", "surrogatepass") + b"\n")
+                    skipped_ids.update(digest.encode() + b"\n")
                     if seq == n_done - 1 and skipped_ids.hexdigest() != done_digest:
                         raise BtkitError(
                             f"{cfg.input} changed since {self.out} was started: its first {n_done} units are not the ones "
@@ -466,20 +498,20 @@ class Run:
                 if unit.id != "extra" and not unit.alive:  # dropped while preparing: no task needed
                     done_unit = loop.create_future()
                     done_unit.set_result([unit])
-                    in_flight.append((seq, unit, done_unit))
+                    in_flight.append((seq, unit, done_unit, digest))
                 else:
-                    in_flight.append((seq, unit, asyncio.ensure_future(self.process_unit(unit))))
+                    in_flight.append((seq, unit, asyncio.ensure_future(self.process_unit(unit)), digest))
                 if len(in_flight) >= window:
                     flush_ready()
                 while len(in_flight) >= window:
-                    await asyncio.wait([t for _, _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([t for _, _, t, _ in in_flight], return_when=asyncio.FIRST_COMPLETED)
                     flush_ready()
             while in_flight:
                 flush_ready()
                 if in_flight:
-                    await asyncio.wait([t for _, _, t in in_flight], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([t for _, _, t, _ in in_flight], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for _, _, task in in_flight:
+            for _, _, task, _ in in_flight:
                 task.cancel()
             bar.close()
             journal.close()
@@ -668,6 +700,12 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str, sort_keys=True))
 
 
+def unit_digest(unit: Record) -> str:
+    """What a finished unit is checked against on resume: its id and its input fields, hashed."""
+    blob = json.dumps({"id": unit.id, "fields": unit.fields}, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(blob.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
 def _has_text(value: dict[str, Any]) -> bool:
     """A chat reply worth storing: the model wrote something (see ``StageCtx._complete_once``)."""
     text = value.get("text")
@@ -684,6 +722,19 @@ def retry_seed(seed: Any, attempt: int) -> int:
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
+def progress_text(progress: dict[str, Any]) -> str:
+    """The progress bar's counts: records kept and dropped, tokens (and cost) of this invocation's calls."""
+    text = (f"kept={progress['kept']} dropped={progress['dropped']} "
+            f"tokens={_short(progress['tokens_in'])}+{_short(progress['tokens_out'])}")
+    if progress.get("cost_usd"):
+        text += f" cost=${progress['cost_usd']:.4f}"
+    return text
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.1f}k" if n >= 10**4 else str(n)
+
+
 class _progress:
     """A tqdm bar on a terminal; silent when quiet or when stderr is not a TTY."""
 
@@ -694,10 +745,10 @@ class _progress:
 
             self.bar = tqdm(desc="units", unit="unit", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, progress: dict[str, int]) -> None:
+    def update(self, progress: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(kept=progress["kept"], dropped=progress["dropped"], refresh=False)
+            self.bar.set_postfix_str(progress_text(progress), refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,7 +17,7 @@ A pipeline file names the input, the stages in order and the output::
 
 Other top-level keys: ``base_url``, ``backend_options`` (a mapping, like ``-B``), ``prompts``
 (folders of ``<method>/<stage>.j2`` templates overriding the built-in ones by name; a stage may
-name a folder too: templates are found by name, so it serves that name in the whole run),
+name folders of its own, which serve that stage only and come before the run's),
 ``concurrency``, ``limit``, ``cache`` (a file, or ``false`` for none), ``name`` and
 ``description``. Every key is checked
 against what the named method accepts and converted with the same types as its CLI options, so a
@@ -204,7 +204,7 @@ class _Checker:
         known = sorted(set(GENERAL_OPTIONS) | {"stop", "sample_seed"} | {n for m in methods for n, o in self.method_options(m).items() if _flag_name(n, o)})
         raise self.fail(where, f"unknown key '{key}'; known: {', '.join(known)}")
 
-    def stage(self, raw: Any, i: int, prompt_dirs: list[Path]) -> Any:
+    def stage(self, raw: Any, i: int) -> Any:
         from .engine import StageSpec
 
         where = f"stages[{i}]"
@@ -224,6 +224,7 @@ class _Checker:
         if stage_name not in stages:
             raise self.fail(f"{where}.use", f"method '{method_name}' has no stage '{stage_name}'; its stages: {', '.join(stages)}")
         options: dict[str, Any] = {}
+        stage_prompts: list[Path] = []
         for key, value in raw.items():
             at = f"{where}.{key}"
             if key == "use":
@@ -231,11 +232,11 @@ class _Checker:
             if key in ("model", "base_url"):
                 options[key] = self.string(value, at)
             elif key == "prompts":
-                prompt_dirs.extend(self.paths(value, at))
+                stage_prompts.extend(self.paths(value, at))
             else:
                 name, converted = self.stage_option(str(key), value, f"{where}.{key} ({use})", [method])
                 options[name] = converted
-        return StageSpec(method_name, stage_name, options)
+        return StageSpec(method_name, stage_name, options, prompt_overrides=stage_prompts)
 
 
 def _flag_name(name: str, opt: click.Option) -> bool:
@@ -268,7 +269,7 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
     prompt_dirs: list[Path] = [Path(p) for p in o.get("prompts", ())]
     if data.get("prompts") is not None:
         prompt_dirs.extend(check.paths(data["prompts"], "prompts"))
-    specs = [check.stage(raw, i, prompt_dirs) for i, raw in enumerate(raw_stages)]
+    specs = [check.stage(raw, i) for i, raw in enumerate(raw_stages)]
     methods = [registry.method(s.method) for s in specs]
 
     run_options: dict[str, Any] = {}

@@ -76,6 +76,58 @@ def test_lists_and_sampling_seed(registry, tmp_path):
     assert polish.options == {"seed": 7, "stop": ["END"]}
 
 
+def _sampling(history, kind="chat"):
+    return [{k: h["params"].get(k) for k in ("temperature", "top_p", "max_tokens", "stop", "seed")} for h in history if h["kind"] == kind]
+
+
+def test_per_stage_sampling_from_the_command_line_reaches_the_requests(cli, scripted, tmp_path):
+    backend, spec = scripted(default=lambda m, p: "What do the listed words mean?" if len(m) > 1 else "Brief reasoning.\nScore: 5")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", spec, "--curate-mode", "rubric", "-q",
+            "--stop", "END", "--top-p", "0.5", "-S", "augment.temperature=0.1", "-S", "curate.max_tokens=33", "-S", "curate.sample_seed=9")
+    assert r.exit_code == 0, r.output
+    augment, curate = _sampling(backend.history)
+    assert augment["temperature"] == 0.1 and augment["stop"] == ["END"] and augment["top_p"] == 0.5 and augment["max_tokens"] != 33
+    assert curate["max_tokens"] == 33 and curate["seed"] == 9 and curate["stop"] == ["END"] and curate["temperature"] != 0.1
+
+
+def test_per_stage_sampling_from_a_pipeline_file_reaches_the_requests(cli, scripted, tmp_path):
+    backend, spec = scripted(default=lambda m, p: "What do the listed words mean?" if len(m) > 1 else "Brief reasoning.\nScore: 5")
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    (tmp_path / "p.yaml").write_text(f"""input: c.jsonl
+output: out
+model: {spec}
+stages:
+  - use: humpback.augment
+    temperature: 0.3
+    top_p: 0.8
+    stop: [END, STOP]
+  - use: humpback.curate
+    curate_mode: rubric
+    max_tokens: 40
+    sample_seed: 5
+""")
+    r = cli("run", tmp_path / "p.yaml", "-q")
+    assert r.exit_code == 0, r.output
+    augment, curate = _sampling(backend.history)
+    assert (augment["temperature"], augment["top_p"], augment["stop"]) == (0.3, 0.8, ["END", "STOP"])
+    assert (curate["max_tokens"], curate["seed"]) == (40, 5) and curate["stop"] != ["END", "STOP"]
+
+
+@pytest.mark.parametrize("option, message", [
+    ("nostage.temperature=1", "method 'humpback' runs no stage 'nostage'; its stages: augment, curate"),
+    ("curate.treshold=4", "--stage-option: curate.treshold: unknown key 'treshold'"),
+    ("curate.threshold=9", "--stage-option: curate.threshold: 9 is not in the range"),
+    ("temperature=1", "--stage-option expects STAGE.KEY=VALUE"),
+])
+def test_bad_stage_options_get_one_line(cli, scripted, tmp_path, option, message):
+    backend, spec = scripted(default="x")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", spec, "-q", "-S", option)
+    assert r.exit_code == 2 and message in error_line(r), r.output
+    assert backend.history == []
+
+
 def test_yaml_and_toml_agree(registry, tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [{"text": words(40)}])
     (tmp_path / "p.yaml").write_text("input: c.jsonl\noutput: out\nmodel: 'echo:'\noptions: {min_words: 10}\n"
@@ -152,6 +204,32 @@ def test_stage_prompt_overrides_relative_to_the_file(cli, scripted, tmp_path):
     chats = [h for h in backend.history if h["kind"] == "chat"]
     assert chats and all(h["messages"] == [{"role": "user", "content": h["messages"][0]["content"]}] for h in chats)
     assert all(h["messages"][0]["content"].startswith("Ask about: ") for h in chats)
+
+
+def test_a_stage_prompt_override_serves_that_stage_only(cli, scripted, tmp_path):
+    """humpback.augment and backforth.augment both render humpback/augment: an override on one leaves the other alone."""
+    backend, spec = scripted(default="What do the listed words mean?", logprobs={"5": -0.01})
+    (tmp_path / "mine" / "humpback").mkdir(parents=True)
+    (tmp_path / "mine" / "humpback" / "augment.j2").write_text("Ask about: {{ text }}")
+    write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, 100 * i)} for i in range(2)])
+    path = tmp_path / "p.yaml"
+    path.write_text(f"""input: c.jsonl
+output: out
+model: {spec}
+stages:
+  - use: humpback.augment
+    prompts: mine
+  - use: backforth.augment
+  - use: humpback.curate
+""")
+    r = cli("run", path, "-q")
+    assert r.exit_code == 0, r.output
+    chats = [h["messages"] for h in backend.history if h["kind"] == "chat"]
+    overridden = [m for m in chats if m[0]["content"].startswith("Ask about: ")]
+    assert len(chats) == 4 and len(overridden) == 2
+    assert all(len(m) > 1 for m in chats if m not in overridden)  # the built-in template: system prompt and few-shot turns
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert {"humpback.augment:humpback/augment", "humpback/augment"} <= set(run["fingerprint"]["templates"])
 
 
 def test_check_prints_the_stages_without_calling_a_model(cli, scripted, tmp_path):

@@ -278,6 +278,26 @@ def test_resume_notices_an_input_that_changed_under_it(cli, tmp_path, monkeypatc
     assert r.exit_code == 2 and "changed since" in r.output and "--overwrite" in r.output
 
 
+def test_resume_notices_text_edited_in_place_with_the_same_ids_and_size(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _small_run(cli, tmp_path, tmp_path / "out")
+    (out / "data.jsonl").unlink()
+    journal = out / "candidates.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[: len(lines) // 2]))  # as if killed half way
+    corpus = tmp_path / "corpus.jsonl"
+    before = corpus.stat().st_size
+    rows = read_jsonl(corpus)
+    words = rows[0]["text"].split(" ")
+    words[0], words[1] = words[1], words[0]  # same ids, same byte size, other text
+    rows[0]["text"] = " ".join(words)
+    write_jsonl(corpus, rows)
+    assert corpus.stat().st_size == before
+    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--curate-mode", "rubric", "--threshold", "3",
+            "--candidates", "2", "--max-words", "40", "-q")
+    assert r.exit_code == 2 and "changed since" in r.output
+
+
 def test_resume_with_nothing_left_to_do_republishes_the_same_output(cli, tmp_path, monkeypatch):
     """Killed after data.jsonl was published but before stats.json: re-running completes it."""
     monkeypatch.chdir(tmp_path)
