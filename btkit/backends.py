@@ -8,7 +8,8 @@ free text) and fall back otherwise.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CapabilityError
@@ -41,9 +42,10 @@ class Completion:
         return bool(self.text and self.text.strip()) and self.finish_reason not in ("length", "content_filter")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("cached")
-        return d
+        """What the cache stores (``cached`` is about this call, not the reply). ``extra`` is copied
+        deeply enough that later edits of the completion never reach the stored value."""
+        return {"text": self.text, "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "extra": json.loads(json.dumps(self.extra)) if self.extra else {}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Completion":

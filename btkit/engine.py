@@ -281,6 +281,7 @@ class Run:
         }
         self.cache = (Cache(config.cache_path) if config.use_cache else NullCache())
         self._backends: dict[str, Backend] = {}
+        self._stage_backends: dict[int, Backend] = {}
         self._limiters: dict[int, PrefixGroupedLimiter] = {}
         self._pending: dict[str, asyncio.Future] = {}  # cache key -> the call in flight for it
         self.live_counts: dict[str, collections.Counter] = {}
@@ -293,12 +294,16 @@ class Run:
         return stage.model or self.config.model
 
     def backend_for(self, stage: Stage) -> Backend:
-        spec = self.model_for(stage)
-        opts = {**self.config.backend_options, **{k: v for k, v in stage.options.items() if k in ("base_url",) and v}}
-        key = spec + "|" + json.dumps(opts, sort_keys=True, default=str)
-        if key not in self._backends:
-            self._backends[key] = self.registry.make_backend(spec, opts)
-        return self._backends[key]
+        """The stage's backend; stages with the same spec and options share one (and its limiter)."""
+        backend = self._stage_backends.get(id(stage))
+        if backend is None:
+            spec = self.model_for(stage)
+            opts = {**self.config.backend_options, **{k: v for k, v in stage.options.items() if k in ("base_url",) and v}}
+            key = spec + "|" + json.dumps(opts, sort_keys=True, default=str)
+            if key not in self._backends:
+                self._backends[key] = self.registry.make_backend(spec, opts)
+            backend = self._stage_backends[id(stage)] = self._backends[key]
+        return backend
 
     def limiter_for(self, backend: Backend) -> PrefixGroupedLimiter:
         """Each backend's bound on calls in flight: ``--concurrency``, or less if the backend says so."""
@@ -412,7 +417,10 @@ class Run:
             return [unit]
         alive, terminal = [unit], []
         for stage in self.stages:
-            results = await asyncio.gather(*(self._run_stage(stage, r) for r in alive))
+            if len(alive) == 1:  # the common case: no gather, no extra task
+                results = [await self._run_stage(stage, alive[0])]
+            else:
+                results = await asyncio.gather(*(self._run_stage(stage, r) for r in alive))
             alive = []
             for outs in results:
                 for rec in outs:
