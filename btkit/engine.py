@@ -146,7 +146,7 @@ class StageCtx:
             self.run._pending.pop(key, None)
 
     async def complete(self, template: str, variables: dict[str, Any], *, parse: Callable[[str | None], Any] | None = None,
-                       retries: int | None = None, **params: Any) -> Completion:
+                       retries: int | None = None, accept_truncated: bool = False, **params: Any) -> Completion:
         """Render ``template`` with ``variables``, call the stage's model, record the step.
 
         The returned completion carries ``.step`` (its lineage entry): the stage adds ``parsed``
@@ -160,12 +160,16 @@ class StageCtx:
         its own lineage step with ``attempt`` and ``retry_of``, counted in stats. A greedy request
         (temperature 0) is retried at ``parse_retry_temperature`` (default 0.7), since re-sampling
         greedily would only return the same reply.
+
+        ``accept_truncated=True`` hands a reply cut at max tokens to ``parse`` anyway, for parsers
+        that read a label from the reply's start (a Yes/No verdict): the step keeps
+        ``finish_reason: length`` and says ``accepted_truncated``.
         """
         comp = await self._complete_once(template, variables, params)
         if parse is None:
             return comp
         retries = int(self.stage.options.get("parse_retries") or 0) if retries is None else int(retries)
-        self._parse_into(comp, parse)
+        self._parse_into(comp, parse, accept_truncated)
         attempt = 0
         while comp.parse_error is not None and attempt < retries:  # type: ignore[attr-defined]
             attempt += 1
@@ -175,18 +179,25 @@ class StageCtx:
                 retry_params["temperature"] = float(self.stage.options.get("parse_retry_temperature") or 0.7)
             previous = comp.step["step"]  # type: ignore[attr-defined]
             comp = await self._complete_once(template, variables, retry_params, attempt=attempt, retry_of=previous)
-            self._parse_into(comp, parse)
+            self._parse_into(comp, parse, accept_truncated)
         return comp
 
     @staticmethod
-    def _parse_into(comp: Completion, parse: Callable[[str | None], Any]) -> None:
+    def _parse_into(comp: Completion, parse: Callable[[str | None], Any], accept_truncated: bool = False) -> None:
         comp.parsed, comp.parse_error = None, None  # type: ignore[attr-defined]
         try:
             if comp.finish_reason == "length":
-                raise ParseError("truncated", "the reply hit max_tokens")
+                if not accept_truncated:
+                    raise ParseError("truncated", "the reply hit max_tokens")
+                comp.step["accepted_truncated"] = True  # type: ignore[attr-defined]
             if comp.finish_reason == "content_filter":
                 raise ParseError("content_filter", "the provider filtered the reply")
-            comp.parsed = parse(comp.text)  # type: ignore[attr-defined]
+            try:
+                comp.parsed = parse(comp.text)  # type: ignore[attr-defined]
+            except ParseError as e:
+                if comp.finish_reason == "length":  # cut short and not readable: the cut is why
+                    raise ParseError("truncated", f"the reply hit max_tokens ({e.reason})") from None
+                raise
         except ParseError as e:
             comp.parse_error = e  # type: ignore[attr-defined]
             comp.step["parse_error"] = e.reason  # type: ignore[attr-defined]
@@ -218,7 +229,7 @@ class StageCtx:
         comp.cached = cached
         comp.step = self._step(  # type: ignore[attr-defined]
             "chat", backend, template, prompt.template_hash,
-            params=params, raw=comp.text, finish_reason=comp.finish_reason,
+            params=_recorded_params(params), raw=comp.text, finish_reason=comp.finish_reason,
             tokens=[comp.prompt_tokens, comp.completion_tokens], cached=cached,
             **({"cost": comp.extra["cost"]} if comp.extra.get("cost") and not cached else {}),
             **step_extra,
@@ -706,6 +717,14 @@ def _take(it, n: int):
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str, sort_keys=True))
+
+
+def _recorded_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Sampling params for a lineage step; a JSON schema (kilobytes, the same on every call) as its hash."""
+    if "json_schema" not in params:
+        return params
+    blob = json.dumps(params["json_schema"], sort_keys=True, default=str).encode()
+    return {**params, "json_schema": "sha256:" + hashlib.sha256(blob).hexdigest()[:16]}
 
 
 def unit_digest(unit: Record) -> str:

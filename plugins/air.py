@@ -35,25 +35,33 @@ from .humpback.segment import segment_corpus
 
 SCORE_MODES = ("auto", "rubric", "logprob")
 TOP_SCORE = 5
-_ZERO = re.compile(r"(?:score|points?|rating)\s*(?:\*\*|__)?\s*[:=]\s*(?:\*\*|__)?\s*0\s*(?:(?:/|out\s+of)\s*5)?\s*(?:\*\*)?\s*\.?\s*$", re.IGNORECASE)
 _CONSTRAINT_LINE = re.compile(r"^[\s>*#_-]*constraint[\s*_]*[:：]\s*(.*)$", re.IGNORECASE)
 _NONE = {"none", "no", "n/a", "na", "null", "nothing", "no constraint", "no constraints", "none needed", "no missing constraint"}
 
 
 def parse_points(text: str | None) -> int:
-    """An additive score 0..5 from a judge reply ("... Score: 4"); ParseError otherwise."""
-    try:
-        return curation.parse_score(text, TOP_SCORE)
-    except ParseError as e:
-        if e.reason == "out_of_range" and text and text.strip():
-            last = [l for l in text.strip().splitlines() if l.strip()][-1]
-            if _ZERO.search(last):
-                return 0
-        raise
+    """An additive score 0..5 from a judge reply ("... Score: 4"); ParseError otherwise.
+
+    The rubric parser's rules (last line, score lines must agree, no ranges) on a scale that
+    starts at 0, since an instruction can meet none of the five criteria.
+    """
+    return curation.parse_score(text, TOP_SCORE, bottom=0)
 
 
-def parse_constraint(text: str | None, min_words: int = 3, max_words: int = 40) -> str | None:
-    """The judge's constraint, or None when it found nothing missing; ParseError when unclear."""
+#: The judge is asked for a 10-20 word constraint; the parser accepts 3-40 words. The paper's
+#: prompt gives the length as guidance and nothing in the method drops a constraint for missing
+#: it; a clear 8-word constraint ("Present the steps as a numbered list for beginners.") is as
+#: usable as a 12-word one. The bounds only refuse what is not a constraint sentence at all: a
+#: fragment ("Steps.") or a paragraph of analysis pasted after "Constraint:". Refusals are counted
+#: as parse failures (``too_short``/``too_long``), so a model that ignores the guidance shows.
+MIN_CONSTRAINT_WORDS, MAX_CONSTRAINT_WORDS = 3, 40
+
+
+def parse_constraint(text: str | None, min_words: int = MIN_CONSTRAINT_WORDS, max_words: int = MAX_CONSTRAINT_WORDS) -> str | None:
+    """The judge's constraint, or None when it found nothing missing; ParseError when unclear.
+
+    Length bounds: see :data:`MIN_CONSTRAINT_WORDS` (why they are looser than the prompt's 10-20).
+    """
     if text is None or not text.strip():
         raise ParseError("empty_reply")
     lines = [l for l in text.strip().splitlines() if l.strip()]
@@ -76,14 +84,22 @@ def parse_constraint(text: str | None, min_words: int = 3, max_words: int = 40) 
 
 
 async def score_instruction(ctx: Any, instruction: str, mode: str, params: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
-    """AIR's additive score by generated reasoning + parse, or read from the digits' logprobs."""
+    """AIR's additive score by generated reasoning + parse, or read from the digits' logprobs.
+
+    Rubric replies are parsed through ``ctx.complete(parse=...)``, so ``--parse-retries``
+    re-samples an unparseable one; logprobs that are not log-probabilities (NaN, > 0) are a
+    counted failure (``invalid_logprobs``), never a score.
+    """
     variables = {"instruction": instruction}
     if mode == "auto":
         mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "rubric"
     if mode == "logprob":
         digits = [str(i) for i in range(TOP_SCORE + 1)]
         lp = await ctx.next_token_logprobs("air/score", {**variables, "mode": "logprob"}, digits)
-        probs = {d: math.exp(float(lp.get(d, -math.inf))) for d in digits}
+        lp = {d: float(lp.get(d, -math.inf)) for d in digits}  # a backend may omit unlikely digits
+        if curation.invalid_logprobs(lp.values()):
+            return None, {"score_mode": mode, "score_error": "invalid_logprobs"}
+        probs = {d: math.exp(v) for d, v in lp.items()}
         mass = sum(probs.values())
         if mass <= 0:
             return None, {"score_mode": mode, "score_error": "no_digit_mass"}
@@ -91,17 +107,10 @@ async def score_instruction(ctx: Any, instruction: str, mode: str, params: dict[
         score = int(max(digits, key=lambda d: dist[d]))
         return score, {"score_mode": mode, "score": score, "score_dist": {d: round(p, 4) for d, p in dist.items()},
                        "score_expected": round(sum(int(d) * p for d, p in dist.items()), 4), "digit_mass": round(mass, 4)}
-    comp = await ctx.complete("air/score", {**variables, "mode": "rubric"}, **params)
-    if not comp.ok:
-        reason = "truncated" if comp.finish_reason == "length" else "empty_reply"
-        comp.step["parse_error"] = reason
-        return None, {"score_mode": mode, "score_error": reason}
-    try:
-        score = parse_points(comp.text)
-    except ParseError as e:
-        comp.step["parse_error"] = e.reason
-        return None, {"score_mode": mode, "score_error": e.reason}
-    comp.step["parsed"] = {"score": score}
+    comp = await ctx.complete("air/score", {**variables, "mode": "rubric"}, parse=lambda t: {"score": parse_points(t)}, **params)
+    if comp.parse_error is not None:
+        return None, {"score_mode": mode, **curation.parse_error_details(comp.parse_error)}
+    score = comp.parsed["score"]
     return score, {"score_mode": mode, "score": score}
 
 

@@ -1,12 +1,14 @@
 """Judge scores shared by any method's curate stage.
 
 - ``parse_score``: a strict parser for rubric replies ("... Score: 4"). It never guesses: a reply
-  with no score, two different scores, a score out of 1..N or not a whole number is a
-  :class:`ParseError` with a reason, counted and recorded with the raw reply.
-- ``rubric_score``: generate, then parse.
+  with no score, two different score lines, a range ("3-4"), a score out of 1..N or not a whole
+  number is a :class:`ParseError` with a reason, counted and recorded with the raw reply.
+- ``rubric_score``: generate, then parse, through ``ctx.complete(parse=...)`` so ``--parse-retries``
+  re-samples an unparseable reply.
 - ``logprob_score``: prefill ``Score: `` and read the next-token distribution over the digits,
   one forward pass and no parsing; the score is the most likely digit, and the distribution and
-  its expectation are kept.
+  its expectation are kept. Values that are not log-probabilities (NaN, > 0) are refused
+  (:func:`invalid_logprobs`), here and in every judge that reads label probabilities.
 - ``likelihood_score``: no judging prompt at all. The model scores the response twice, as the
   reply to the instruction and as a reply to an empty request; how much the instruction makes the
   response more likely says whether the pair fits. Small models whose rubric scores are noise
@@ -48,37 +50,77 @@ _SCORE_RE = re.compile(
     re.IGNORECASE,
 )
 _BARE_RE = re.compile(r"^\s*(?:\*\*)?\s*" + _NUM + r"\s*(?:(?:/|out\s+of)\s*(\d+))?\s*(?:\*\*)?\s*\.?\s*$", re.IGNORECASE)
+#: A second number right after a score, on the same line ("Score: 3-4", "3 to 4", "3 or 4", "[3–4]"):
+#: the judge did not decide.
+_RANGE_TAIL = re.compile(r"[ \t]*[\]\)]?[ \t]*(?:-|–|—|~|\bto\b|\bor\b)[ \t]*[\[\(]?[ \t]*\d", re.IGNORECASE)
+_BARE_RANGE = re.compile(r"^\s*(?:\*\*)?\s*\d+" + _RANGE_TAIL.pattern + r"+\s*(?:(?:/|out\s+of)\s*\d+)?\s*(?:\*\*)?\s*\.?\s*$", re.IGNORECASE)
+#: A line that states a score, as the rubric asks ("Score: 4", "**Final score:** 5", "- Rating = 3"),
+#: as opposed to prose that mentions one ("a score of 5 needs an expert voice").
+_SCORE_LINE = re.compile(r"^[\s#>*_\-]*(?:(?:final|overall|total)\s+)?(?:score|rating)\s*(?:\*\*|__)?\s*[:=\-–]", re.IGNORECASE)
 
 
-def _value(num: str, denom: str | None, top: int) -> int:
+def _value(num: str, denom: str | None, top: int, bottom: int = 1) -> int:
     if denom is not None and int(denom) != top:
-        raise ParseError("out_of_range", f"score {num}/{denom} is not on the 1..{top} scale")
+        raise ParseError("out_of_range", f"score {num}/{denom} is not on the {bottom}..{top} scale")
     try:
         v = float(num.replace(",", "."))
     except ValueError:
         raise ParseError("not_a_number", num) from None
     if v != int(v):
         raise ParseError("not_integer", num)
-    if not 1 <= v <= top:
-        raise ParseError("out_of_range", f"score {num} outside 1..{top}")
+    if not bottom <= v <= top:
+        raise ParseError("out_of_range", f"score {num} outside {bottom}..{top}")
     return int(v)
 
 
-def parse_score(text: str | None, top: int = 5) -> int:
-    """The score on a 1..``top`` scale from a judge's reply, or ParseError. Never guesses."""
+def _match_value(m: re.Match, text: str, top: int, bottom: int) -> int:
+    """The score of one match, refusing a range ("3-4") rather than reading its first number."""
+    tail = _RANGE_TAIL.match(text, m.end(2) if m.group(2) else m.end(1))
+    if tail:
+        raise ParseError("range", f"'{text[m.start():tail.end()].strip()}' is a range, not a score")
+    return _value(m.group(1), m.group(2), top, bottom)
+
+
+def _line_values(line: str, top: int, bottom: int) -> set[int]:
+    """Scores stated on one line; ParseError when one is invalid or two differ."""
+    vals = {_match_value(x, line, top, bottom) for x in _SCORE_RE.finditer(line)}
+    if len(vals) > 1:
+        raise ParseError("ambiguous_score", f"line has scores {sorted(vals)}")
+    return vals
+
+
+def parse_score(text: str | None, top: int = 5, bottom: int = 1) -> int:
+    """The score on a ``bottom``..``top`` scale from a judge's reply, or ParseError. Never guesses.
+
+    The rubric asks for reasoning, then ``Score: N`` on the last line, so a score on the last line
+    wins over scores mentioned in the reasoning ("a score of 5 needs ..."), but not over another
+    *score line* (a line that starts with ``Score:``): two score lines with different values are
+    ``ambiguous_score``. Without a score on the last line, every score in the reply must agree.
+    Ranges ("Score: 3-4", "3 to 4") are ``range``; nothing is rounded, clipped or picked.
+    """
     if text is None or not text.strip():
         raise ParseError("empty_reply")
     lines = [l for l in text.strip().splitlines() if l.strip()]
     last = lines[-1]
-    m = list(_SCORE_RE.finditer(last))
-    if m:
-        vals = {_value(x.group(1), x.group(2), top) for x in m}
-        if len(vals) == 1:
-            return vals.pop()
-        raise ParseError("ambiguous_score", f"last line has scores {sorted(vals)}")
-    b = _BARE_RE.match(last)
-    if b:
-        return _value(b.group(1), b.group(2), top)
+    final = _line_values(last, top, bottom)
+    if not final:
+        b = _BARE_RE.match(last)
+        if b:
+            final = {_value(b.group(1), b.group(2), top, bottom)}
+        elif _BARE_RANGE.match(last):
+            raise ParseError("range", f"'{last.strip()}' is a range, not a score")
+    if final:
+        score = final.pop()
+        for line in lines[:-1]:  # an earlier score line must say the same
+            if not _SCORE_LINE.match(line):
+                continue
+            try:
+                earlier = _line_values(line, top, bottom)
+            except ParseError as e:
+                raise ParseError("ambiguous_score", f"last line says {score}, an earlier score line is invalid ({e})") from None
+            if earlier and earlier != {score}:
+                raise ParseError("ambiguous_score", f"score lines say {sorted(earlier | {score})}")
+        return score
     matches = list(_SCORE_RE.finditer(text))
     if not matches:
         raise ParseError("no_score", "no 'Score: N' in the reply")
@@ -86,7 +128,7 @@ def parse_score(text: str | None, top: int = 5) -> int:
     errors = []
     for x in matches:
         try:
-            vals.add(_value(x.group(1), x.group(2), top))
+            vals.add(_match_value(x, text, top, bottom))
         except ParseError as e:
             errors.append(e)
     if len(vals) == 1 and not errors:
@@ -96,20 +138,39 @@ def parse_score(text: str | None, top: int = 5) -> int:
     raise ParseError("ambiguous_score", f"scores {sorted(vals)} in the reply")
 
 
+def parse_error_details(e: ParseError, prefix: str = "score") -> dict[str, Any]:
+    """A parse failure as record meta: ``{prefix}_error`` (counted reason) and its detail if any."""
+    out: dict[str, Any] = {f"{prefix}_error": e.reason}
+    if e.detail:
+        out[f"{prefix}_error_detail"] = e.detail[:500]
+    return out
+
+
 async def rubric_score(ctx: Any, template: str, variables: dict[str, Any], params: dict[str, Any], top: int = 5) -> tuple[int | None, dict[str, Any]]:
-    """Generate a rubric reply and parse it. Returns (score or None, details for meta)."""
-    comp = await ctx.complete(template, {**variables, "mode": "rubric"}, **params)
-    if not comp.ok:
-        reason = "truncated" if comp.finish_reason == "length" else "empty_reply"
-        comp.step["parse_error"] = reason
-        return None, {"score_error": reason}
-    try:
-        score = parse_score(comp.text, top)
-    except ParseError as e:
-        comp.step["parse_error"] = e.reason
-        return None, {"score_error": e.reason, "score_error_detail": e.detail}
-    comp.step["parsed"] = {"score": score}
+    """Generate a rubric reply and parse it. Returns (score or None, details for meta).
+
+    Parsing goes through ``ctx.complete(parse=...)``, so a reply that does not parse (or was cut
+    at max tokens, or filtered) is re-sampled under ``--parse-retries`` and every attempt is in
+    the lineage; the reason kept is the last attempt's.
+    """
+    comp = await ctx.complete(template, {**variables, "mode": "rubric"}, parse=lambda t: {"score": parse_score(t, top)}, **params)
+    if comp.parse_error is not None:
+        return None, parse_error_details(comp.parse_error)
+    score = comp.parsed["score"]
     return score, {"score": score}
+
+
+#: Tolerance for a log-probability above 0 (float rounding in a backend's log-softmax).
+LOGPROB_SLACK = 1e-4
+
+
+def invalid_logprobs(values: Iterable[float]) -> bool:
+    """True when any value cannot be a log-probability: NaN, or above 0 (+inf included).
+
+    -inf is valid (a candidate the backend gives no mass). Such values would otherwise turn into
+    a bogus distribution, a NaN score, or an OverflowError in ``exp``.
+    """
+    return any(math.isnan(v) or v > LOGPROB_SLACK for v in values)
 
 
 async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top: int = 5) -> tuple[int | None, dict[str, Any]]:
@@ -117,7 +178,7 @@ async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top:
     digits = [str(i) for i in range(1, top + 1)]
     lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, digits)
     lp = {d: float(lp.get(d, -math.inf)) for d in digits}  # a backend may omit unlikely digits
-    if any(math.isnan(v) or v == math.inf for v in lp.values()):
+    if invalid_logprobs(lp.values()):
         return None, {"score_error": "invalid_logprobs"}
     mass = sum(math.exp(v) for v in lp.values())
     if mass <= 0:

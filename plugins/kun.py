@@ -35,6 +35,7 @@ from btkit.records import Record
 
 from ._prompts import PROMPTS
 from .crab.text import rouge_tokens
+from .curation import invalid_logprobs
 from .crab.verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
 from .humpback import DEFAULT_SEED, load_seed, pick_examples
 from .humpback.parsing import parse_instruction
@@ -46,9 +47,18 @@ KUN_SAMPLING = {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2}
 _DETERMINERS = ("the", "this", "that", "these", "those", "given", "provided", "following", "above", "attached", "aforementioned")
 _NOUNS = ("text", "texts", "article", "articles", "passage", "passages", "paragraph", "paragraphs", "excerpt", "excerpts",
           "document", "documents", "essay", "story", "blog post", "link", "links", "website", "web page", "webpage", "page", "material")
-#: English: a noun for "the text" after a pointing word ("the article", "this passage", "the
-#: following text"), plus words that presuppose one. Bare "text" or "link" would also drop
-#: standalone requests ("How do I edit a text file?", "What is a hard link?").
+#: English, from the paper's list (article, text, passage, according to, summary, link, website):
+#:
+#: - the nouns for the text itself (text, article, passage, link, ...) only after a pointing word
+#:   ("the article", "this passage", "the following text", "the link"): bare, "text" and "link"
+#:   have everyday senses a standalone request uses ("How do I edit a text file?", "What is a
+#:   hard link?");
+#: - "summary" and "website" bare, as the paper lists them, with their forms (summarize,
+#:   summarise) and the web-only words for a link (url, hyperlink), plus phrases that presuppose
+#:   a text ("according to", "the author"). Bare, these also drop some standalone requests ("How
+#:   do I build a website?", "Write a summary of the French Revolution"): the paper accepts that
+#:   loss, since back-translated instructions that say "summary" or "website" mostly mean the
+#:   text the label model was shown. ``--reference-words`` replaces the whole list.
 REFERENCE_WORDS_EN = tuple(f"{d} {n}" for d in _DETERMINERS for n in _NOUNS) + (
     "according to", "mentioned above", "as mentioned", "as stated", "the author", "summary", "summarize", "summarise",
     "website", "url", "hyperlink",
@@ -165,7 +175,12 @@ class PerplexityStage(Stage):
         logprobs = await ctx.score_continuation(None, {}, record.fields["text"])
         if not logprobs:
             return [record.drop(self.label, "no_tokens")]
-        perplexity = math.exp(-sum(logprobs) / len(logprobs))
+        if invalid_logprobs(logprobs):  # a NaN perplexity compares as "not too high" and would keep the text
+            return [record.drop(self.label, "invalid_logprobs")]
+        try:
+            perplexity = math.exp(-math.fsum(logprobs) / len(logprobs))
+        except OverflowError:  # a token at -inf (or near it): the text is as unlikely as it gets
+            perplexity = math.inf
         record.meta["perplexity"] = round(perplexity, 3)
         if perplexity > self.max_perplexity:
             return [record.drop(self.label, "perplexity_too_high", perplexity=round(perplexity, 3), max_perplexity=self.max_perplexity)]

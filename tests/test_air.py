@@ -63,7 +63,10 @@ def test_additive_score_parser(reply, score):
     assert parse_points(reply) == score
 
 
-@pytest.mark.parametrize("reply,reason", [("", "empty_reply"), ("Looks fine.", "no_score"), ("Score: 7", "out_of_range"), ("Score: 4.5", "not_integer")])
+@pytest.mark.parametrize("reply,reason", [
+    ("", "empty_reply"), ("Looks fine.", "no_score"), ("Score: 7", "out_of_range"), ("Score: 4.5", "not_integer"),
+    ("Score: 3-4", "range"), ("Score: 4\nScore: 0", "ambiguous_score"), ("Score: 0\nScore: 4", "ambiguous_score"),
+])
 def test_additive_score_parser_refuses(reply, reason):
     with pytest.raises(ParseError) as e:
         parse_points(reply)
@@ -198,6 +201,83 @@ def test_score_zero_is_a_score_not_a_failure(cli, scripted, tmp_path):
     assert r.exit_code == 0, r.output
     [cand] = read_jsonl(tmp_path / "out" / "candidates.jsonl")
     assert cand["reason"] == "below_threshold" and cand["meta"]["score"] == 0
+
+
+def score_script(score_replies):
+    """Augment gives INITIAL; the rubric scorer's replies are consumed in order; refinement finds nothing."""
+    score_replies = list(score_replies)
+
+    def reply(messages, params):
+        content = messages[-1]["content"]
+        if "write a single instruction" in content:
+            return INITIAL
+        if "add one point for each criterion" in content:
+            return score_replies.pop(0)
+        if "single most important requirement" in content:
+            return "Analysis: complete.\nConstraint: None"
+        if messages[0]["content"] == "You are a helpful assistant.":
+            return "Use ls -a."
+        raise AssertionError(f"unexpected prompt: {content[:200]}")
+    return reply
+
+
+def run_score_only(cli, spec, tmp_path, *extra):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "doc", "text": DOC + " " + words(30)}])
+    out = tmp_path / "out"
+    r = cli("run", "air", corpus, "-o", out, "--model", spec, "--score-mode", "rubric", "--threshold", "4",
+            "--rounds", "1", "--min-constraints", "0", "-q", *extra)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_unparseable_score_is_resampled_with_parse_retries(cli, scripted, tmp_path):
+    backend, spec = scripted(default=score_script(["All criteria hold, it is great.", "1. yes\n2. yes\n3. yes\n4. yes\n5. no\nScore: 4"]))
+    out = run_score_only(cli, spec, tmp_path, "--parse-retries", "1")
+    [row] = read_jsonl(out / "data.jsonl")
+    assert row["meta"]["score"] == 4 and row["meta"]["score_mode"] == "rubric"  # the retry's score
+    steps = [s for s in row["meta"]["lineage"] if s["stage"] == "air.score"]
+    assert [(s.get("attempt"), s.get("parse_error")) for s in steps] == [(None, "no_score"), (1, None)]
+    assert steps[1]["parsed"] == {"score": 4} and steps[1]["retry_of"] == steps[0]["step"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["parse_retries"] == 1 and stats["stages"]["air.score"]["parse_retries_recovered"] == 1
+    assert stats["stages"]["air.score"]["parse_failures"] == {"no_score": 1}
+
+
+def test_unparseable_score_is_not_retried_by_default(cli, scripted, tmp_path):
+    backend, spec = scripted(default=score_script(["All criteria hold, it is great.", "Score: 5"]))
+    out = run_score_only(cli, spec, tmp_path)
+    [cand] = read_jsonl(out / "candidates.jsonl")
+    assert cand["reason"] == "unparseable_score" and cand["dropped_at"] == "air.score" and cand["meta"]["score_error"] == "no_score"
+    assert sum("add one point" in h["messages"][-1]["content"] for h in backend.history) == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["parse_retries"] == 0 and stats["stages"]["air.score"]["parse_failures"] == {"no_score": 1}
+
+
+def test_content_filtered_score_reply_keeps_its_reason(cli, scripted, tmp_path):
+    from btkit.backends import Completion
+
+    backend, spec = scripted(default=score_script([Completion(text="Score: 5", finish_reason="content_filter")]))
+    out = run_score_only(cli, spec, tmp_path)
+    [cand] = read_jsonl(out / "candidates.jsonl")
+    assert cand["meta"]["score_error"] == "content_filter" and cand["meta"].get("score") is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 3.0])
+def test_logprobs_that_are_not_log_probabilities_are_a_counted_failure(cli, scripted, tmp_path, bad):
+    lp = {str(d): -2.0 for d in range(6)}
+    lp["4"] = bad  # NaN mass used to make 4 (or any digit) look like the argmax
+    backend, spec = scripted(default=lambda m, p: INITIAL, logprobs=lp)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "doc", "text": DOC + " " + words(30)}])
+    out = tmp_path / "out"
+    r = cli("run", "air", corpus, "-o", out, "--model", spec, "--score-mode", "logprob", "--threshold", "0", "-q")
+    assert r.exit_code == 0, r.output
+    [cand] = read_jsonl(out / "candidates.jsonl")
+    assert cand["status"] == "dropped" and cand["dropped_at"] == "air.score" and cand["reason"] == "unparseable_score"
+    assert cand["meta"]["score_error"] == "invalid_logprobs" and "score" not in cand["meta"]
+    assert cand["meta"]["drop_details"] == {"error": "invalid_logprobs"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped_by_reason"] == {"air.score:unparseable_score": 1} and stats["kept"] == 0
+    assert not any("single most important" in h["messages"][-1]["content"] for h in backend.history if h["kind"] == "chat")
 
 
 @pytest.mark.model

@@ -234,7 +234,8 @@ def test_run_on_pairs_with_custom_fields_writes_forward_and_reverse(cli, scripte
     assert set(fwd) == {"instruction", "response", "system", "meta"}
     assert fwd["response"] == RESPONSE and fwd["instruction"].startswith("How do I list hidden files?\n\nYour answer must meet")
     used = [c["text"] for c in fwd["meta"]["constraints"]]
-    assert 1 <= len(used) <= 8 and all(u in fwd["instruction"] for u in used)
+    # 5 rule + 2 verified LLM constraints: fewer than the paper's 8, so 6 or 7 of them
+    assert 6 <= len(used) <= 7 and fwd["meta"]["n_constraints"] == len(used) and all(u in fwd["instruction"] for u in used)
     assert "Format every shell command as inline code, for example `ls -a`." not in used  # rejected by the model check
     for c in fwd["meta"]["constraints"]:
         if c["source"] == "rule":
@@ -289,6 +290,168 @@ def test_logprob_verification_reads_yes_no(cli, scripted, tmp_path):
     llm = [c for c in fwd["meta"]["constraints"] if c["source"] == "llm"]
     assert [c["text"] for c in llm] == ["Write in a concise, practical tone suitable for Linux beginners."]
     assert llm[0]["verdict_mode"] == "logprob" and llm[0]["p_yes"] > 0.9
+
+
+# -- the paper's counts: forward 6-8 constraints, reverse 3-6 ----------------------------------------
+#: Ten distinct LLM constraints (one per type) that RESPONSE satisfies, none a near-duplicate of another
+#: or of a rule constraint: with the 5 rule constraints RESPONSE yields, 15 are available.
+TEN = {
+    "writing_style": "Write in a concise, practical tone suitable for Linux beginners.",
+    "semantic_elements": "Explain both how to show hidden files and why their names begin with a dot.",
+    "morphological": "Avoid jargon such as inode or filesystem metadata anywhere in your explanation.",
+    "multilingual": "Write the whole explanation in plain English without any words from other languages.",
+    "hierarchical_instructions": "First give the basic command, then describe the extra option for detailed output.",
+    "special_output_format": "Present the reply as plain prose rather than a table, JSON or HTML markup.",
+    "paragraphs": "Split the explanation into exactly two paragraphs separated by one blank line.",
+    "specific_sentence": "End your reply with a sentence stating that hidden files are ordinary files.",
+    "key_formatting": "Wrap each shell command and flag in backticks so it reads as inline code.",
+    "item_listing": "Do not use bullet points, numbered items or hyphenated lists anywhere.",
+}
+
+
+def ten_reply(messages, params):
+    content = messages[-1]["content"]
+    if "Reply with one JSON object" in content:
+        return json.dumps(TEN)
+    if "Reply with one word: Yes or No" in content:
+        return "Yes"
+    raise AssertionError("unexpected prompt")
+
+
+def test_forward_and_reverse_use_the_papers_counts_when_enough_constraints_exist(cli, scripted, tmp_path):
+    backend, spec = scripted(default=ten_reply)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "instruction": "How do I list hidden files?", "response": RESPONSE}
+                                               for i in range(10)])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    assert r.exit_code == 0, r.output
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    cands = read_jsonl(tmp_path / "out" / "candidates.jsonl")
+    assert not any(c["meta"].get("constraints_removed") for c in cands)  # all 15 survive dedup and verification
+    forward = [d["meta"]["n_constraints"] for d in data if d["meta"]["crab_example"] == "forward"]
+    reverse = [d["meta"]["n_constraints"] for d in data if d["meta"]["crab_example"] == "reverse"]
+    assert len(forward) == len(reverse) == 10
+    assert all(6 <= n <= 8 for n in forward), forward
+    assert all(3 <= n <= 6 for n in reverse), reverse
+    for d in data:  # what the meta says is what the example holds
+        assert len(d["meta"]["constraints"]) == d["meta"]["n_constraints"]
+        assert len({c["text"] for c in d["meta"]["constraints"]}) == d["meta"]["n_constraints"]
+
+
+def test_with_fewer_constraints_than_the_minimum_every_one_is_used(cli, scripted, tmp_path):
+    backend, spec = scripted(default=ten_reply)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "instruction": "How do I list hidden files?", "response": RESPONSE}
+                                               for i in range(6)])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--no-llm-constraints", "-q")
+    assert r.exit_code == 0, r.output
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    available = len(rules.rule_constraints(RESPONSE, random.Random(0)))
+    assert available == 5  # fewer than the forward minimum of 6
+    forward = [d for d in data if d["meta"]["crab_example"] == "forward"]
+    reverse = [d for d in data if d["meta"]["crab_example"] == "reverse"]
+    assert [d["meta"]["n_constraints"] for d in forward] == [available] * 6
+    assert all(3 <= d["meta"]["n_constraints"] <= available for d in reverse)
+    assert backend.history == []
+
+
+# -- JSON-schema output where the backend can do it ---------------------------------------------------
+def test_constrain_sends_a_json_schema_to_a_backend_that_supports_it(cli, scripted, tmp_path):
+    from btkit.backends import JSON_SCHEMA
+    from btkit_plugins.crab import constraints_schema
+
+    backend, spec = scripted(default=crab_reply)
+    backend.capabilities = backend.capabilities | {JSON_SCHEMA}
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    assert r.exit_code == 0, r.output
+    constrain = [h for h in backend.history if "Reply with one JSON object" in h["messages"][-1]["content"]]
+    verify = [h for h in backend.history if "Reply with one word: Yes or No" in h["messages"][-1]["content"]]
+    assert len(constrain) == 1 and verify
+    schema = constrain[0]["params"]["json_schema"]
+    assert schema == constraints_schema() and constrain[0]["params"]["json_schema_name"] == "crab_constraints"
+    assert set(schema["properties"]) == set(LLM_TYPES) and set(schema["required"]) == set(LLM_TYPES)
+    assert schema["additionalProperties"] is False
+    assert all(p == {"type": ["string", "null"], "description": LLM_TYPES[k]} for k, p in schema["properties"].items())
+    assert not any("json_schema" in h["params"] for h in verify)  # a Yes/No check expects no JSON
+    fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
+    assert any(c["source"] == "llm" for c in fwd["meta"]["constraints"])  # the reply is still parsed as before
+
+
+def test_constrain_sends_no_schema_to_a_backend_without_it(cli, scripted, tmp_path):
+    backend, spec = scripted(default=crab_reply)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    assert r.exit_code == 0, r.output
+    assert backend.history and not any("json_schema" in h["params"] or "json_schema_name" in h["params"] for h in backend.history)
+
+
+def test_schema_is_strict_mode_valid_and_matches_the_parser():
+    from btkit_plugins.crab import constraints_schema
+
+    schema = constraints_schema()
+    # an object the schema allows is one the parser reads: every key a known type, null skipped
+    reply = json.dumps({k: (TEN[k] if i % 2 else None) for i, k in enumerate(schema["required"])})
+    found, rejected = parse_llm_constraints(reply)
+    assert [c["type"] for c in found] == [k for i, k in enumerate(schema["required"]) if i % 2] and rejected == []
+
+
+# -- verification through the engine's parse policy --------------------------------------------------
+def verify_reply(first_beginner_replies):
+    """crab_reply, but the check of the 'beginners' constraint answers from a queue first."""
+    queue = list(first_beginner_replies)
+
+    def reply(messages, params):
+        content = messages[-1]["content"]
+        if "Reply with one word: Yes or No" in content and "Linux beginners" in content.split("<<<CONSTRAINT", 1)[1] and queue:
+            return queue.pop(0)
+        return crab_reply(messages, params)
+    return reply
+
+
+def test_unparseable_check_is_resampled_with_parse_retries(cli, scripted, tmp_path):
+    backend, spec = scripted(default=verify_reply(["Hard to tell."]))
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "--parse-retries", "1", "-q")
+    assert r.exit_code == 0, r.output
+    fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
+    # only the near-duplicate and the model's "No" are removed: the retried check verified its constraint
+    assert {c["removed"] for c in fwd["meta"]["constraints_removed"]} == {"near_duplicate", "llm_rejected"}
+    retried = [s for s in fwd["meta"]["lineage"] if s["stage"] == "crab.verify" and s.get("attempt") == 1]
+    assert len(retried) == 1 and retried[0]["parsed"] == {"verdict": "Yes"}
+    first = next(s for s in fwd["meta"]["lineage"] if s["step"] == retried[0]["retry_of"])
+    assert first["parse_error"] == "no_verdict" and first["raw"] == "Hard to tell."
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["parse_retries"] == 1 and stats["stages"]["crab.verify"]["parse_retries_recovered"] == 1
+
+
+def test_unparseable_check_without_retries_removes_the_constraint_with_its_reason(cli, scripted, tmp_path):
+    backend, spec = scripted(default=verify_reply(["Hard to tell."]))
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    assert r.exit_code == 0, r.output
+    fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
+    removed = {c["text"]: c for c in fwd["meta"]["constraints_removed"]}
+    c = removed["Write in a concise, practical tone suitable for Linux beginners."]
+    assert c["removed"] == "unverifiable" and c["verdict_error"] == "no_verdict"
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["parse_retries"] == 0 and stats["stages"]["crab.verify"]["parse_failures"] == {"no_verdict": 1}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_yes_no_logprobs_are_unverifiable_not_rejected(cli, scripted, tmp_path, bad):
+    def lp(messages, prefix, candidates):
+        if "beginners" in messages[-1]["content"].split("<<<CONSTRAINT", 1)[1]:
+            return {"Yes": bad, "No": -2.0}
+        return {"Yes": -0.1, "No": -2.5}
+
+    backend, spec = scripted(default=crab_reply, logprobs=lp)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "logprob", "-q")
+    assert r.exit_code == 0, r.output
+    fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
+    removed = {c["text"]: c for c in fwd["meta"]["constraints_removed"]}
+    c = removed["Write in a concise, practical tone suitable for Linux beginners."]
+    assert c["removed"] == "unverifiable" and c["verdict_error"] == "invalid_logprobs" and "p_yes" not in c
+    assert {c["removed"] for c in fwd["meta"]["constraints_removed"]} == {"near_duplicate", "unverifiable"}  # the others still pass
 
 
 @pytest.mark.model

@@ -185,3 +185,82 @@ def test_pmi_prompt_is_the_instruction_alone_as_the_user_message(registry):
     prompt = PromptLibrary(registry.prompt_roots()).render("humpback/pmi", {"instruction": "How do I pin a package version?"})
     assert prompt.messages == [{"role": "user", "content": "How do I pin a package version?"}]
     assert prompt.assistant_prefix == ""
+
+
+# -- rubric judge replies go through the engine's parse-retry policy ---------------------------------
+def rubric_judge(judge_replies):
+    """Augment by document; the judge's replies are consumed in order (one document per run)."""
+    judge_replies = list(judge_replies)
+
+    def reply(messages, params):
+        if "Score:" in messages[-1]["content"]:
+            return judge_replies.pop(0)
+        return augment_reply(messages, params)
+    return reply
+
+
+def judge_calls(backend):
+    return [h for h in backend.history if h["kind"] == "chat" and "Score:" in h["messages"][-1]["content"]]
+
+
+def test_unparseable_rubric_reply_is_resampled_with_parse_retries(cli, scripted, tmp_path):
+    backend, spec = scripted(default=rubric_judge(["It reads well, I like it.", "Clear and complete.\nScore: 5"]))
+    out = tmp_path / "out"
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "--parse-retries", "1", "-q")
+    assert r.exit_code == 0, r.output
+    [row] = read_jsonl(out / "data.jsonl")
+    assert row["meta"]["score"] == 5 and row["meta"]["curate_mode"] == "rubric"  # the retry's score
+    curate = [s for s in row["meta"]["lineage"] if s["stage"] == "humpback.curate"]
+    assert [s.get("attempt") for s in curate] == [None, 1]
+    assert curate[0]["parse_error"] == "no_score" and curate[0]["raw"] == "It reads well, I like it." and "parsed" not in curate[0]
+    assert curate[1]["retry_of"] == curate[0]["step"] and curate[1]["parsed"] == {"score": 5}
+    calls = judge_calls(backend)
+    assert len(calls) == 2
+    assert calls[0]["params"]["temperature"] == 0.0 and calls[1]["params"]["temperature"] == 0.7  # greedy is re-sampled
+    assert calls[0]["params"].get("seed") != calls[1]["params"]["seed"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["parse_retries"] == 1 and stats["stages"]["humpback.curate"]["parse_retries_recovered"] == 1
+    assert stats["stages"]["humpback.curate"]["parse_failures"] == {"no_score": 1}
+    assert stats["kept"] == 1 and stats["dropped_by_reason"] == {}
+
+
+def test_unparseable_rubric_reply_is_not_retried_by_default(cli, scripted, tmp_path):
+    backend, spec = scripted(default=rubric_judge(["It reads well, I like it.", "Clear and complete.\nScore: 5"]))
+    out = tmp_path / "out"
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "-q")
+    assert r.exit_code == 0, r.output
+    assert len(judge_calls(backend)) == 1
+    [cand] = read_jsonl(out / "candidates.jsonl")
+    assert cand["reason"] == "unparseable_score" and cand["meta"]["score_error"] == "no_score"
+    assert cand["lineage"][-1]["parse_error"] == "no_score" and "attempt" not in cand["lineage"][-1]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["parse_retries"] == 0 and stats["parse_failures"] == 1
+    assert stats["dropped_by_reason"] == {"humpback.curate:unparseable_score": 1}
+
+
+def test_rubric_retries_give_up_and_keep_the_real_reasons(cli, scripted, tmp_path):
+    from btkit.backends import Completion
+
+    filtered = Completion(text="Score: 5", finish_reason="content_filter")
+    cut = Completion(text="The answer covers", finish_reason="length")
+    backend, spec = scripted(default=rubric_judge([filtered, cut, "Score: 3-4"]))
+    out = tmp_path / "out"
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "--parse-retries", "2", "-q")
+    assert r.exit_code == 0, r.output
+    [cand] = read_jsonl(out / "candidates.jsonl")
+    assert cand["reason"] == "unparseable_score" and cand["meta"]["score_error"] == "range"  # the last attempt's reason
+    assert [s.get("parse_error") for s in cand["lineage"] if s["stage"] == "humpback.curate"] == ["content_filter", "truncated", "range"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["stages"]["humpback.curate"]["parse_failures"] == {"content_filter": 1, "truncated": 1, "range": 1}
+    assert stats["parse_retries"] == 2 and stats["stages"]["humpback.curate"]["parse_retries_recovered"] == 0
+
+
+def test_content_filtered_judge_reply_is_not_an_empty_reply(cli, scripted, tmp_path):
+    from btkit.backends import Completion
+
+    backend, spec = scripted(default=rubric_judge([Completion(text="Score: 5", finish_reason="content_filter")]))
+    out = tmp_path / "out"
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "-q")
+    assert r.exit_code == 0, r.output
+    [cand] = read_jsonl(out / "candidates.jsonl")
+    assert cand["meta"]["score_error"] == "content_filter" and cand["lineage"][-1]["parse_error"] == "content_filter"

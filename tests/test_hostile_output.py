@@ -243,6 +243,16 @@ def test_broken_logprobs_are_a_counted_failure(cli, scripted, tmp_path):
 
 
 
+@pytest.mark.parametrize("bad", [math.inf, 2.0])
+def test_logprobs_above_zero_are_not_a_score(cli, scripted, tmp_path, bad):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
+    backend, spec = scripted(default=GOOD_INSTRUCTION, logprobs={"1": -3.0, "2": -3.0, "3": -3.0, "4": -3.0, "5": bad})
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "logprob", "--threshold", "1", "-q")
+    assert r.exit_code == 0, r.output
+    [cand] = read_jsonl(tmp_path / "out" / "candidates.jsonl")
+    assert cand["reason"] == "unparseable_score" and cand["meta"]["score_error"] == "invalid_logprobs"
+
+
 def test_nan_logprobs_are_not_a_score(cli, scripted, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
     backend, spec = scripted(default=GOOD_INSTRUCTION, logprobs={d: math.nan for d in "12345"})

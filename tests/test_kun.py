@@ -65,6 +65,9 @@ PATTERNS = compile_reference_words(DEFAULT_REFERENCE_WORDS)
     ("Explain the following text in simple words.", "following text"),
     ("What is discussed in this   Passage?", "this passage"),
     ("Visit the website and describe it.", "the website"),
+    ("Write a summary of the main points.", "summary"),  # the paper's bare words
+    ("Which website does this come from?", "website"),
+    ("Open the link and list what it shows.", "the link"),
     ("根据文章内容，apt 和 dpkg 有什么区别？", "文章"),
     ("请总结这段文字的主要观点。", "这段文字"),
 ])
@@ -157,6 +160,36 @@ def test_run_counts_every_drop_by_reason(cli, scripted, tmp_path):
     assert KUN_SAMPLING == {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2}
 
 
+def test_bare_paper_words_trade_standalone_requests_for_recall():
+    """What the comment on REFERENCE_WORDS_EN says: bare "website"/"summary" drop some standalone requests."""
+    assert find_reference("How do I build a personal website with HTML?", PATTERNS) == "website"
+    assert find_reference("How do I build a personal website with HTML?", compile_reference_words(["according to"])) is None
+
+
+def test_default_list_drops_text_pointing_instructions_and_a_custom_list_replaces_it(cli, scripted, tmp_path):
+    table = {
+        words(1, 0): ("Summarize the article in three sentences.", "good", GOOD),
+        words(1, 100): ("How do I build a personal website with HTML?", "good", GOOD),
+        words(1, 200): ("Describe the diagram in detail for a student.", "good", GOOD),
+    }
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(3)])
+
+    def run(out, *extra):
+        backend, spec = scripted(default=kun_reply(table), logprobs={"good": -0.1, "bad": -3.0})
+        r = cli("run", "kun", corpus, "-o", out, "--model", spec, "-q", *extra)
+        assert r.exit_code == 0, r.output
+        return {c["source_id"]: c for c in read_jsonl(out / "candidates.jsonl")}
+
+    default = run(tmp_path / "default")
+    assert {k: (c["reason"], c["meta"].get("drop_details")) for k, c in default.items()} == {
+        "d0": ("refers_to_text", {"word": "the article"}), "d1": ("refers_to_text", {"word": "website"}), "d2": (None, None)}
+    custom = run(tmp_path / "custom", "--reference-words", "diagram, according to")
+    assert {k: (c["reason"], c["meta"].get("drop_details")) for k, c in custom.items()} == {
+        "d0": (None, None), "d1": (None, None), "d2": ("refers_to_text", {"word": "diagram"})}
+    stats = json.loads((tmp_path / "custom" / "stats.json").read_text())
+    assert stats["dropped_by_reason"] == {"kun.filter:refers_to_text": 1}
+
+
 def test_reference_words_are_configurable(cli, scripted, tmp_path):
     table = {words(1, 0): ("Summarize the article in three sentences.", "good", GOOD)}
     backend, spec = scripted(default=kun_reply(table), logprobs={"good": -0.1, "bad": -3.0})
@@ -165,6 +198,72 @@ def test_reference_words_are_configurable(cli, scripted, tmp_path):
     assert r.exit_code == 0, r.output
     [row] = read_jsonl(tmp_path / "out" / "data.jsonl")
     assert row["meta"]["judge"]["verdict_mode"] == "logprob" and row["meta"]["judge"]["p_good"] > 0.9
+
+
+def test_unparseable_verdict_is_resampled_with_parse_retries(cli, scripted, tmp_path):
+    verdicts = ["Hard to say.", "good"]
+    table = {words(1, 0): ("How does apt differ from dpkg when installing packages?", None, GOOD)}
+
+    def reply(messages, params):
+        if "Reply with one word: good or bad" in messages[-1]["content"]:
+            return verdicts.pop(0)
+        return kun_reply(table)(messages, params)
+
+    backend, spec = scripted(default=reply)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(60)}])
+    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "generate", "--parse-retries", "1", "-q")
+    assert r.exit_code == 0, r.output
+    [row] = read_jsonl(tmp_path / "out" / "data.jsonl")
+    judged = [s for s in row["meta"]["lineage"] if s["stage"] == "kun.judge"]
+    assert [(s.get("attempt"), s.get("parse_error")) for s in judged] == [(None, "no_verdict"), (1, None)]
+    assert judged[1]["parsed"] == {"verdict": "good"} and row["meta"]["judge"] == {"verdict_mode": "generate"}
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["parse_retries"] == 1 and stats["stages"]["kun.judge"]["parse_retries_recovered"] == 1
+
+
+def test_truncated_or_filtered_verdicts_keep_their_reason(cli, scripted, tmp_path):
+    """A verdict cut after its label still counts (the label comes first); cut before it, or filtered, it fails with that reason."""
+    from btkit.backends import Completion
+
+    table = {words(1, 0): ("How does apt differ from dpkg when installing packages?", Completion(text="good, because it is",
+                                                                                                  finish_reason="length"), GOOD),
+             words(1, 100): ("Which tool resolves package dependencies on Debian?", Completion(text="good", finish_reason="content_filter"), GOOD),
+             words(1, 200): ("What does apt-get autoremove do on Debian?", Completion(text="The instruction is", finish_reason="length"), GOOD)}
+    backend, spec = scripted(default=kun_reply(table))
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(3)])
+    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "generate", "-q")
+    assert r.exit_code == 0, r.output
+    cands = {c["source_id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
+    judged = next(s for s in cands["d0"]["lineage"] if s["stage"] == "kun.judge")
+    assert judged["parsed"] == {"verdict": "good"} and judged["finish_reason"] == "length" and judged["accepted_truncated"]
+    assert cands["d0"]["dropped_at"] != "kun.judge"
+    assert cands["d1"]["reason"] == "unparseable_verdict" and cands["d1"]["meta"]["judge"]["verdict_error"] == "content_filter"
+    assert cands["d2"]["reason"] == "unparseable_verdict" and cands["d2"]["meta"]["judge"]["verdict_error"] == "truncated"
+    assert sum(h["kind"] == "chat" for h in backend.history) >= 6  # nothing retried without --parse-retries
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_judge_logprobs_are_a_counted_failure_not_a_bad_verdict(cli, scripted, tmp_path, bad):
+    table = {words(1, 0): ("How does apt differ from dpkg when installing packages?", "good", GOOD)}
+    backend, spec = scripted(default=kun_reply(table), logprobs={"good": bad, "bad": -3.0})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(60)}])
+    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "logprob", "-q")
+    assert r.exit_code == 0, r.output
+    [cand] = read_jsonl(tmp_path / "out" / "candidates.jsonl")
+    assert cand["dropped_at"] == "kun.judge" and cand["reason"] == "unparseable_verdict"  # not "judged_bad"
+    assert cand["meta"]["judge"] == {"verdict_mode": "logprob", "verdict_error": "invalid_logprobs"}
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["dropped_by_reason"] == {"kun.judge:unparseable_verdict": 1}
+
+
+def test_nan_perplexity_does_not_keep_the_text(cli, scripted, tmp_path):
+    backend, spec = scripted(default="How are the listed words ordered?", logprobs={"good": -0.1, "bad": -3.0},
+                             continuation_logprobs=lambda m, text: [-0.5, math.nan, -0.5])
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(60)}])
+    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--max-perplexity", "100", "-q")
+    assert r.exit_code == 0, r.output
+    [cand] = read_jsonl(tmp_path / "out" / "candidates.jsonl")
+    assert cand["dropped_at"] == "kun.perplexity" and cand["reason"] == "invalid_logprobs"
 
 
 @pytest.mark.model

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import click
 
+from btkit.backends import JSON_SCHEMA
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
@@ -52,7 +53,29 @@ _NULLS = {"", "null", "none", "n/a", "na", "not applicable", "nil"}
 _KEY_ALIASES = {"multi_lingual": "multilingual", "item_listing_details": "item_listing", "desired_writing_style": "writing_style",
                 "paragraph": "paragraphs", "style": "writing_style", "output_format": "special_output_format"}
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+#: The prompt asks for 10-20 word constraints (the paper's wording); the parser accepts 3-40. The
+#: paper's pipeline (THU-KEG/Crab) keeps every non-NULL value the model returns and filters only by
+#: ROUGE-L and the LLM check, so the 10-20 words are guidance, not a filter; a precise 8-word
+#: constraint ("Use a numbered list for the installation steps.") is as checkable as a 14-word one,
+#: and the verify stage judges whether it holds. The bounds refuse only what is not a constraint
+#: sentence: a fragment ("Two.") or a paragraph pasted into a value. Each refusal is kept in
+#: ``meta.llm_constraints_rejected`` with its reason (``too_short``/``too_long``).
 MIN_CONSTRAINT_WORDS, MAX_CONSTRAINT_WORDS = 3, 40
+
+
+def constraints_schema() -> dict[str, Any]:
+    """The JSON schema of the constrain stage's reply: every type, a sentence or null.
+
+    Sent as the ``json_schema`` param when the backend can do guided decoding, so the server can
+    only return this object (strict mode: all keys required, no others). The parser still checks
+    the reply: a backend may not honour the schema, and lengths and nulls are judged there.
+    """
+    return {
+        "type": "object",
+        "properties": {name: {"type": ["string", "null"], "description": desc} for name, desc in LLM_TYPES.items()},
+        "required": list(LLM_TYPES),
+        "additionalProperties": False,
+    }
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -66,7 +89,8 @@ def parse_llm_constraints(text: str | None) -> tuple[list[dict[str, Any]], list[
     """(constraints, rejected) from the model's JSON reply; ParseError when there is no JSON object.
 
     Null values are skipped; unknown types, non-strings and sentences outside 3..40 words are
-    returned as rejected with a reason, never guessed into another type.
+    returned as rejected with a reason, never guessed into another type (length bounds: see
+    :data:`MIN_CONSTRAINT_WORDS`).
     """
     if text is None or not text.strip():
         raise ParseError("empty_reply")
@@ -163,8 +187,10 @@ class ConstrainStage(Stage):
         if self.use_llm:
             variables = {"instruction": record.fields["instruction"], "response": response,
                          "types": [{"name": k, "description": v} for k, v in LLM_TYPES.items()]}
-            comp = await ctx.complete("crab/constrain", variables, parse=parse_llm_constraints,
-                                      **self.sampling(temperature=0.2, top_p=0.9, max_tokens=600))
+            params = self.sampling(temperature=0.2, top_p=0.9, max_tokens=600)
+            if ctx.backend().supports(JSON_SCHEMA):  # guided decoding: the server returns the object or nothing
+                params.update(json_schema=constraints_schema(), json_schema_name="crab_constraints")
+            comp = await ctx.complete("crab/constrain", variables, parse=parse_llm_constraints, **params)
             if comp.parse_error is not None:  # the rule constraints still stand
                 record.meta["llm_constraints_error"] = comp.parse_error.reason
             else:
@@ -234,9 +260,12 @@ class ComposeStage(Stage):
 
     def _example(self, ctx, record: Record, kind: str, count: tuple[int, int], rng: random.Random) -> Record:
         constraints = record.fields["constraints"]
-        chosen = rng.sample(constraints, min(rng.randint(*count), len(constraints)))
+        # As the paper's code (Forward_data_generate.py): clamp the range to what is available,
+        # then draw uniformly; with fewer than the minimum, every constraint is used.
+        lo, hi = min(count[0], len(constraints)), min(count[1], len(constraints))
+        chosen = rng.sample(constraints, rng.randint(lo, hi))
         instruction, response = record.fields["instruction"], record.fields["response"]
-        prompt = ctx.run.prompts.render(f"crab/{kind}", {"instruction": instruction, "response": response,
+        prompt = ctx.prompts.render(f"crab/{kind}", {"instruction": instruction, "response": response,
                                                          "constraints": [c["text"] for c in chosen]})
         rec = record.child(f"~{kind}")
         rec.fields.update(base_instruction=instruction, base_response=response, constraints=chosen)

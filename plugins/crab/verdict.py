@@ -4,7 +4,10 @@ Two ways to get a verdict, as with Humpback's scores: ``logprob`` prefills the t
 prefix and compares the next-token probabilities of the two labels (one forward pass, nothing to
 parse; small local models rarely format a reply well), ``generate`` lets the model reply and parses
 the label strictly: a reply naming neither label, or both without a clear final answer, is a
-:class:`ParseError`, counted and recorded with the raw text, never guessed.
+:class:`ParseError`, counted and recorded with the raw text, never guessed. The label comes
+first, so a reply cut at ``max_tokens`` after it still carries the verdict: it is parsed
+(``accept_truncated``; the lineage step keeps ``finish_reason: length`` and says so), while a cut
+reply that names no clear label fails like any other.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 from btkit.errors import BtkitError
 from btkit.methods import ParseError
+
+from ..curation import invalid_logprobs
 
 VERDICT_MODES = ("auto", "logprob", "generate")
 
@@ -52,22 +57,33 @@ def parse_binary(text: str | None, positive: str, negative: str) -> bool:
 
 async def binary_verdict(ctx: Any, template: str, variables: dict[str, Any], positive: str, negative: str,
                          mode: str = "auto", params: dict[str, Any] | None = None) -> tuple[bool | None, dict[str, Any]]:
-    """Ask ``template`` for a two-label verdict. Returns (verdict or None when unparseable, details)."""
+    """Ask ``template`` for a two-label verdict. Returns (verdict or None when unparseable, details).
+
+    ``generate`` parses through ``ctx.complete(parse=...)``, so ``--parse-retries`` re-samples an
+    unparseable reply and the reason is the engine's when the reply was cut or filtered
+    ('truncated', 'content_filter'). ``logprob`` refuses values that are not log-probabilities
+    (NaN, > 0: ``invalid_logprobs``) instead of turning them into a silent "no".
+    """
     if mode == "auto":
         mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "generate"
     if mode == "logprob":
         lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, [positive, negative])
-        pos, neg = math.exp(float(lp.get(positive, -math.inf))), math.exp(float(lp.get(negative, -math.inf)))
+        lp_pos, lp_neg = float(lp.get(positive, -math.inf)), float(lp.get(negative, -math.inf))
+        if invalid_logprobs((lp_pos, lp_neg)):
+            return None, {"verdict_mode": mode, "verdict_error": "invalid_logprobs"}
+        pos, neg = math.exp(lp_pos), math.exp(lp_neg)
         if pos + neg <= 0:
             return None, {"verdict_mode": mode, "verdict_error": "no_label_mass"}
         p = pos / (pos + neg)
         return p >= 0.5, {"verdict_mode": mode, f"p_{positive.lower()}": round(p, 4), "label_mass": round(pos + neg, 4)}
-    comp = await ctx.complete(template, {**variables, "mode": "generate"}, **(params or {}))
-    try:  # the label comes first, so a reply cut off later still carries it
-        verdict = parse_binary(comp.text, positive, negative)
-    except ParseError as e:
-        reason = "truncated" if comp.finish_reason == "length" else e.reason
-        comp.step["parse_error"] = reason
-        return None, {"verdict_mode": mode, "verdict_error": reason}
-    comp.step["parsed"] = {"verdict": positive if verdict else negative}
-    return verdict, {"verdict_mode": mode}
+
+    def parse(text: str | None) -> dict[str, str]:
+        return {"verdict": positive if parse_binary(text, positive, negative) else negative}
+
+    comp = await ctx.complete(template, {**variables, "mode": "generate"}, parse=parse, accept_truncated=True, **(params or {}))
+    if comp.parse_error is not None:
+        details = {"verdict_mode": mode, "verdict_error": comp.parse_error.reason}
+        if comp.parse_error.detail:
+            details["verdict_error_detail"] = comp.parse_error.detail[:500]
+        return None, details
+    return comp.parsed["verdict"] == positive, {"verdict_mode": mode}
