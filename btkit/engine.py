@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import __version__
-from .backends import Backend, Completion
+from .backends import MULTI_SAMPLE, Backend, Completion
 from .cache import Cache, NullCache, cache_key
-from .errors import BackendError, BtkitError, CapabilityError, TemplateError
-from .io import AppendFile, atomic_write_json, atomic_write_text, dumps, iter_jsonl, read_journal, scrub_text, validate_jsonl
+from .errors import BackendError, BtkitError
+from .io import AppendFile, atomic_write_json, iter_jsonl, read_journal, scrub_text, validate_jsonl
 from .methods import Method, ParseError, Stage
 from .plugins import Registry
 from .prompts import PromptLibrary
@@ -168,12 +168,17 @@ class StageCtx:
         comp = await self._complete_once(template, variables, params)
         if parse is None:
             return comp
-        retries = int(self.stage.options.get("parse_retries") or 0) if retries is None else int(retries)
         self._parse_into(comp, parse, accept_truncated)
+        return await self._retry_parse(comp, template, variables, params, parse, retries, accept_truncated)
+
+    async def _retry_parse(self, comp: Completion, template: str, variables: dict[str, Any], params: dict[str, Any],
+                           parse: Callable[[str | None], Any], retries: int | None, accept_truncated: bool) -> Completion:
+        """Re-sample ``comp`` while it fails to parse (see :meth:`complete`); the seeds follow ``params['seed']``."""
+        retries = int(self.stage.options.get("parse_retries") or 0) if retries is None else int(retries)
         attempt = 0
         while comp.parse_error is not None and attempt < retries:  # type: ignore[attr-defined]
             attempt += 1
-            retry_params = {k: v for k, v in params.items() if v is not None}
+            retry_params = {k: v for k, v in params.items() if v is not None and k != "n"}
             retry_params["seed"] = retry_seed(retry_params.get("seed"), attempt)
             if retry_params.get("temperature") == 0:
                 retry_params["temperature"] = float(self.stage.options.get("parse_retry_temperature") or 0.7)
@@ -181,6 +186,74 @@ class StageCtx:
             comp = await self._complete_once(template, variables, retry_params, attempt=attempt, retry_of=previous)
             self._parse_into(comp, parse, accept_truncated)
         return comp
+
+    async def complete_choices(self, template: str, variables: dict[str, Any], records: list[Record], *,
+                               parse: Callable[[str | None], Any], retries: int | None = None,
+                               **params: Any) -> list[Completion | Exception]:
+        """``len(records)`` sampled completions of one prompt; candidate i's lineage goes to ``records[i]``.
+
+        On a backend that samples several choices per request (``MULTI_SAMPLE``: vllm:, openai:,
+        litellm:) this is one request with ``n``; otherwise one request per candidate, issued
+        together. Candidate i is sampled with seed ``seed + i`` (one request: ``seed``), so
+        candidates differ and reproduce. Each is parsed and, under parse retries, re-sampled on its
+        own with the seeds its own request would use. A failed call comes back as its exception
+        (never raised, except :class:`BtkitError`), so one failure never takes its siblings:
+        :func:`failed_record` turns it into the dropped record the engine would have written.
+        """
+        n = len(records)
+        seed = int(params.get("seed") or 0)
+        if n > 1 and self.backend().supports(MULTI_SAMPLE):
+            return await self._one_request_choices(template, variables, records, parse, retries, {**params, "seed": seed})
+
+        async def one(i: int, record: Record) -> Completion | Exception:
+            try:
+                return await self.for_record(record).complete(template, variables, parse=parse, retries=retries, **{**params, "seed": seed + i})
+            except BtkitError:
+                raise
+            except Exception as e:  # noqa: BLE001 (returned, recorded by the caller)
+                return e
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(records))))
+
+    async def _one_request_choices(self, template: str, variables: dict[str, Any], records: list[Record],
+                                   parse: Callable[[str | None], Any], retries: int | None, params: dict[str, Any]) -> list[Completion | Exception]:
+        """The ``n=len(records)`` request of :meth:`complete_choices`; each choice gets its own step.
+
+        Choice i's step is a copy of the request's step with that choice's reply, ``request`` (the
+        request's step id) and ``choice``; tokens and cost stay on choice 0's, and stats count the
+        request once (:meth:`Run.compute_stats`).
+        """
+        n = len(records)
+        # receives the request's step, numbered as a call on records[0] would be
+        holder = Record(id=records[0].id, source_id=records[0].source_id, fields={}, lineage=list(records[0].lineage))
+        try:
+            comp = await self.for_record(holder)._complete_once(template, variables, {**params, "n": n})
+        except BtkitError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            return [e] * n
+        choices = comp.extra.get("choices")
+        if not isinstance(choices, list) or not choices:  # the backend answered with one completion
+            choices = [{"text": comp.text, "finish_reason": comp.finish_reason}]
+        base = comp.step  # type: ignore[attr-defined]
+
+        async def finish(i: int, record: Record) -> Completion | Exception:
+            if i >= len(choices) or not isinstance(choices[i], dict):
+                return BackendError(f"the backend returned {len(choices)} of the {n} choices asked for")
+            step = json.loads(json.dumps(base))
+            step.update(request=base["step"], choice=i, raw=scrub_text(choices[i].get("text")), finish_reason=choices[i].get("finish_reason"))
+            if i:
+                step.update(step=f"{base['step']}#{i}", tokens=[0, 0])
+                step.pop("cost", None)
+            record.lineage.append(step)
+            choice = Completion(text=step["raw"], finish_reason=step["finish_reason"], prompt_tokens=comp.prompt_tokens if not i else 0,
+                                completion_tokens=comp.completion_tokens if not i else 0)
+            choice.cached, choice.step = comp.cached, step  # type: ignore[attr-defined]
+            self._parse_into(choice, parse)
+            retry_params = {**params, "seed": int(params["seed"]) + i}
+            return await self.for_record(record)._retry_parse(choice, template, variables, retry_params, parse, retries, False)
+
+        return list(await asyncio.gather(*(finish(i, r) for i, r in enumerate(records))))
 
     @staticmethod
     def _parse_into(comp: Completion, parse: Callable[[str | None], Any], accept_truncated: bool = False) -> None:
@@ -449,10 +522,8 @@ class Run:
             outs = await stage.process(record, StageCtx(self, stage, record))
         except BtkitError:  # configuration problems stop the run with their message
             raise
-        except BackendError as e:
-            return [record.drop(stage.label, "backend_error", error=str(e), raw=e.raw)]
-        except Exception as e:  # a bug in a stage loses one record, not the run
-            return [record.drop(stage.label, "stage_error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=5))]
+        except Exception as e:  # a backend fault, or a bug in a stage, loses one record, not the run
+            return [failed_record(record, stage.label, e)]
         if not outs:  # a stage that returns nothing would make the record vanish: record why instead
             return [record.drop(stage.label, "no_output")]
         for rec in outs:
@@ -625,8 +696,9 @@ class Run:
                     continue
                 seen_steps.add(step.get("step"))
                 st = per_stage[step["stage"]]
-                st["calls"] += 1
-                st["cache_hits"] += bool(step.get("cached"))
+                if step.get("request", step.get("step")) == step.get("step"):  # one choice of an n>1 request counts no call
+                    st["calls"] += 1
+                    st["cache_hits"] += bool(step.get("cached"))
                 toks = step.get("tokens") or [0, 0]
                 st["tokens_in"] += toks[0]
                 st["tokens_out"] += toks[1]
@@ -680,6 +752,16 @@ class Run:
             stats = self.compute_stats(elapsed, failures=out)
         os.replace(tmp, self.out / "failures.jsonl")
         return stats
+
+
+def failed_record(record: Record, stage_label: str, error: Exception) -> Record:
+    """``record`` dropped for a failed call (``backend_error``, with the raw reply) or a stage bug
+    (``stage_error``, with a short traceback): how every failure is recorded, by the engine or by a
+    stage that keeps going after one of several calls failed."""
+    if isinstance(error, BackendError):
+        return record.drop(stage_label, "backend_error", error=str(error), raw=error.raw)
+    tb = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=5))
+    return record.drop(stage_label, "stage_error", error=f"{type(error).__name__}: {error}", traceback=tb)
 
 
 def redact_argv(argv: list[str]) -> list[str]:

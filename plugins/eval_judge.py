@@ -5,14 +5,18 @@ precision/recall 0.44/0.09), so it must be measurable on the model you will run 
 (instruction, response) pairs written by people this builds pairs the judge should reject:
 
 - ``swapped``: each response with another pair's instruction (a derangement drawn from ``--seed``);
-- ``truncated``: each instruction with the first 30% of its response's words;
+- ``truncated``: each instruction with only the first 30% of its response's words
+  (:data:`TRUNCATE_SHARE`), the rest cut off;
 - ``text_ref``: each response with an instruction that points at "the text" instead of standing
   alone ("Summarize the text above."), the backtranslation failure Kun filters for.
 
 Every item goes through the method's own curate stage with the engine's :class:`StageCtx` and
 cache, exactly as in ``btkit run``, and the report gives ROC AUC (unscored items count as rejected;
 also among scored items only), precision and recall of the keep decision at the configured
-threshold, the share of items that got a score, and seconds per item.
+threshold, the share of items that got a score, and seconds per item. The clock starts after one
+tiny call of the kind the mode makes has loaded the model (and, for ``llamacpp:``, written its
+scoring copy of the weights once), so s/item is scoring time; the report also says how many items
+the cache answered whole (``items_from_cache``): a rerun's near-zero s/item is that, not speed.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ TEXT_REFERENCE_INSTRUCTIONS = (
     "List the key facts mentioned in the passage.",
 )
 
+#: The ``truncated`` negative keeps this share of its response's words (the first 30%).
 TRUNCATE_SHARE = 0.3
 
 
@@ -201,14 +206,17 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
         if item.score is None:
             item.error = out.meta.get("score_error") or out.reason
 
-    t0 = time.perf_counter()
     try:
+        t_warm = time.perf_counter()
+        warmup_error = await warm_up(backend, getattr(stage, "curator", None))
+        warmup_s = time.perf_counter() - t_warm
+        t0 = time.perf_counter()
         await asyncio.gather(*(one(it) for it in items))
+        wall = time.perf_counter() - t0
     finally:
         for b in run._backends.values():
             await b.aclose()
         run.cache.close()
-    wall = time.perf_counter() - t0
     curator = getattr(stage, "curator", None)
     keep_top = getattr(curator, "keep_top", None)
     cutoff = None
@@ -216,9 +224,36 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
         cutoff = top_percent_cutoff([it.score for it in items if it.score is not None], keep_top)
         for it in items:
             it.kept = it.kept and it.score is not None and cutoff is not None and it.score >= cutoff
-    return {"stage": stage.label, "wall_s": wall, "cache_hits": sum(it.cached for it in items), "model_calls": sum(it.calls for it in items),
+    return {"stage": stage.label, "wall_s": wall, "warmup_s": warmup_s, "warmup_error": warmup_error,
+            "cache_hits": sum(it.cached for it in items), "model_calls": sum(it.calls for it in items),
+            "items_from_cache": sum(1 for it in items if it.cached and not it.calls),
             "threshold": curator.cutoff() if curator else None, "keep_top": keep_top, "keep_top_cutoff": cutoff,
             "mode": getattr(curator, "mode", stage_options.get("curate_mode"))}
+
+
+#: What the warm-up call sends: tiny, and never a cache entry (it goes to the backend directly).
+WARMUP_MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+async def warm_up(backend: Any, curator: Any) -> str | None:
+    """One tiny call of the kind the curate mode makes, so model loading (and llamacpp's one-off
+    conversion of its scoring weights) is not timed as scoring. Returns the error if it failed:
+    the items then record their own failures, nothing stops."""
+    from .curation import LIKELIHOOD_MODES
+
+    mode = curator.resolve_mode(backend) if curator is not None else "rubric"
+    try:
+        if mode in LIKELIHOOD_MODES:
+            await backend.score_continuation(WARMUP_MESSAGES, "Hello.")
+        elif mode == "logprob":
+            await backend.next_token_logprobs(WARMUP_MESSAGES, "Score: ", ["1"])
+        else:
+            await backend.chat(WARMUP_MESSAGES, {"temperature": 0.0, "max_tokens": 1})
+    except BtkitError:  # a setup problem: the same message the first item would stop with
+        raise
+    except Exception as e:  # BackendError or a backend's own: recorded in the report
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def report(items: list[Item], run_info: dict[str, Any], *, gold: Path, model: str, pairs: int) -> dict[str, Any]:
@@ -255,8 +290,11 @@ def report(items: list[Item], run_info: dict[str, Any], *, gold: Path, model: st
         "errors": _count(it.error for it in items if it.error),
         "seconds_per_item": _round(run_info["wall_s"] / len(items)) if items else None,
         "wall_s": _round(run_info["wall_s"]),
+        "warmup_s": _round(run_info["warmup_s"]),
+        "warmup_error": run_info["warmup_error"],
         "cache_hits": run_info["cache_hits"],
         "model_calls": run_info["model_calls"],
+        "items_from_cache": run_info["items_from_cache"],
         "item_scores": [{"id": it.id, "kind": it.kind, "label": it.label, "score": it.score, "kept": it.kept} for it in items],
     }
 
@@ -297,7 +335,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
         by_kind = ", ".join(f"{k} {f(v)}" for k, v in r["auc_by_negative"].items()) or "-"
         unscored = f"; unscored: {', '.join(f'{k} {v}' for k, v in r['errors'].items())}" if r["errors"] else ""
         lines.append(f"{r['mode']}: AUC by negative kind: {by_kind}; {r['model_calls']} model calls, "
-                     f"{r['cache_hits']} cache hits, {f(r['wall_s'])} s{unscored}")
+                     f"{r['cache_hits']} cache hits ({r['items_from_cache']}/{r['items']} items answered whole by the cache), "
+                     f"{f(r['wall_s'])} s after a {f(r['warmup_s'])} s warm-up{unscored}")
+        if r["warmup_error"]:
+            lines.append(f"{r['mode']}: warm-up call failed ({r['warmup_error']}): s/item includes model loading")
     return "\n".join(lines)
 
 
@@ -310,14 +351,16 @@ def format_table(results: list[dict[str, Any]]) -> str:
 @click.option("--base-url", default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL).")
 @click.option("-B", "--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE", help="Backend option (e.g. -B n_ctx=8192).")
 @click.option("--limit", type=int, default=None, help="Use the first N gold pairs.")
-@click.option("--negatives", default=",".join(NEGATIVE_KINDS), show_default=True, help="Negative kinds to build, comma-separated.")
+@click.option("--negatives", default=",".join(NEGATIVE_KINDS), show_default=True,
+              help=f"Negative kinds to build, comma-separated: swapped (another pair's instruction), truncated (only the "
+                   f"first {TRUNCATE_SHARE:.0%} of the response's words), text_ref (an instruction pointing at 'the text').")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the derangement and the choice of text-pointing instructions.")
 @click.option("--threshold", type=click.IntRange(1, 5), default=None, help="Rubric threshold (rubric/logprob modes; default: the stage's, 5).")
 @click.option("--score-threshold", type=float, default=None, help="Keep score >= X (pmi/ifd default 0).")
 @click.option("--keep-top", type=click.FloatRange(0, 100, min_open=True), default=None, help="Keep the top P percent of scored items instead of a threshold.")
 @click.option("--prompts", "prompts_dir", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Template override folder.")
 @click.option("--concurrency", type=int, default=8, show_default=True)
-@click.option("--no-cache", is_flag=True, help="Do not read or write the model-call cache (honest timings).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the model-call cache (honest timings; the report counts items_from_cache).")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None, help="Write the report as JSON here ('-': stdout instead of the table).")
 def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: tuple[str, ...], model: str | None, base_url: str | None,

@@ -4,7 +4,10 @@
 - ``scripted:NAME`` uses the :class:`ScriptedBackend` registered under NAME with :func:`script`:
   a queue of replies (strings, :class:`Completion` objects, exceptions to raise, or callables of
   ``(messages, params)``) and a ``history`` of every request, for asserting what was sent.
-  ``scripted:FILE.json`` loads ``{"replies": [...], "logprobs": {...}}`` from a file instead, so a
+  With ``multi_sample=True`` it declares ``MULTI_SAMPLE`` and answers a request with ``n > 1`` as
+  the OpenAI-compatible backends do (``extra["choices"]``): a reply that is a list gives the
+  choices, anything else takes ``n`` replies from the queue, one per choice.
+  ``scripted:FILE.json`` loads ``{"replies": [...], "logprobs": {...}, "multi_sample": false}`` from a file instead, so a
   subprocess (e.g. a ``btkit run`` killed for real in a test) can use a script too.
 - ``det:FILE.json`` replies with a pure function of the request, so a request sent again (after a
   kill) gets the same answer: see :class:`DeterministicBackend`.
@@ -19,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from btkit.backends import CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
+from btkit.backends import CHAT, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
 
@@ -32,8 +35,11 @@ class ScriptedBackend(Backend):
     capabilities = frozenset({CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION})
 
     def __init__(self, replies: list[Any] | None = None, default: Any = None, logprobs: Callable[..., dict[str, float]] | dict[str, float] | None = None,
-                 continuation_logprobs: Callable[..., list[float]] | None = None, delay: float = 0.0, name: str = "test"):
+                 continuation_logprobs: Callable[..., list[float]] | None = None, delay: float = 0.0, name: str = "test",
+                 multi_sample: bool = False):
         self.replies = list(replies or [])
+        if multi_sample:  # an instance attribute, so other scripted backends keep the class's set
+            self.capabilities = self.capabilities | {MULTI_SAMPLE}
         self.default = default
         self.logprobs = logprobs
         self.continuation_logprobs = continuation_logprobs
@@ -61,8 +67,18 @@ class ScriptedBackend(Backend):
             raise reply
         if isinstance(reply, Completion):
             return reply
+        prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        n = int(params.get("n") or 1)
+        if n > 1 and self.supports(MULTI_SAMPLE):
+            replies = list(reply) if isinstance(reply, (list, tuple)) else [reply] + [self._next(messages, params) for _ in range(n - 1)]
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise r  # one bad choice fails the whole request, as an HTTP error would
+            choices = [_choice(r) for r in replies]
+            return Completion(text=choices[0]["text"], finish_reason=choices[0]["finish_reason"], prompt_tokens=prompt_tokens,
+                              completion_tokens=sum(len((c["text"] or "").split()) for c in choices), extra={"choices": choices})
         text = None if reply is ... else str(reply)
-        return Completion(text=text, finish_reason="stop", prompt_tokens=sum(len(m["content"].split()) for m in messages), completion_tokens=len((text or "").split()))
+        return Completion(text=text, finish_reason="stop", prompt_tokens=prompt_tokens, completion_tokens=len((text or "").split()))
 
     async def next_token_logprobs(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> dict[str, float]:
         self.history.append({"kind": "next_token_logprobs", "messages": messages, "assistant_prefix": assistant_prefix, "candidates": candidates})
@@ -78,6 +94,15 @@ class ScriptedBackend(Backend):
         if self.continuation_logprobs is None:
             raise BackendError("scripted backend has no continuation script")
         return list(self.continuation_logprobs(messages, continuation))
+
+
+def _choice(reply: Any) -> dict[str, Any]:
+    """One choice of a multi-sample reply: a string, ``...`` (no text), a Completion or a ``{"text", "finish_reason"}`` dict."""
+    if isinstance(reply, dict):
+        return {"text": reply.get("text"), "finish_reason": reply.get("finish_reason", "stop")}
+    if isinstance(reply, Completion):
+        return {"text": reply.text, "finish_reason": reply.finish_reason}
+    return {"text": None if reply is ... else str(reply), "finish_reason": "stop"}
 
 
 class EchoBackend(Backend):
@@ -161,7 +186,8 @@ def _scripted(rest: str, options: dict[str, Any]) -> Backend:
     if path.suffix == ".json" and path.is_file():
         spec = json.loads(path.read_text(encoding="utf-8"))
         lp = spec.get("logprobs")
-        b = ScriptedBackend(replies=spec.get("replies", []), default=spec.get("default"), logprobs=lp, delay=float(spec.get("delay", 0)), name=rest)
+        b = ScriptedBackend(replies=spec.get("replies", []), default=spec.get("default"), logprobs=lp, delay=float(spec.get("delay", 0)), name=rest,
+                            multi_sample=bool(spec.get("multi_sample")))
         return b
     raise BtkitError(f"no scripted backend named '{rest}' (register one with btkit_plugins.fake.script, or give a .json file)")
 

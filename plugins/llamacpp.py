@@ -80,6 +80,7 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()
         self._digit_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._batch = None  # llama_batch for score_continuation, allocated on first use
+        self._batch_size = 0  # tokens self._batch holds
         self.score_weights = str(options.get("score_weights") or "auto").lower()
         if self.score_weights not in SCORE_WEIGHTS:
             raise BtkitError(f"-B score_weights={self.score_weights}: choose one of {', '.join(SCORE_WEIGHTS)}")
@@ -170,37 +171,33 @@ class LlamaCppBackend(Backend):
     def candidate_tokens(self, prefix_tokens: list[int], assistant_prefix: str, candidates: list[str]) -> tuple[list[int], list[int]]:
         """Work out which single token each candidate is after the prefix, as the tokenizer would.
 
-        If the tokenizer merges the prefix's trailing space into the candidate (``' 5'`` as one
-        token), the space is moved off the prefix; otherwise the candidate is its own token.
+        Either every candidate is its own token after the prefix's tokens (SmolLM2: ``'Score: '``
+        then ``'5'``), or the tokenizer merges the prefix's trailing whitespace into the candidate
+        (``' 5'`` as one token): then the whitespace's tokens are cut off the prompt, which must
+        end with the prefix's tokens, and each candidate must be exactly one token after the
+        trimmed prefix. Anything else (a candidate of two tokens, candidates that disagree, a
+        trimmed prefix that tokenizes differently) cannot be read from one next-token
+        distribution and raises :class:`BackendError`.
         """
         llm = self.llm()
         key = (assistant_prefix, tuple(candidates))
-        if key in self._digit_cache:
-            strip, ids = self._digit_cache[key]
-        else:
-            strip = 0
-            ids: list[int] = []
-            base = llm.tokenize(assistant_prefix.encode(), add_bos=False, special=False)
-            for cand in candidates:
-                full = llm.tokenize((assistant_prefix + cand).encode(), add_bos=False, special=False)
-                if full[: len(base)] == base and len(full) == len(base) + 1:
-                    ids.append(full[-1])
-                    continue
-                # Merged: retokenize with the prefix's trailing whitespace moved onto the candidate.
-                trimmed = assistant_prefix.rstrip()
-                tbase = llm.tokenize(trimmed.encode(), add_bos=False, special=False)
-                tfull = llm.tokenize((assistant_prefix + cand).encode(), add_bos=False, special=False)
-                if tfull[: len(tbase)] != tbase:
-                    raise BackendError(f"cannot isolate candidate {cand!r} as one token after {assistant_prefix!r}")
-                strip = len(base) - len(tbase)
-                ids.append(tfull[len(tbase)])
-            if strip:  # all candidates must use the same prefix
-                trimmed = assistant_prefix.rstrip()
-                tbase = llm.tokenize(trimmed.encode(), add_bos=False, special=False)
-                ids = [llm.tokenize((assistant_prefix + c).encode(), add_bos=False, special=False)[len(tbase)] for c in candidates]
-            self._digit_cache[key] = (strip, ids)
-        tokens = prefix_tokens[: len(prefix_tokens) - strip] if strip else prefix_tokens
-        return tokens, ids
+        if key not in self._digit_cache:
+            def tok(text: str) -> list[int]:
+                return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+            base = tok(assistant_prefix)
+            fulls = [tok(assistant_prefix + c) for c in candidates]
+            if all(f[: len(base)] == base and len(f) == len(base) + 1 for f in fulls):
+                self._digit_cache[key] = (0, [f[-1] for f in fulls], base)
+            else:
+                self._digit_cache[key] = (*_merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
+        strip, ids, base = self._digit_cache[key]
+        if not strip:
+            return prefix_tokens, ids
+        if list(prefix_tokens[len(prefix_tokens) - len(base):]) != base:
+            raise BackendError(f"the prompt does not end with the tokens of the assistant prefix {assistant_prefix!r}, "
+                               f"so its trailing whitespace cannot be moved onto the candidates")
+        return prefix_tokens[: len(prefix_tokens) - strip], ids
 
     def _eval_reusing_prefix(self, tokens: list[int], llm: Any = None) -> None:
         """Evaluate ``tokens``, reusing the KV cache for the prefix shared with the previous call."""
@@ -322,11 +319,17 @@ class LlamaCppBackend(Backend):
         shared = min(shared, first_scored)  # logits are not kept, so re-run from the first scored position
         llm._ctx.kv_cache_seq_rm(-1, shared, -1)
         llm.n_tokens = shared
-        if self._batch is None:
+        if self._batch is None or self._batch_size < llm.n_batch:  # one batch serves every model of this backend
+            if self._batch is not None:
+                llama_cpp.llama_batch_free(self._batch)
+                self._batch = None
             self._batch = llama_cpp.llama_batch_init(llm.n_batch, 0, 1)
+            self._batch_size = llm.n_batch
         batch = self._batch
-        logits = np.empty((len(target), n_vocab), dtype=np.float32)
-        row = 0
+        # Logits are turned into log-probabilities chunk by chunk, so memory holds at most n_batch
+        # vocabulary-sized rows (a whole 4k-token response at once would be ~0.8 GB of float32).
+        rows = np.empty((min(llm.n_batch, len(target)), n_vocab), dtype=np.float32)
+        out: list[float] = []
         for start in range(shared, len(sequence), llm.n_batch):
             chunk = sequence[start : start + llm.n_batch]
             batch.n_tokens = len(chunk)
@@ -346,30 +349,69 @@ class LlamaCppBackend(Backend):
                 raise BackendError(f"llama_decode returned {rc}")
             llm.input_ids[start : start + len(chunk)] = chunk
             llm.n_tokens = start + len(chunk)
-            for i in flagged:
-                logits[row] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
-                row += 1
+            if flagged:
+                k = len(flagged)
+                for r, i in enumerate(flagged):
+                    rows[r] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                targets = target[len(out) : len(out) + k]
+                out += _log_softmax_picked(rows[:k], targets)
         llm._requires_eval = False
-        # log-softmax in float32 (float64 costs ~30x more here for no visible difference)
-        top = logits.max(axis=1, keepdims=True)
-        picked = logits[np.arange(len(target)), target] - top[:, 0]
-        np.subtract(logits, top, out=logits)
-        np.exp(logits, out=logits)
-        log_z = np.log(logits.sum(axis=1, dtype=np.float64))
-        return [float(v) for v in picked - log_z]
+        return out
 
     async def aclose(self) -> None:
         llm, self._llm = self._llm, None
         scorer, self._score_llm = self._score_llm, None
         if scorer is not None and scorer is not llm:
             scorer.close()
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._batch_size = self._batch, None, 0
         if batch is not None:
             import llama_cpp
 
             llama_cpp.llama_batch_free(batch)
         if llm is not None:
             llm.close()
+
+
+def _log_softmax_picked(logits: Any, picks: list[int]) -> list[float]:
+    """log softmax(row)[pick] for each row of ``logits`` (float32, overwritten).
+
+    In float32 (float64 costs ~30x more here for no visible difference), the normaliser summed in float64.
+    """
+    import numpy as np
+
+    top = logits.max(axis=1, keepdims=True)
+    picked = logits[np.arange(len(picks)), picks] - top[:, 0]
+    np.subtract(logits, top, out=logits)
+    np.exp(logits, out=logits)
+    log_z = np.log(logits.sum(axis=1, dtype=np.float64))
+    return [float(v) for v in picked - log_z]
+
+
+def _merged_candidate_ids(assistant_prefix: str, candidates: list[str], base: list[int], fulls: list[list[int]],
+                          tok: Any) -> tuple[int, list[int]]:
+    """(prefix tokens to strip, candidate ids) when the tokenizer merges the prefix's trailing
+    whitespace into the candidates (``'Score:'`` + ``' 5'``); BackendError when it does not cleanly.
+
+    ``base``: tokens of ``assistant_prefix``; ``fulls``: tokens of ``assistant_prefix + c`` per candidate.
+    """
+    def unusable(why: str) -> BackendError:
+        return BackendError(f"cannot read candidates {candidates!r} as one token each after {assistant_prefix!r}: {why}")
+
+    trimmed = assistant_prefix.rstrip()
+    if trimmed == assistant_prefix:
+        odd = [c for c, f in zip(candidates, fulls) if not (f[: len(base)] == base and len(f) == len(base) + 1)]
+        raise unusable(f"{odd!r} are not single tokens after it")
+    tbase = tok(trimmed)
+    strip = len(base) - len(tbase)
+    if strip <= 0 or base[: len(tbase)] != tbase:
+        raise unusable(f"the tokens of {trimmed!r} ({tbase}) are not a prefix of those of {assistant_prefix!r} ({base})")
+    ids = []
+    for c, f in zip(candidates, fulls):
+        if f[: len(tbase)] != tbase or len(f) != len(tbase) + 1:
+            raise unusable(f"{c!r} tokenizes as {f[len(tbase):] if f[: len(tbase)] == tbase else f} after {trimmed!r}, "
+                           f"not as one token (the candidates must all merge the whitespace or none)")
+        ids.append(f[len(tbase)])
+    return strip, ids
 
 
 def _cpu_has_bf16() -> bool:

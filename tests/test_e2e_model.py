@@ -3,45 +3,71 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
-from conftest import EXAMPLES, ROOT, read_jsonl, write_jsonl
+from conftest import EXAMPLES, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.model
 
 
 def test_humpback_on_examples_with_embedded_model(tmp_path):
+    """5 documents, 2 candidates each (two seeded requests: llamacpp: has no n>1), judged by the
+    rubric digits' logprobs, keeping the top half. A fixed sampling seed makes the run reproducible,
+    and the keep rule keeps at least one pair whenever any pair was scored, so the test asks for a
+    non-empty data.jsonl without hoping the 135M model's judge gives any particular score."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(EXAMPLES / "corpus.jsonl"), "-o", str(out),
            "--seed", str(EXAMPLES / "seed.jsonl"), "--limit", "5", "--shots", "2", "--max-tokens", "64",
-           "--threshold", "4", "--quiet"]
+           "--candidates", "2", "--sample-seed", "1", "--curate-mode", "logprob", "--keep-top", "50", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for name in ("data.jsonl", "candidates.jsonl", "stats.json", "failures.jsonl", "run.json"):
         assert (out / name).is_file(), name
     stats = json.loads((out / "stats.json").read_text())
     cands = read_jsonl(out / "candidates.jsonl")
+    corpus = {r["id"]: r["text"] for r in read_jsonl(EXAMPLES / "corpus.jsonl")}
     assert stats["status"] == "complete" and stats["model"] == "llamacpp:default"
     assert len({c["source_id"] for c in cands}) == 5
     assert stats["records"] == len(cands) == stats["kept"] + stats["dropped"]
-    generated = [c for c in cands if c["lineage"]]
-    assert generated, "no segment reached the model"
-    for c in generated:
+    assert sorted(c["id"].rsplit("~", 1)[1] for c in cands) == ["0"] * 5 + ["1"] * 5  # one segment each, 2 candidates
+    for c in cands:  # each candidate its own request, seed + i
         step = c["lineage"][0]
         assert step["model"] == "llamacpp:default" and step["template"] == "humpback/augment"
+        assert step["params"]["seed"] == 1 + int(c["id"].rsplit("~", 1)[1])
         assert step["raw"] is not None and (step.get("parsed") or step.get("parse_error"))
-    for c in cands:
         assert (c["status"] == "kept") == (c["reason"] is None)
-    scored = [c for c in cands if "score" in c["meta"]]
-    for c in scored:  # the default model can read logprobs: the score distribution is there
-        assert c["meta"]["curate_mode"] == "logprob" and set(c["meta"]["score_dist"]) == {"1", "2", "3", "4", "5"}
-    for row in read_jsonl(out / "data.jsonl"):
-        assert row["system"] == "Answer with knowledge from web search."
-        assert row["instruction"] and row["response"] and row["meta"]["score"] >= 4
     assert stats["stages"]["humpback.augment"]["tokens_out"] > 0
+
+    # curate scored pairs: every pair that reached it has a score (logprob mode cannot fail to parse)
+    cur = stats["stages"]["humpback.curate"]
+    scored = [c for c in cands if c["meta"].get("scored_by") == "humpback.curate"]
+    assert cur["in"] == len(scored) >= 1 and cur["parse_failures_total"] == 0
+    assert set(cur["dropped"]) <= {"below_keep_top"}
+    for c in scored:
+        meta = c["meta"]
+        assert meta["curate_mode"] == "logprob" and set(meta["score_dist"]) == {"1", "2", "3", "4", "5"}
+        assert meta["score"] in (1, 2, 3, 4, 5) and 1 <= meta["score_expected"] <= 5
+
+    # data.jsonl: the top half of the scored pairs, by expected score, with the paper's source tag
+    data = read_jsonl(out / "data.jsonl")
+    assert len(data) == stats["kept"] == math.ceil(len(scored) / 2) >= 1
+    kept_ids = {row["meta"]["id"] for row in data}
+    dropped_scores = [c["meta"]["score_expected"] for c in scored if c["id"] not in kept_ids]
+    for row in data:
+        assert set(row) == {"instruction", "response", "system", "meta"}
+        assert row["system"] == "Answer with knowledge from web search."
+        assert row["instruction"].strip() and row["response"].strip()
+        assert all(par in corpus[row["meta"]["source_id"]] for par in row["response"].split("\n\n"))  # the segment is the response
+        meta = row["meta"]
+        assert meta["method"] == "humpback" and meta["keep_top"] == 50 and meta["score"] in (1, 2, 3, 4, 5)
+        assert all(meta["score_expected"] >= d for d in dropped_scores)
+        lineage = meta["lineage"]
+        assert [s["stage"] for s in lineage] == ["humpback.augment", "humpback.curate"]
+        assert lineage[0]["parsed"] == {"instruction": row["instruction"]} and lineage[1]["kind"] == "next_token_logprobs"
 
 
 def test_rubric_mode_on_real_model_counts_unparseable_scores(cli, tmp_path):

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from btkit.backends import CHAT
-from btkit_plugins.eval_judge import (TEXT_REFERENCE_INSTRUCTIONS, build_items, derangement, precision_recall, roc_auc,
-                                      truncate_words)
+from btkit_plugins.eval_judge import (TEXT_REFERENCE_INSTRUCTIONS, TRUNCATE_SHARE, WARMUP_MESSAGES, build_items, derangement,
+                                      precision_recall, roc_auc, truncate_words)
 
 from conftest import EXAMPLES, write_jsonl
 
@@ -45,6 +45,14 @@ def test_negatives_are_deterministic_and_of_each_kind():
         assert it.instruction == by_id[it.gold_id]["instruction"] and it.response.split() == by_id[it.gold_id]["response"].split()[:6]
     for it in kinds["text_ref"]:
         assert it.instruction in TEXT_REFERENCE_INSTRUCTIONS and it.response == by_id[it.gold_id]["response"]
+
+
+def test_docs_and_help_say_what_the_truncated_negative_keeps(cli):
+    import btkit_plugins.eval_judge as ej
+
+    assert TRUNCATE_SHARE == 0.3 and "first 30% of its response's words" in ej.__doc__
+    r = cli("eval-judge", "--help")
+    assert "truncated (only the first 30% of the response's words)" in " ".join(r.output.split())
 
 
 def test_truncation_keeps_layout_and_skips_what_it_cannot_cut():
@@ -124,6 +132,49 @@ def test_eval_judge_on_a_scripted_backend_reports_auc_precision_recall(cli, scri
     # one unconditional call per response, shared by the gold pair and its negatives
     assert sum(h["messages"] is None for h in backend.history) == 6
     assert rep["model_calls"] == 18 + 6 and rep["cache_hits"] == 12
+    # a warm-up call of the same kind went first, outside the clock and the counts
+    assert backend.history[0] == {"kind": "score_continuation", "messages": WARMUP_MESSAGES, "continuation": "Hello."}
+    assert len(backend.history) == 1 + 18 + 6 and rep["warmup_error"] is None and rep["warmup_s"] >= 0
+    assert rep["items_from_cache"] == 0  # the unconditional shares make some calls cache hits, but no item is served whole
+    # the same evaluation again: every item answered by the cache, and the report says so
+    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--negatives", "swapped,text_ref", "--json", out)
+    assert r.exit_code == 0, r.output
+    again = json.loads(out.read_text())
+    assert again["items_from_cache"] == 18 and again["model_calls"] == 0 and again["auc"] == 1.0
+    assert len(backend.history) == 2 * 1 + 18 + 6  # only the second warm-up reached the backend
+    assert "18/18 items answered whole by the cache" in r.output
+
+
+def test_eval_judge_clock_starts_after_the_model_is_loaded(cli, scripted, tmp_path):
+    """The first call of a backend pays its lazy load: the warm-up takes it, not seconds_per_item."""
+    import time
+
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(3))
+    loaded = []
+
+    def logprobs(messages, continuation):
+        if not loaded:
+            time.sleep(0.6)  # loading the model
+            loaded.append(True)
+        return [-1.0] * 2 if messages else [-2.0] * 2
+
+    backend, spec = scripted(continuation_logprobs=logprobs)
+    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--json", "-")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["warmup_s"] >= 0.6 and rep["wall_s"] < 0.3 and rep["seconds_per_item"] < 0.3 / rep["items"]
+
+
+def test_eval_judge_warm_up_failure_is_reported_not_fatal(cli, scripted, tmp_path):
+    from btkit.errors import BackendError
+
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(3))
+    backend, spec = scripted(replies=[BackendError("model still loading")], default="Looks right.\nScore: 5")
+    r = cli("eval-judge", gold, "--mode", "rubric", "--model", spec, "--json", "-")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["warmup_error"] == "BackendError: model still loading" and rep["scored_share"] == 1.0
+    assert backend.history[0]["params"] == {"temperature": 0.0, "max_tokens": 1}
 
 
 def test_eval_judge_counts_unscored_items_as_rejected(cli, scripted, tmp_path):
@@ -173,10 +224,11 @@ def test_eval_judge_pmi_on_the_shipped_gold_set(cli, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["pairs"] == 20 and rep["items"] == 80 and rep["scored_share"] == 1.0
+    assert rep["warmup_error"] is None and rep["warmup_s"] > 0 and rep["items_from_cache"] == 0
     for key in ("auc", "precision", "recall", "seconds_per_item"):
         assert isinstance(rep[key], float)
     # PMI sees a wrong question and a question about "the text" (measured on 40 pairs: 0.81, 0.98;
-    # 0.5 would be a coin) but not a truncated answer (0.20: the first half of an answer is the part
+    # 0.5 would be a coin) but not a truncated answer (0.20: the first 30% of an answer is the part
     # most tied to its question), so the overall AUC (0.66) is not the thing to pin here.
     by_kind = rep["auc_by_negative"]
     assert by_kind["swapped"] > 0.7 and by_kind["text_ref"] > 0.8, by_kind

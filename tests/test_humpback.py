@@ -196,3 +196,133 @@ def test_candidates_per_segment_get_distinct_seeds(cli, scripted, tmp_path):
     seeds = [h["params"].get("seed") for h in backend.history if h["kind"] == "chat"]
     assert seeds == [0, 1]
     assert {d["instruction"] for d in read_jsonl(tmp_path / "out" / "data.jsonl")} == {"What is one?", "What is two?"}
+
+
+# -- --candidates N: one n=N request where the backend can, else N requests; failures per candidate --
+def augment_steps(cand):
+    return [s for s in cand["lineage"] if s["stage"] == "humpback.augment"]
+
+
+def test_multi_sample_backend_gets_all_candidates_in_one_request(cli, scripted, tmp_path):
+    choices = ["What does the first list hold?", "Which words does the list contain?", "How is the list ordered?"]
+    backend, spec = scripted(multi_sample=True, default=lambda m, p: list(choices), logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--candidates", "3", "-q")
+    assert r.exit_code == 0, r.output
+    chats = [h for h in backend.history if h["kind"] == "chat"]
+    assert len(chats) == 1 and chats[0]["params"]["n"] == 3 and chats[0]["params"]["seed"] == 0
+    cands = read_jsonl(tmp_path / "out" / "candidates.jsonl")
+    assert [c["id"] for c in cands] == ["d#0~0", "d#0~1", "d#0~2"]
+    assert [c["fields"]["instruction"] for c in cands] == choices and all(c["status"] == "kept" for c in cands)
+    steps = [augment_steps(c) for c in cands]
+    assert all(len(s) == 1 for s in steps)
+    assert [s[0]["raw"] for s in steps] == choices and [s[0]["choice"] for s in steps] == [0, 1, 2]
+    assert {s[0]["request"] for s in steps} == {steps[0][0]["step"]}  # one request, named in each candidate
+    assert [s[0]["parsed"]["instruction"] for s in steps] == choices
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["kept"] == 3 and stats["model_calls_this_invocation"] == 1 + 3  # one augment request, three judge calls
+    assert stats["stages"]["humpback.augment"]["tokens_out"] == sum(len(c.split()) for c in choices)  # counted once
+    assert [d["instruction"] for d in read_jsonl(tmp_path / "out" / "data.jsonl")] == choices
+    # the n=3 reply is cached whole: a rerun with another threshold asks nothing again and gets the same candidates
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "again", "--model", spec, "--candidates", "3", "--threshold", "4", "-q")
+    assert r.exit_code == 0, r.output
+    assert len([h for h in backend.history if h["kind"] == "chat"]) == 1
+    assert [c["fields"]["instruction"] for c in read_jsonl(tmp_path / "again" / "candidates.jsonl")] == choices
+
+
+def test_multi_sample_choices_are_parsed_and_counted_one_by_one(cli, scripted, tmp_path):
+    choices = ["What does the first list hold?", "Sorry, I cannot do that.",
+               {"text": "Which words does the list", "finish_reason": "length"}, "How is the list ordered?"]
+    backend, spec = scripted(multi_sample=True, default=lambda m, p: list(choices), logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--candidates", "4", "-q")
+    assert r.exit_code == 0, r.output
+    cands = {c["id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
+    assert {i: c["reason"] for i, c in cands.items()} == {"d#0~0": None, "d#0~1": "instruction_refusal", "d#0~2": "instruction_truncated", "d#0~3": None}
+    assert augment_steps(cands["d#0~1"])[0]["raw"] == "Sorry, I cannot do that."
+    assert augment_steps(cands["d#0~2"])[0]["parse_error"] == "truncated"
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    aug = stats["stages"]["humpback.augment"]
+    assert aug["parse_failures"] == {"refusal": 1, "truncated": 1} and aug["dropped"] == {"instruction_refusal": 1, "instruction_truncated": 1}
+    assert stats["kept"] == 2 and len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 2
+
+
+def test_multi_sample_parse_retry_resamples_only_the_failed_choice(cli, scripted, tmp_path):
+    from btkit.engine import retry_seed
+
+    def reply(messages, params):
+        if params.get("n") == 3:
+            return ["What does the first list hold?", "Sorry, I cannot do that.", "How is the list ordered?"]
+        return f"Which words come first in the list (seed {params['seed']})?"
+
+    backend, spec = scripted(multi_sample=True, default=reply, logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--candidates", "3", "--parse-retries", "2", "-q")
+    assert r.exit_code == 0, r.output
+    chats = [h["params"] for h in backend.history if h["kind"] == "chat"]
+    assert len(chats) == 2 and chats[0]["n"] == 3 and "n" not in chats[1] and chats[1]["seed"] == retry_seed(0 + 1, 1)
+    cands = {c["id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
+    assert all(c["status"] == "kept" for c in cands.values())
+    first, retry = augment_steps(cands["d#0~1"])
+    assert first["parse_error"] == "refusal" and retry["attempt"] == 1 and retry["retry_of"] == first["step"]
+    assert cands["d#0~1"]["fields"]["instruction"] == f"Which words come first in the list (seed {retry_seed(1, 1)})?"
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["parse_retries"] == 1 and stats["stages"]["humpback.augment"]["parse_retries_recovered"] == 1
+
+
+def test_without_multi_sample_each_candidate_is_its_own_seeded_request(cli, scripted, tmp_path):
+    backend, spec = scripted(default=lambda m, p: f"What is item number {p['seed']} here?", logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--candidates", "3", "-q")
+    assert r.exit_code == 0, r.output
+    chats = [h["params"] for h in backend.history if h["kind"] == "chat"]
+    assert [p["seed"] for p in chats] == [0, 1, 2] and all("n" not in p for p in chats)
+    cands = read_jsonl(tmp_path / "out" / "candidates.jsonl")
+    assert [c["fields"]["instruction"] for c in cands] == [f"What is item number {i} here?" for i in range(3)]
+
+
+def test_one_failed_candidate_request_keeps_its_siblings(cli, scripted, tmp_path):
+    from btkit.errors import BackendError
+
+    def reply(messages, params):
+        if params["seed"] == 1:
+            return BackendError("server exploded", raw="<html>502</html>")
+        return f"What is item number {params['seed']} here?"
+
+    backend, spec = scripted(default=reply, logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--candidates", "3", "-q")
+    assert r.exit_code == 0, r.output
+    assert len([h for h in backend.history if h["kind"] == "chat"]) == 3
+    cands = {c["id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
+    assert {i: c["status"] for i, c in cands.items()} == {"d#0~0": "kept", "d#0~1": "dropped", "d#0~2": "kept"}
+    assert cands["d#0~1"]["reason"] == "backend_error" and cands["d#0~1"]["dropped_at"] == "humpback.augment"
+    assert [d["instruction"] for d in read_jsonl(tmp_path / "out" / "data.jsonl")] == ["What is item number 0 here?", "What is item number 2 here?"]
+    assert read_jsonl(tmp_path / "out" / "failures.jsonl") == [
+        {"id": "d#0~1", "stage": "humpback.augment", "reason": "backend_error", "error": "server exploded", "raw": "<html>502</html>"}]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["backend_failures"] == 1 and stats["kept"] == 2 and stats["records"] == 3
+    assert stats["stages"]["humpback.augment"]["dropped"] == {"backend_error": 1}
+
+
+def test_multi_sample_request_that_fails_or_comes_back_short_is_recorded_per_candidate(cli, scripted, tmp_path):
+    from btkit.errors import BackendError
+
+    def reply(messages, params):
+        if words(1, 0) in messages[-1]["content"]:
+            return BackendError("server exploded", raw="<html>502</html>")
+        return ["What does the second list hold?", "How is the second list ordered?"]  # 2 of the 3 asked for
+
+    backend, spec = scripted(multi_sample=True, default=reply, logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(2)])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--candidates", "3", "-q")
+    assert r.exit_code == 0, r.output
+    cands = {c["id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
+    assert {i: c["reason"] for i, c in cands.items()} == {
+        "d0#0~0": "backend_error", "d0#0~1": "backend_error", "d0#0~2": "backend_error",
+        "d1#0~0": None, "d1#0~1": None, "d1#0~2": "backend_error"}
+    assert cands["d0#0~2"]["meta"]["drop_details"]["error"] == "server exploded"
+    assert "returned 2 of the 3 choices" in cands["d1#0~2"]["meta"]["drop_details"]["error"]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["backend_failures"] == 4 and stats["kept"] == 2
+    assert len(read_jsonl(tmp_path / "out" / "failures.jsonl")) == 4

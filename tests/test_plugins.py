@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from btkit import hookspecs
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, StageInfo
-from btkit.plugins import Registry
 
 from conftest import ROOT, read_jsonl, write_jsonl
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-from btkit.errors import TemplateError
 from btkit.prompts import PromptLibrary
 
-from conftest import ROOT, read_jsonl, write_jsonl
+from conftest import write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden"
 SEED = [

@@ -9,16 +9,15 @@ Stages: ``augment`` writes one instruction per corpus segment with a prompted ba
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import click
 
-from btkit.errors import BtkitError
+from btkit.engine import failed_record
 from btkit.hookspecs import hookimpl
 from btkit.io import iter_jsonl
-from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.methods import Method, Stage, StageInfo
 from btkit.records import Record
 
 from .. import curation
@@ -62,26 +61,30 @@ class AugmentStage(Stage):
         self.max_instruction_words = int(options.get("max_instruction_words") or 150)
 
     async def process(self, record: Record, ctx) -> list[Record]:
+        """One record per candidate instruction; a candidate whose call failed is its own dropped record.
+
+        With ``--candidates N`` the N candidates come from one ``n=N`` request where the backend
+        samples several choices (vllm:, openai:, litellm:), else from N requests with seeds
+        ``seed + i`` (:meth:`btkit.engine.StageCtx.complete_choices`).
+        """
         text = record.fields["text"]
         examples = pick_examples(self.seed, record.id, self.shots)
         params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=128)
-        outs = []
-        for i in range(self.candidates):
-            rec = record if self.candidates == 1 else record.child(f"~{i}")
-            p = dict(params)
-            if self.candidates > 1:
-                p["seed"] = int(p.get("seed") or 0) + i
-            comp = await ctx.for_record(rec).complete(
-                "humpback/augment", {"text": text, "examples": examples},
-                parse=lambda reply: {"instruction": parse_instruction(reply, text, max_words=self.max_instruction_words)}, **p)
-            if comp.parse_error is not None:  # truncated, content-filtered, empty, copied back, ... (recorded in the step)
-                e = comp.parse_error
-                outs.append(rec.drop(self.label, f"instruction_{e.reason}", detail=e.detail))
-                continue
-            instruction = comp.parsed["instruction"]
-            rec.fields.update(instruction=instruction, response=text)
-            outs.append(rec)
-        return outs
+        variables = {"text": text, "examples": examples}
+        parse = lambda reply: {"instruction": parse_instruction(reply, text, max_words=self.max_instruction_words)}  # noqa: E731
+        if self.candidates == 1:  # the record itself, sampled as the user asked (no seed unless given)
+            comp = await ctx.complete("humpback/augment", variables, parse=parse, **params)
+            return [self._finish(record, comp)]
+        kids = [record.child(f"~{i}") for i in range(self.candidates)]
+        comps = await ctx.complete_choices("humpback/augment", variables, kids, parse=parse, **params)
+        return [failed_record(kid, self.label, c) if isinstance(c, Exception) else self._finish(kid, c) for kid, c in zip(kids, comps)]
+
+    def _finish(self, rec: Record, comp: Any) -> Record:
+        """Keep the parsed instruction, or drop the candidate with the parse failure's reason."""
+        if comp.parse_error is not None:  # truncated, content-filtered, empty, copied back, ... (recorded in the step)
+            return rec.drop(self.label, f"instruction_{comp.parse_error.reason}", detail=comp.parse_error.detail)
+        rec.fields.update(instruction=comp.parsed["instruction"], response=rec.fields["text"])
+        return rec
 
 
 class CurateStage(Stage):
@@ -163,7 +166,7 @@ METHOD = Humpback(
         click.Option(["--score-threshold"], type=float, default=None, help="Keep pairs with score >= X, any mode (pmi/ifd default 0: the instruction makes the response more likely; overrides --threshold)."),
         click.Option(["--keep-top"], type=click.FloatRange(0, 100, min_open=True), default=None, help="Keep the top P percent of scored pairs (decided when the run ends, over all of them; ties at the cutoff kept). Replaces --threshold."),
         click.Option(["--shots"], type=int, default=3, show_default=True, help="Few-shot examples per augment prompt."),
-        click.Option(["--candidates"], type=int, default=1, show_default=True, help="Instructions generated per segment."),
+        click.Option(["--candidates"], type=int, default=1, show_default=True, help="Instructions generated per segment: one request with n=N where the backend samples several (vllm:, openai:, litellm:), else N requests with seeds seed+i. A failed candidate is dropped on its own."),
         click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop segments shorter than this."),
         click.Option(["--max-words"], type=int, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
         click.Option(["--mix-seed"], is_flag=True, help="Also write the seed pairs to data.jsonl, tagged 'Answer in the style of an AI Assistant.' (the paper trains on seed + curated)."),
