@@ -148,6 +148,8 @@ class ScoreStage(Stage):
     def check_backend(self, backend: Any) -> None:
         if self.mode == "logprob":
             backend.require("next_token_logprobs", f"--score-mode logprob in stage {self.label} (or use --score-mode rubric)")
+        else:  # auto: asked now, so vllm: checks its server once before the first call
+            backend.supports("next_token_logprobs")
 
     async def process(self, record: Record, ctx) -> list[Record]:
         score, details = await score_instruction(ctx, record.fields["instruction"], self.mode, self.sampling(temperature=0.0, max_tokens=256))

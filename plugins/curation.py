@@ -306,6 +306,8 @@ class Curator:
             backend.require(SCORE_CONTINUATION, f"--curate-mode {self.mode} in stage {self.label} (or use --curate-mode rubric)")
         elif self.mode == "logprob":
             backend.require(NEXT_TOKEN_LOGPROBS, f"--curate-mode logprob in stage {self.label} (or use --curate-mode rubric)")
+        else:  # auto: decided now, so a backend that must ask its server (vllm:) does so before the first call
+            self.resolve_mode(backend)
 
     def resolve_mode(self, backend: Any) -> str:
         if self.mode == "auto":

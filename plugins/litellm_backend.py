@@ -14,10 +14,18 @@ set it to ``False`` yourself for the live list.
   prefill (Anthropic, DeepSeek...); elsewhere it is a configuration error.
 Capabilities: chat, ``n`` candidates, JSON-schema output. No logprob scoring (providers differ too
 much); methods fall back to rubric parsing.
+
+Secrets: litellm's loggers do not propagate to the root logger and, at debug level
+(``litellm._turn_on_debug()``), log every request; the version tested masks the key there, and a
+filter on those loggers and their handlers (:class:`RedactSecrets`) scrubs the key btkit gave it and
+the credential-like environment values it may pick up, whatever the version. Errors are raised
+without litellm's exception attached as ``__context__``: its message may quote the key (a provider
+echoing the Authorization header), and a traceback printer or error reporter could show it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -32,6 +40,51 @@ from .remote_http import (
 
 _SAMPLING = ("temperature", "top_p", "max_tokens", "seed", "stop", "n")
 _CONTROL = ("assistant_prefix", "json_schema", "json_schema_name", "repetition_penalty")
+
+
+#: litellm's own loggers (``propagate=False``, with their own handlers).
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces known secrets with ``***`` in a log record's message and traceback text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: list[Secret] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose args do not format: leave it to the handler
+            return True
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = secret.redact(text) or text
+        return text
+
+
+_REDACT = RedactSecrets()
+
+
+def redact_litellm_logs(secret: Secret) -> None:
+    """Scrub ``secret`` from whatever litellm logs, at any level, from now on."""
+    if secret not in _REDACT.secrets:
+        _REDACT.secrets.append(secret)
+    for name in LITELLM_LOGGERS:
+        logger = logging.getLogger(name)
+        for target in [logger, *logger.handlers]:
+            if _REDACT not in target.filters:
+                target.addFilter(_REDACT)
 
 
 def import_litellm() -> Any:
@@ -72,6 +125,7 @@ class LiteLLMBackend(Backend):
     def litellm(self) -> Any:
         if self._litellm is None:
             self._litellm = import_litellm()
+            redact_litellm_logs(self.api_key)
         return self._litellm
 
     def request_kwargs(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +163,8 @@ class LiteLLMBackend(Backend):
             try:
                 return await litellm.acompletion(**kwargs)
             except Exception as e:
-                raise self.classify(e) from None
+                err = self.classify(e)
+            raise err  # outside the handler: no __context__ holding litellm's unredacted exception (and its frames)
 
         resp = await call_with_retries(attempt, self.settings, self.budget, f"{self.spec}")
         return self.completion_from(resp, int(kwargs.get("n") or 1))

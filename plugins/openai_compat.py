@@ -2,16 +2,20 @@
 
 - ``openai:MODEL``: any OpenAI-compatible chat endpoint. Base URL from ``--base-url`` (backend option
   ``base_url``) or ``OPENAI_BASE_URL`` (default https://api.openai.com/v1); key from ``OPENAI_API_KEY``.
-  Capabilities: chat, ``n`` candidates per request, JSON-schema output (``response_format``). No
-  logprob scoring: the OpenAI chat API cannot continue an assistant prefix, so a judge's
+  Capabilities: chat, ``n`` candidates per request, JSON-schema output (``response_format``), and
+  continuation scores (``--curate-mode pmi|ifd``) through the legacy completions API where the
+  server supports ``echo`` with ``logprobs`` (see :func:`text_frame` and :meth:`OpenAICompatBackend.score_continuation`).
+  No next-token logprobs: the OpenAI chat API cannot continue an assistant prefix, so a judge's
   ``Score: `` prefill cannot be read there (``--curate-mode auto`` picks the rubric).
 - ``vllm:MODEL`` (``vllm:`` alone: the first model of ``GET /v1/models``): OpenAI-compatible plus
   vLLM's extensions: assistant prefill (``continue_final_message``), next-token logprobs
   (``top_logprobs`` after the prefill), continuation scores (``prompt_logprobs``), guided decoding
   (``guided_json`` and friends pass through, ``json_schema`` becomes ``response_format``).
   Key from ``VLLM_API_KEY`` or ``OPENAI_API_KEY`` (``vllm serve --api-key``).
-  Those extensions are only used after ``GET /v1/models`` shows a vLLM server (``owned_by: vllm``):
-  other servers silently ignore unknown fields, which would give wrong scores rather than an error.
+  Those extensions are only offered (``supports()``) and used after ``GET /v1/models`` shows a vLLM
+  server (``owned_by: vllm``), checked once: other servers silently ignore unknown fields, which
+  would give wrong scores rather than an error. So ``--curate-mode auto`` falls back to the rubric
+  on another server, and ``logprob``/``pmi``/``ifd`` stop before the first model call.
   ``-B vllm_extensions=true`` vouches for a compatible server that does not say so (SGLang...).
 
 Backend options (``-B``): timeout, connect_timeout, max_retries, backoff_base, max_backoff,
@@ -31,7 +35,9 @@ matches blocks by content hash, not arrival order, so no reordering is done here
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from typing import Any
 
 from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
@@ -39,19 +45,88 @@ from btkit.errors import BackendError, BtkitError, CapabilityError
 from btkit.hookspecs import hookimpl
 
 from .remote_http import (
-    RAW_LIMIT, HttpClient, RemoteSettings, RetryableError, RetryBudget, Secret, call_with_retries, cost_usd, env_first,
-    normalize_base_url, public_url,
+    RAW_LIMIT, RETRY_STATUSES, HttpClient, RemoteSettings, RetryableError, RetryBudget, Secret, _error_message,
+    call_with_retries, cost_usd, env_first, normalize_base_url, public_url,
 )
 
 #: Params that shape the request body itself, never sent as extra fields.
 _CONTROL = ("assistant_prefix", "json_schema", "json_schema_name")
+
+#: What ``score_continuation(None, ...)`` scores after (the backend contract): the reply to an empty
+#: user turn in the same frame, so conditional and unconditional scores differ by the instruction only.
+UNCONDITIONAL_MESSAGES: tuple[dict[str, str], ...] = ({"role": "user", "content": ""},)
+
+#: Role names in :func:`text_frame`.
+ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+#: The one-time probe of ``/completions`` echo: a reply any language model predicts well, so a server
+#: that reads each token's logprob from the wrong position is plain to see (see ``_probe_echo``).
+PROBE_MESSAGES = ({"role": "user", "content": "Count from 1 to 12."},)
+PROBE_CONTINUATION = ", ".join(str(i) for i in range(1, 13))
+
+
+def text_frame(messages: list[dict[str, str]] | tuple[dict[str, str], ...] | None) -> str:
+    """The plain text ``openai:`` scores a continuation after (the completions API takes text, and an
+    endpoint does not publish its chat template).
+
+    Each message is ``Role: content`` (System, User, Assistant), turns are separated by a blank line,
+    and the frame ends with ``Assistant:`` and a newline, right before the continuation:
+    ``"User: Why?\n\nAssistant:\n"``. ``None`` frames an empty user turn (``"User: \n\nAssistant:\n"``),
+    so PMI/IFD compare the same text with and without the instruction. The final newline keeps
+    the boundary clean for BPE tokenizers, which glue a leading space to the next word.
+    """
+    msgs = UNCONDITIONAL_MESSAGES if messages is None else messages
+    turns = [f"{ROLE_LABELS.get(str(m['role']), str(m['role']).capitalize())}: {m['content']}" for m in msgs]
+    return "\n\n".join([*turns, "Assistant:\n"])
+
+
+class NoEchoLogprobs(Exception):
+    """A completions reply that does not give the prompt's token logprobs (the message says how)."""
+
+
+def echo_span(data: dict[str, Any], start: int, end: int) -> tuple[list[int], dict[str, Any]]:
+    """Indices of the echoed prompt tokens that spell ``prompt[start:end]``, and the ``logprobs`` object.
+
+    Token ``i`` spans ``text_offset[i]`` up to the next token's offset. It is picked when it starts
+    inside ``[start, end)``, or when it starts before ``start`` and ends after it: a token straddling
+    the frame's end (a tokenizer merging the frame's last newline with the continuation's first
+    character) is counted as the continuation's, since it spells part of it, and the frame text it
+    also covers is the same in the conditional and the unconditional call. Tokens from ``end`` on
+    are the generated one(s) and left out.
+    """
+    choices = data.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        raise NoEchoLogprobs("answered without logprobs")
+    offsets, values = lp.get("text_offset"), lp.get("token_logprobs")
+    if not isinstance(offsets, list) or not isinstance(values, list) or len(offsets) != len(values):
+        raise NoEchoLogprobs("answered without text_offset and token_logprobs for the prompt")
+    picked = []
+    for i, off in enumerate(offsets):
+        if not isinstance(off, int) or off >= end:
+            continue
+        nxt = offsets[i + 1] if i + 1 < len(offsets) and isinstance(offsets[i + 1], int) else end
+        if off >= start or nxt > start:
+            picked.append(i)
+    if not picked:
+        raise NoEchoLogprobs("did not echo the prompt's tokens with their logprobs")
+    if any(not isinstance(values[i], (int, float)) for i in picked):
+        raise NoEchoLogprobs("gave no logprob for some echoed prompt tokens")
+    return picked, lp
+
+
+def echo_logprobs(data: dict[str, Any], start: int, end: int) -> list[float]:
+    """The logprobs of the echoed prompt tokens spelling ``prompt[start:end]`` (see :func:`echo_span`)."""
+    picked, lp = echo_span(data, start, end)
+    return [float(lp["token_logprobs"][i]) for i in picked]
 
 
 class OpenAICompatBackend(Backend):
     """Chat over HTTP with an OpenAI-compatible server; retries and budget from ``remote_http``."""
 
     kind = "openai"
-    capabilities = frozenset({CHAT, MULTI_SAMPLE, JSON_SCHEMA})
+    capabilities = frozenset({CHAT, MULTI_SAMPLE, JSON_SCHEMA, SCORE_CONTINUATION})
     default_base_url = "https://api.openai.com/v1"
     key_env: tuple[str, ...] = ("OPENAI_API_KEY",)
     #: Sampling keys this endpoint kind accepts (others in SAMPLING_KEYS are left out, e.g. OpenAI has no repetition_penalty).
@@ -67,6 +142,8 @@ class OpenAICompatBackend(Backend):
         self.client = HttpClient(self.base_url, self.api_key, self.settings)
         self.spec = f"{self.kind}:{rest}"
         self._models_cache: list[dict[str, Any]] | None = None
+        self._echo_reason: str | None = None  # why /completions echo cannot score, once probed
+        self._echo_checked = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec} at {public_url(self.base_url)}>"
@@ -133,8 +210,6 @@ class OpenAICompatBackend(Backend):
 
     def completion_from(self, data: dict[str, Any], body: dict[str, Any]) -> Completion:
         """An OpenAI chat reply -> Completion. A reply without choices is a BackendError with the raw JSON."""
-        import json
-
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise BackendError(f"{self.spec}: reply has no choices", raw=self.api_key.redact(json.dumps(data)[:RAW_LIMIT]))
@@ -160,8 +235,125 @@ class OpenAICompatBackend(Backend):
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         return cost_usd(self.model, prompt_tokens, completion_tokens)
 
+    # -- continuation scores through /completions echo ----------------------------------------
+    def supports(self, capability: str) -> bool:
+        """Continuation scores only where ``/completions`` echoes aligned prompt logprobs: asked once
+        (one small request, see ``_probe_echo``) so a run that needs them stops before any work."""
+        if capability == SCORE_CONTINUATION and capability in self.capabilities:
+            return self.echo_reason() is None
+        return capability in self.capabilities
+
+    def unsupported_reason(self, capability: str) -> str:
+        if capability == SCORE_CONTINUATION and self._echo_reason:
+            return f"backend '{self.spec}' cannot do '{capability}': {self._echo_reason}"
+        return super().unsupported_reason(capability)
+
+    def echo_body(self, prompt: str) -> dict[str, Any]:
+        """A completions request that echoes ``prompt`` with each token's logprob and generates one
+        token (llama-cpp-python reads ``max_tokens: 0`` as "no limit"; 1 works everywhere)."""
+        return {"model": self.model, "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.0}
+
+    def echo_reason(self) -> str | None:
+        """None when this endpoint can score continuations; else why not (one line). Probed once."""
+        if not self._echo_checked:
+            self._echo_reason = self._probe_echo()
+            self._echo_checked = True
+        return self._echo_reason
+
+    def _probe_echo(self) -> str | None:
+        """Score :data:`PROBE_CONTINUATION` once and judge the reply.
+
+        No: a 4xx (echo or logprobs rejected, no completions endpoint for this model), a 5xx that
+        names logprobs or echo (llama-cpp-python's server without ``--logits_all True``), a reply
+        without prompt logprobs, offsets that do not spell the prompt, or logprobs read one position
+        late: in a counting reply the most likely token at each position should be the token there;
+        a server whose top token matches the *next* one instead (llama-cpp-python's server with a
+        model that adds no BOS token, abetlen/llama-cpp-python#1983) would give wrong numbers.
+        Transient failures are retried twice, then stop the run: the answer is unknown.
+        """
+        frame = text_frame(PROBE_MESSAGES)
+        prompt = frame + PROBE_CONTINUATION
+        what = f"POST {public_url(self.base_url)}/completions with echo and logprobs"
+        last = ""
+        for attempt in range(3):
+            if attempt:
+                time.sleep(self.settings.backoff(attempt - 1, None))
+            try:
+                status, headers, text = self.client.post_json_sync("/completions", self.echo_body(prompt))
+            except RetryableError as e:
+                last = str(e)
+                continue
+            message = " ".join(_error_message(text).split())[:300]
+            if status in (401, 403):
+                self.client.raise_for_status(status, headers, text, what)  # a refused key stops the run as usual
+            names_it = "logprob" in message.lower() or "echo" in message.lower()
+            if status >= 400 and (names_it or (status < 500 and status not in RETRY_STATUSES)):
+                return f"{what} answered HTTP {status} ({message or 'no detail'}), so this endpoint cannot score continuations {_CAN_SCORE}"
+            if status >= 400:
+                last = f"HTTP {status}: {message}"
+                continue
+            try:
+                data = json.loads(text)
+                picked, lp = echo_span(data if isinstance(data, dict) else {}, len(frame), len(prompt))
+            except ValueError:
+                return f"{what} answered with a body that is not JSON, so this endpoint cannot score continuations {_CAN_SCORE}"
+            except NoEchoLogprobs as e:
+                return f"{what} {e}, so this endpoint cannot score continuations {_CAN_SCORE}"
+            tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else []
+            spelled = "".join(str(tokens[i]) for i in picked) if len(tokens) == len(lp["text_offset"]) else PROBE_CONTINUATION
+            straddle = spelled[: len(spelled) - len(PROBE_CONTINUATION)]  # frame text in a token that straddles the boundary
+            if not spelled.endswith(PROBE_CONTINUATION) or not frame.endswith(straddle):
+                return (f"{what}: the echoed tokens' text_offset does not match the prompt text, so this endpoint "
+                        f"cannot score continuations: their tokens cannot be located {_CAN_SCORE}")
+            here, next_ = _top_token_matches(lp, picked)
+            if next_ > 2 * here + 2:
+                return (f"{what}: the echoed logprobs are one token late (each token's logprob read from the distribution "
+                        "after it, as llama-cpp-python's server does for a model that adds no BOS token), so this endpoint "
+                        f"cannot score continuations: scores read there would be wrong {_CAN_SCORE}")
+            return None
+        raise BtkitError(f"{what}: could not check whether this endpoint can score continuations ({last}); check --base-url")
+
+    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
+        """Per-token logprobs of ``continuation`` after :func:`text_frame` of ``messages``, through
+        ``POST /completions`` with ``echo`` and ``logprobs`` (the echoed prompt's token logprobs).
+
+        A reply without them is a :class:`CapabilityError` (the run stops with one line), not a
+        record failure: every other pair would fail the same way.
+        """
+        self.require(SCORE_CONTINUATION, "continuation scores")
+        if not continuation:
+            return []
+        frame = text_frame(messages)
+        prompt = frame + continuation
+        data = await self.post("/completions", self.echo_body(prompt))
+        try:
+            return echo_logprobs(data, len(frame), len(prompt))
+        except NoEchoLogprobs as e:
+            raise CapabilityError(f"backend '{self.spec}': POST {public_url(self.base_url)}/completions {e}, so this endpoint "
+                                  f"cannot score continuations {_CAN_SCORE}; use one of those or --curate-mode rubric") from None
+
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+#: Who can score continuations, for the messages of backends that cannot.
+_CAN_SCORE = "(llamacpp:PATH.gguf in process or vllm: on a vLLM server can)"
+
+
+def _top_token_matches(lp: dict[str, Any], picked: list[int]) -> tuple[int, int]:
+    """How often each picked position's most likely token is the token there, and the token after."""
+    tokens, tops = lp.get("tokens"), lp.get("top_logprobs")
+    if not isinstance(tokens, list) or not isinstance(tops, list) or len(tops) != len(tokens):
+        return 0, 0  # no top tokens to compare: nothing to go on
+    here = next_ = 0
+    for i in picked:
+        top = tops[i]
+        if not isinstance(top, dict) or not top:
+            continue
+        best = max(top, key=lambda t: top[t] if isinstance(top[t], (int, float)) else -math.inf)
+        here += best == tokens[i]
+        next_ += i + 1 < len(tokens) and best == tokens[i + 1]
+    return here, next_
 
 
 class VLLMBackend(OpenAICompatBackend):
@@ -182,16 +374,43 @@ class VLLMBackend(OpenAICompatBackend):
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         return None  # a self-hosted server has no list price
 
-    def require_extensions(self, feature: str) -> None:
-        """vLLM-only request fields are ignored by other servers: check the server is vLLM first."""
+    #: What only a vLLM server does with these requests; other servers ignore the fields.
+    vllm_only = frozenset({NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION})
+
+    def extensions_ok(self) -> bool:
+        """Whether vLLM's request fields will be honoured: ``-B vllm_extensions``, else ``GET /models``
+        says ``owned_by: vllm`` (asked once and remembered)."""
         if self._extensions_ok is None:
             self._owners = sorted({str(c.get("owned_by")) for c in self.models()})
             self._extensions_ok = "vllm" in self._owners
-        if not self._extensions_ok:
-            owners = ", ".join(getattr(self, "_owners", None) or ["not checked"])
+        return self._extensions_ok
+
+    def supports(self, capability: str) -> bool:
+        """Prefill-based logprobs and prompt logprobs only on a server known to be vLLM, so
+        ``--curate-mode auto`` reads the rubric elsewhere and explicit modes stop before any call."""
+        if capability in self.vllm_only:
+            return capability in self.capabilities and self.extensions_ok()
+        return capability in self.capabilities
+
+    def unsupported_reason(self, capability: str) -> str:
+        if capability in self.vllm_only and capability in self.capabilities:
+            also = ", and openai: scores continuations where /completions echoes logprobs" if capability == SCORE_CONTINUATION else ""
+            return (f"backend '{self.spec}' cannot do '{capability}': {self._not_vllm()}; "
+                    f"-B vllm_extensions=true vouches for a vLLM-compatible server{also}")
+        return super().unsupported_reason(capability)
+
+    def _not_vllm(self) -> str:
+        owners = getattr(self, "_owners", None)
+        if owners is None:  # never asked: the user said so
+            return f"-B vllm_extensions=false turns vLLM's request fields off for {public_url(self.base_url)}"
+        return (f"{public_url(self.base_url)} does not say it is vLLM (GET /models owned_by: {', '.join(owners)}), and other "
+                "servers ignore vLLM's fields and would return wrong numbers")
+
+    def require_extensions(self, feature: str) -> None:
+        """A safety net under :meth:`supports`: never send a vLLM-only request to another server."""
+        if not self.extensions_ok():
             raise CapabilityError(
-                f"{public_url(self.base_url)} does not say it is vLLM (GET /models owned_by: {owners}), "
-                f"so {feature} cannot be trusted there: other servers ignore vLLM's fields and would return wrong numbers. "
+                f"{self._not_vllm()}, so {feature} cannot be trusted there. "
                 "Use --curate-mode rubric (or a method mode without logprobs), or -B vllm_extensions=true for a vLLM-compatible server"
             )
 
@@ -215,8 +434,6 @@ class VLLMBackend(OpenAICompatBackend):
             top = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             pairs = [(str(t["token"]), float(t["logprob"])) for t in top]
         except (KeyError, IndexError, TypeError, ValueError):
-            import json
-
             raise BackendError(f"{self.spec}: reply has no top_logprobs for the first token", raw=json.dumps(data)[:RAW_LIMIT]) from None
         out: dict[str, float] = {}
         for cand in candidates:
@@ -229,28 +446,23 @@ class VLLMBackend(OpenAICompatBackend):
     async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
         """Per-token logprobs of ``continuation`` via vLLM's ``prompt_logprobs``.
 
-        With messages: the continuation is prefilled as the assistant's reply and the trailing prompt
-        tokens that spell it are read. Without: ``/completions`` on the bare text; the first token
-        has no logprob (nothing precedes it) and is left out.
+        The continuation is prefilled as the assistant's reply to ``messages`` (``None``: to an empty
+        user turn, :data:`UNCONDITIONAL_MESSAGES`, in the same chat template) and the trailing
+        prompt tokens that spell it are read: both scores come from the same frame.
         """
         self.require_extensions("continuation scores (prompt_logprobs)")
         if not continuation:
             return []
-        if messages is None:
-            body: dict[str, Any] = {"model": self.model, "prompt": continuation, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-            data = await self.post("/completions", body)
-        else:
-            body = {"model": self.model, "messages": list(messages) + [{"role": "assistant", "content": continuation}],
-                    "continue_final_message": True, "add_generation_prompt": False,
-                    "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-            data = await self.post("/chat/completions", body)
+        turns = list(UNCONDITIONAL_MESSAGES if messages is None else messages)
+        body = {"model": self.model, "messages": turns + [{"role": "assistant", "content": continuation}],
+                "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+        data = await self.post("/chat/completions", body)
         return continuation_logprobs(data, continuation, self.spec)
 
 
 def continuation_logprobs(data: dict[str, Any], continuation: str, spec: str = "vllm") -> list[float]:
     """The logprobs of the trailing prompt tokens that spell ``continuation`` in a vLLM reply."""
-    import json
-
     entries = data.get("prompt_logprobs")
     if entries is None and isinstance(data.get("choices"), list) and data["choices"]:
         entries = data["choices"][0].get("prompt_logprobs")
@@ -275,5 +487,5 @@ def continuation_logprobs(data: dict[str, Any], continuation: str, spec: str = "
 
 @hookimpl
 def btkit_register_backends(register):
-    register("openai", OpenAICompatBackend, description="OpenAI-compatible HTTP endpoint (openai:MODEL; --base-url or OPENAI_BASE_URL, key OPENAI_API_KEY)")
+    register("openai", OpenAICompatBackend, description="OpenAI-compatible HTTP endpoint (openai:MODEL; --base-url or OPENAI_BASE_URL, key OPENAI_API_KEY); continuation scores where /completions echoes logprobs")
     register("vllm", VLLMBackend, description="vLLM server (vllm:MODEL, or vllm: for its first model; --base-url): prefill, logprobs, n>1, guided JSON")

@@ -294,6 +294,25 @@ class HttpClient:
         except ValueError:
             raise BtkitError(f"GET {public_url(url)}: the reply is not JSON: {self.api_key.redact(raw[:200].decode('utf-8', 'replace'))!r}") from None
 
+    def post_json_sync(self, path: str, body: dict[str, Any], timeout: float | None = None) -> tuple[int, Any, str]:
+        """A blocking POST for a one-off check before the run (a capability probe).
+
+        Returns (status, headers, reply text with the key redacted) whatever the status, so the
+        caller decides what an error means; a connection failure or timeout is a RetryableError.
+        """
+        import urllib.error
+        import urllib.request
+
+        url = self.base_url + path
+        req = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers=self._auth_headers(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or min(self.settings.timeout, 60)) as resp:
+                return resp.status, resp.headers, self._text(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, self._text(e.read())
+        except (urllib.error.URLError, OSError) as e:
+            raise RetryableError(f"POST {public_url(url)}: cannot reach the server ({self.api_key.redact(str(getattr(e, 'reason', e)))})") from None
+
     async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None and not session.closed:

@@ -10,11 +10,21 @@ KINDs: ``http429`` (Retry-After: ``ra`` seconds, default 1), ``http500``, ``http
 (sleeps ``hang_s`` before answering), ``drop`` (closes the connection without a reply), ``badjson``
 (200 with a body that is not JSON), ``length`` (finish_reason=length), ``content_filter``,
 ``echokey`` (400 whose body repeats the Authorization header, as some providers do), ``http401``,
-``slow`` (answers normally after ``hang_s``: for counting requests in flight, ``max_slow_in_flight``).
+``slow`` (answers normally after ``hang_s``: for counting requests in flight, ``max_slow_in_flight``),
+``barrier`` (holds each request until ``n`` of them are open at once, or ``hang_s`` passed, then
+answers: the peak is ``max_slow_in_flight``; a client that cannot open ``n`` connections shows a
+lower peak, after a bounded wait).
 
 Normal answers: augment -> an instruction naming the id; curate -> ``Score: 5`` (or logprobs when
 asked, vLLM-style). ``GET /v1/models`` lists one model, ``owned_by`` = ``owner`` (``vllm`` makes the
 backend trust vLLM's extensions). Every request is logged in ``requests`` for assertions.
+
+``POST /v1/completions`` answers as ``completions_mode`` says: ``echo`` (OpenAI-style echoed prompt
+logprobs: one token per whitespace-led word, logprob -(characters)/10, each its own top token, plus
+one generated token ``" x"``), ``shifted`` (the same numbers, but each position's top token is the
+*next* token: logprobs read one position late), ``nologprobs`` (200 without logprobs), ``reject``
+(400: echo with logprobs not supported), ``logits`` (500 naming logprobs, as llama-cpp-python's
+server started without ``--logits_all True``).
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ class FaultServer:
     hang_s: float = 3.0
     requests: list[Seen] = field(default_factory=list)
     port: int = 0
+    completions_mode: str = "echo"
 
     def __post_init__(self) -> None:
         self._counts: dict[tuple[str, str], int] = {}
@@ -62,6 +73,7 @@ class FaultServer:
         self._runner: web.AppRunner | None = None
         self.slow_in_flight = 0
         self.max_slow_in_flight = 0
+        self._barriers: dict[str, asyncio.Event] = {}
 
     @property
     def base_url(self) -> str:
@@ -80,7 +92,7 @@ class FaultServer:
             app.router.add_post("/v1/completions", self.completions)
             self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
             self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)  # hundreds of clients connect at once
             self._loop.run_until_complete(site.start())
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready.set()
@@ -115,6 +127,9 @@ class FaultServer:
             self._counts.clear()
             self.requests.clear()
             self.max_slow_in_flight = 0
+            self.slow_in_flight = 0
+            self._barriers.clear()
+        self.completions_mode = "echo"
 
     def seen(self, fault_id: str, stage: str = "augment") -> list[Seen]:
         return [r for r in self.requests if r.fault_id == fault_id and r.stage == stage]
@@ -126,12 +141,20 @@ class FaultServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         prompt = str(body.get("prompt", ""))
-        self.requests.append(Seen(time.time(), "/v1/completions", "completions", None, None, request.headers.get("Authorization"), body, "ok"))
-        return web.json_response({
-            "id": "cmpl-1", "object": "text_completion", "model": self.model,
-            "choices": [{"index": 0, "text": "x", "finish_reason": "length", "prompt_logprobs": _prompt_logprobs(prompt, bos=True)}],
-            "usage": {"prompt_tokens": len(prompt.split()) + 1, "completion_tokens": 1},
-        })
+        mode = self.completions_mode
+        self.requests.append(Seen(time.time(), "/v1/completions", "completions", None, None, request.headers.get("Authorization"), body, mode))
+        if mode == "reject":
+            return web.json_response({"error": {"message": "echo is not supported with logprobs for this model", "type": "invalid_request_error"}}, status=400)
+        if mode == "logits":
+            return web.json_response({"error": {"message": "logprobs is not supported for models created with logits_all=False"}}, status=500)
+        reply: dict[str, Any] = {
+            "id": "cmpl-1", "object": "text_completion", "model": body.get("model", self.model),
+            "choices": [{"index": 0, "text": (prompt if body.get("echo") else "") + " x", "finish_reason": "length", "logprobs": None}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 1},
+        }
+        if mode in ("echo", "shifted") and body.get("echo") and body.get("logprobs") is not None:
+            reply["choices"][0]["logprobs"] = _echo_logprobs(prompt + " x", shifted=mode == "shifted")
+        return web.json_response(reply)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -156,11 +179,20 @@ class FaultServer:
             if times is None or n <= times:
                 action = fault
         self.requests.append(Seen(time.time(), "/v1/chat/completions", stage, fault, fault_id, request.headers.get("Authorization"), body, action))
-        if action != "slow":
+        if action not in ("slow", "barrier"):
             return await self.respond(request, body, stage, action, fault_id, opts, text)
         self.slow_in_flight += 1
         self.max_slow_in_flight = max(self.max_slow_in_flight, self.slow_in_flight)
         try:
+            if action == "barrier":
+                n = int(opts.get("n", "1"))
+                gate = self._barriers.setdefault(str(n), asyncio.Event())
+                if self.slow_in_flight >= n:
+                    gate.set()
+                try:
+                    await asyncio.wait_for(gate.wait(), float(opts.get("hang_s", self.hang_s)))
+                except asyncio.TimeoutError:
+                    pass  # bounded: a client that never opens n connections still gets its answers
             return await self.respond(request, body, stage, action, fault_id, opts, text)
         finally:
             self.slow_in_flight -= 1
@@ -216,6 +248,25 @@ class FaultServer:
         r = self.reply(body, "5", "length")
         r["choices"][0]["logprobs"] = {"content": [{"token": "5", "logprob": -0.2, "top_logprobs": top[: int(body.get("top_logprobs") or 5)]}]}
         return r
+
+
+def _echo_logprobs(text: str, shifted: bool) -> dict[str, Any]:
+    """OpenAI-style completions ``logprobs`` for ``text`` (the prompt and the generated token):
+    one token per whitespace-led word, logprob -(characters)/10, the first token's null."""
+    toks = re.findall(r"\s*\S+|\s+$", text)
+    offsets, pos = [], 0
+    for tok in toks:
+        offsets.append(pos)
+        pos += len(tok)
+    values: list[Any] = [-len(t) / 10 for t in toks]
+    tops: list[Any] = []
+    for i, tok in enumerate(toks):
+        top = {tok: values[i]}
+        if shifted and i + 1 < len(toks):
+            top = {toks[i + 1]: -0.01, **top}  # the most likely token is the one *after* this position
+        tops.append(top)
+    values[0] = tops[0] = None
+    return {"tokens": toks, "text_offset": offsets, "token_logprobs": values, "top_logprobs": tops}
 
 
 def _prompt_logprobs(text: str, bos: bool) -> list[Any]:

@@ -47,8 +47,10 @@ def corpus(path: Path, markers: dict[str, str]) -> Path:
 
 
 def run(cli, corpus_path: Path, out: Path, srv: FaultServer, model: str = "openai:fake-model", *extra: str):
+    """A default-mode run (``--curate-mode auto``): on this server, which does not say it is vLLM,
+    every backend must settle on the rubric by itself."""
     return cli("run", "humpback", corpus_path, "-o", out, "--model", model, "--base-url", srv.base_url,
-               "--curate-mode", "rubric", "--shots", "1", "-q", "-B", "backoff_base=0.02", *extra)
+               "--shots", "1", "-q", "-B", "backoff_base=0.02", *extra)
 
 
 def assert_each_unit_once(out: Path, ids: list[str]) -> list[dict]:
@@ -77,6 +79,8 @@ def test_transient_faults_are_retried_and_nothing_is_lost(cli, srv, tmp_path, mo
     assert r.exit_code == 0, r.output
     cands = assert_each_unit_once(out, list(markers))
     assert all(c["status"] == "kept" for c in cands), [(c["source_id"], c["reason"]) for c in cands]
+    assert {c["meta"]["curate_mode"] for c in cands} == {"rubric"}  # auto, on a server that is not vLLM
+    assert not any("continue_final_message" in s.body or "prompt_logprobs" in s.body for s in srv.requests)
     assert (out / "failures.jsonl").read_text() == ""
     for fault_id, times in [("r429", 2), ("r500", 3), ("hang", 1), ("drop", 2), ("bad", 2)]:
         assert len(srv.seen(fault_id)) == times + 1, fault_id
@@ -140,13 +144,18 @@ def test_retry_budget_caps_retries_across_the_run(cli, srv, tmp_path):
 
 
 def test_client_has_no_hidden_cap_below_engine_concurrency(cli, srv, tmp_path):
-    ids = [f"s{i}" for i in range(40)]
+    """160 requests in flight, above aiohttp's default pool of 100 connections: the server holds each
+    augment request until 160 are open at once (or 30 s passed), so a capped pool shows a lower peak."""
+    n = 160
+    ids = [f"s{i}" for i in range(n)]
     out = tmp_path / "out"
-    r = run(cli, corpus(tmp_path / "c.jsonl", {d: f"[[fault=slow hang_s=2.5 id={d}]]" for d in ids}), out, srv, "openai:fake-model",
-            "--concurrency", "32", "--no-cache")
+    r = run(cli, corpus(tmp_path / "c.jsonl", {d: f"[[fault=barrier n={n} hang_s=30 id={d}]]" for d in ids}), out, srv,
+            "openai:fake-model", "--concurrency", str(n), "--no-cache", "-B", "timeout=60")
     assert r.exit_code == 0, r.output
     assert_each_unit_once(out, ids)
-    assert srv.max_slow_in_flight == 32  # the engine's --concurrency, reached and never exceeded
+    assert srv.max_slow_in_flight == n  # the engine's --concurrency, reached and never exceeded
+    waits = [s.t for s in srv.requests if s.action == "barrier"]
+    assert len(waits) == n and max(waits) - min(waits) < 20  # all arrived together, not after a timeout
 
 
 @pytest.mark.parametrize("model", BACKENDS)
@@ -198,6 +207,31 @@ def test_vllm_discovers_model_and_scores_from_logprobs_after_prefill(cli, srv, t
         assert body["messages"][-1] == {"role": "assistant", "content": "Score: "} and body["logprobs"] is True
 
 
+@pytest.mark.parametrize("mode", ["logprob", "pmi", "ifd"])
+def test_vllm_modes_that_need_vllm_stop_before_any_request_on_another_server(cli, srv, tmp_path, mode):
+    out = tmp_path / "out"
+    r = cli("run", "humpback", corpus(tmp_path / "c.jsonl", {"a": "", "b": ""}), "-o", out, "--model", "vllm:",
+            "--base-url", srv.base_url, "--curate-mode", mode, "-q")
+    assert r.exit_code == 2
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "does not say it is vLLM (GET /models owned_by: fake)" in lines[0] and f"--curate-mode {mode}" in lines[0]
+    assert "llamacpp:PATH.gguf" in lines[0] and "vllm_extensions=true" in lines[0]
+    assert srv.requests == []  # not one model call was paid for
+    assert not (out / "candidates.jsonl").exists()
+
+
+def test_vllm_extensions_vouched_for_by_the_user_are_trusted(srv):
+    from btkit_plugins.openai_compat import VLLMBackend
+
+    trusted = VLLMBackend("fake-model", {"base_url": srv.base_url, "vllm_extensions": "true"})
+    assert trusted.supports("next_token_logprobs") and trusted.supports("score_continuation")
+    refused = VLLMBackend("fake-model", {"base_url": srv.base_url, "vllm_extensions": "false"})
+    srv.owner = "vllm"
+    assert not refused.supports("score_continuation") and refused.supports("chat")
+    assert "-B vllm_extensions=false turns" in refused.unsupported_reason("score_continuation")
+
+
 def test_vllm_request_features_n_schema_and_continuation_scores(srv):
     from btkit_plugins.openai_compat import VLLMBackend
 
@@ -208,18 +242,25 @@ def test_vllm_request_features_n_schema_and_continuation_scores(srv):
         many = await b.chat([{"role": "user", "content": "hi"}], {"n": 3, "temperature": 0.8, "json_schema": {"type": "object"}, "guided_decoding_backend": "xgrammar"})
         sent = srv.requests[-1].body
         cond = await b.score_continuation([{"role": "user", "content": "say it"}], "hello big world")
-        cond_body = srv.requests[-1].body
+        cond_req = srv.requests[-1]
         uncond = await b.score_continuation(None, "hello big world")
+        uncond_req = srv.requests[-1]
         await b.aclose()
-        return many, sent, cond, cond_body, uncond
+        return many, sent, cond, cond_req, uncond, uncond_req
 
-    many, sent, cond, cond_body, uncond = asyncio.run(go())
+    many, sent, cond, cond_req, uncond, uncond_req = asyncio.run(go())
     assert [c["text"] for c in many.extra["choices"]] == [f"Explain how the item plain works in practice. (choice {i})" for i in range(3)]
     assert many.text == many.extra["choices"][0]["text"] and many.completion_tokens > 0
     assert sent["n"] == 3 and sent["temperature"] == 0.8 and sent["guided_decoding_backend"] == "xgrammar"
     assert sent["response_format"]["type"] == "json_schema" and sent["response_format"]["json_schema"]["schema"] == {"type": "object"}
     assert cond == [-0.5, -0.4, -0.6] and uncond == [-0.5, -0.4, -0.6]  # 'hello', ' big', ' world'
-    assert cond_body["prompt_logprobs"] == 0 and cond_body["messages"][-1] == {"role": "assistant", "content": "hello big world"}
+    # both in the same chat frame: the unconditional one is the reply to an empty user turn, prefilled the same way
+    for req, turns in [(cond_req, [{"role": "user", "content": "say it"}]), (uncond_req, [{"role": "user", "content": ""}])]:
+        assert req.path == "/v1/chat/completions"
+        assert req.body["messages"] == turns + [{"role": "assistant", "content": "hello big world"}]
+        assert (req.body["continue_final_message"], req.body["add_generation_prompt"], req.body["prompt_logprobs"]) == (True, False, 0)
+    assert {k for k in cond_req.body if k != "messages"} == {k for k in uncond_req.body if k != "messages"}
+    assert not [r for r in srv.requests if r.path == "/v1/completions"]
     assert "api_key" not in json.dumps(b.identity()) and CANARY not in json.dumps(b.identity()) and CANARY not in repr(b.__dict__)
     assert b.identity() == {"backend": "vllm", "base_url": srv.base_url, "model": "fake-model"}
 

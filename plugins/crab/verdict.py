@@ -32,9 +32,14 @@ def check_mode(mode: str | None, option: str) -> str:
 
 
 def require_logprobs(mode: str, backend: Any, why: str) -> None:
-    """Stop before the first call when ``logprob`` mode was asked of a backend that cannot do it."""
+    """Stop before the first call when ``logprob`` mode was asked of a backend that cannot do it.
+
+    In ``auto`` mode the backend is asked now, before the run's first call, so a backend that
+    must ask its server (``vllm:``) does so once, outside the event loop's hot path."""
     if mode == "logprob":
         backend.require("next_token_logprobs", why)
+    elif mode == "auto":
+        backend.supports("next_token_logprobs")
 
 
 def parse_binary(text: str | None, positive: str, negative: str) -> bool:
