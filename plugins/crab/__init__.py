@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import click
 
 from btkit.backends import JSON_SCHEMA
+from btkit.dedup import SeenSet
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
@@ -298,20 +299,20 @@ class Crab(Method):
         ifield = options.get("instruction_field") or "instruction"
         rfield = options.get("response_field") or "response"
         id_field = options.get("id_field") or "id"
-        seen: set[str] = set()
-        for n, row in enumerate(rows, start=1):
-            meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-            rid = str(row.get(id_field) or meta.get("id") or f"line{n}")
-            if rid in seen:
-                rid = f"{rid}@line{n}"
-            seen.add(rid)
-            fields = {"instruction": row[ifield].strip(), "response": row[rfield].strip()}
-            if isinstance(row.get("system"), str) and row["system"]:
-                fields["system"] = row["system"]
-            rec = Record(id=rid, source_id=str(meta.get("source_id") or rid), fields=fields)
-            if not fields["instruction"] or not fields["response"]:
-                rec.drop("crab.prepare", "empty_pair", empty=[k for k in ("instruction", "response") if not fields[k]])
-            yield rec
+        with SeenSet() as seen:  # ids stay unique in flat memory
+            for n, row in enumerate(rows, start=1):
+                meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+                rid = str(row.get(id_field) or meta.get("id") or f"line{n}")
+                if not seen.add(rid):
+                    rid = f"{rid}@line{n}"
+                    seen.add(rid)
+                fields = {"instruction": row[ifield].strip(), "response": row[rfield].strip()}
+                if isinstance(row.get("system"), str) and row["system"]:
+                    fields["system"] = row["system"]
+                rec = Record(id=rid, source_id=str(meta.get("source_id") or rid), fields=fields)
+                if not fields["instruction"] or not fields["response"]:
+                    rec.drop("crab.prepare", "empty_pair", empty=[k for k in ("instruction", "response") if not fields[k]])
+                yield rec
 
     def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
         stages = {"constrain": ConstrainStage, "verify": VerifyStage, "compose": ComposeStage}

@@ -14,6 +14,7 @@ import hashlib
 import re
 from typing import Any, Iterable, Iterator
 
+from btkit.dedup import SeenSet
 from btkit.records import Record
 
 _HEADER = re.compile(r"^\s{0,3}(#{1,6}\s+\S|[=\-]{3,}\s*$)")
@@ -102,17 +103,14 @@ def segment_corpus(rows: Iterable[dict[str, Any]], options: dict[str, Any], stag
     id_field = options.get("id_field", "id")
     min_words = int(options.get("min_words") or 30)
     max_words = int(options.get("max_words") or 400)
-    seen: set[str] = set()
-    for n, row in enumerate(rows, start=1):
-        doc_id = str(row.get(id_field) if row.get(id_field) not in (None, "") else f"line{n}")
-        for i, seg in enumerate(segments(row[text_field], max_words)):
-            rec = Record(id=f"{doc_id}#{i}", source_id=doc_id, fields={"text": seg})
-            words = len(seg.split())
-            fp = fingerprint(seg)
-            if words < min_words:
-                rec.drop(stage, "too_short", words=words, min_words=min_words)
-            elif fp in seen:
-                rec.drop(stage, "duplicate")
-            else:
-                seen.add(fp)
-            yield rec
+    with SeenSet() as seen:  # exact, in flat memory however many segments the corpus has
+        for n, row in enumerate(rows, start=1):
+            doc_id = str(row.get(id_field) if row.get(id_field) not in (None, "") else f"line{n}")
+            for i, seg in enumerate(segments(row[text_field], max_words)):
+                rec = Record(id=f"{doc_id}#{i}", source_id=doc_id, fields={"text": seg})
+                words = len(seg.split())
+                if words < min_words:
+                    rec.drop(stage, "too_short", words=words, min_words=min_words)
+                elif not seen.add(fingerprint(seg)):
+                    rec.drop(stage, "duplicate")
+                yield rec
