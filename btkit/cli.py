@@ -51,14 +51,14 @@ def _fail(e: BaseException) -> None:
 
 def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Build a one-method pipeline from CLI parameters and run it."""
-    from .engine import RunConfig, StageSpec, run_pipeline
+    from .engine import RunConfig, run_pipeline
 
     registry = _registry()
     method = registry.method(method_name)
     sampling = {"temperature": params.pop("temperature"), "top_p": params.pop("top_p"),
                 "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed"),
                 "stop": list(params.pop("stop")) or None}
-    per_stage = stage_options(registry, method, params.pop("stage_option"))
+    stages = stage_specs(registry, method, params.pop("stage_option"))
     base_url = params.pop("base_url") or os.environ.get("OPENAI_BASE_URL")
     backend_options = parse_key_values(params.pop("backend_option"), "--backend-option")
     if base_url:
@@ -66,7 +66,7 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
     config = RunConfig(
         input=input_path,
         out_dir=params.pop("out_dir"),
-        stages=[StageSpec(method_name, s, per_stage.get(s, {})) for s in method.default_stages],
+        stages=stages,
         model=params.pop("model") or DEFAULT_MODEL,
         options={**params, **{k: v for k, v in sampling.items() if v is not None}},
         backend_options=backend_options,
@@ -82,23 +82,23 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
     return run_pipeline(config, registry)
 
 
-def stage_options(registry: Any, method: Any, items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``-S STAGE.KEY=VALUE`` -> {stage: {key: value}}, each key checked and converted as a pipeline file's stage key is."""
+def stage_specs(registry: Any, method: Any, items: tuple[str, ...]) -> list[Any]:
+    """The method's stages with ``-S STAGE.KEY=VALUE`` options, checked as a pipeline file's stage keys are
+    (sampling, parse retries, the method's own options, ``model``, ``base_url``, ``prompts``)."""
     from .pipeline import _Checker
 
-    check = _Checker(Path("--stage-option"), registry)
     names = list(method.default_stages)  # the stages `btkit run METHOD` runs
-    out: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, Any]] = {name: {"use": f"{method.name}.{name}"} for name in names}
     for item in items:
         dotted, value = parse_key_value(item, "--stage-option")
         stage, sep, key = dotted.partition(".")
-        if not sep or not key:
+        if not sep or not key or key == "use":
             raise BtkitError(f"--stage-option expects STAGE.KEY=VALUE (e.g. curate.temperature=0), got '{item}'")
-        if stage not in names:
+        if stage not in raw:
             raise BtkitError(f"--stage-option {item}: method '{method.name}' runs no stage '{stage}'; its stages: {', '.join(names)}")
-        name, converted = check.stage_option(key, value, f"{stage}.{key}", [method])
-        out.setdefault(stage, {})[name] = converted
-    return out
+        raw[stage][key] = value
+    check = _Checker(Path("--stage-option"), registry)  # relative paths resolve against the working directory
+    return [check.stage(raw[name], i, where=name) for i, name in enumerate(names)]
 
 
 def parse_key_value(item: str, option: str) -> tuple[str, Any]:

@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,7 +47,7 @@ from .io import AppendFile, atomic_write_json, iter_jsonl, read_journal, scrub_t
 from .methods import Method, ParseError, Stage
 from .plugins import Registry
 from .prompts import PromptLibrary
-from .records import Record
+from .records import Record, failed_record
 from .scheduling import PrefixGroupedLimiter
 
 RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json")
@@ -178,7 +177,7 @@ class StageCtx:
         attempt = 0
         while comp.parse_error is not None and attempt < retries:  # type: ignore[attr-defined]
             attempt += 1
-            retry_params = {k: v for k, v in params.items() if v is not None and k != "n"}
+            retry_params = {k: v for k, v in params.items() if v is not None}
             retry_params["seed"] = retry_seed(retry_params.get("seed"), attempt)
             if retry_params.get("temperature") == 0:
                 retry_params["temperature"] = float(self.stage.options.get("parse_retry_temperature") or 0.7)
@@ -198,7 +197,7 @@ class StageCtx:
         candidates differ and reproduce. Each is parsed and, under parse retries, re-sampled on its
         own with the seeds its own request would use. A failed call comes back as its exception
         (never raised, except :class:`BtkitError`), so one failure never takes its siblings:
-        :func:`failed_record` turns it into the dropped record the engine would have written.
+        :func:`btkit.records.failed_record` turns it into the dropped record the engine would have written.
         """
         n = len(records)
         seed = int(params.get("seed") or 0)
@@ -259,10 +258,8 @@ class StageCtx:
     def _parse_into(comp: Completion, parse: Callable[[str | None], Any], accept_truncated: bool = False) -> None:
         comp.parsed, comp.parse_error = None, None  # type: ignore[attr-defined]
         try:
-            if comp.finish_reason == "length":
-                if not accept_truncated:
-                    raise ParseError("truncated", "the reply hit max_tokens")
-                comp.step["accepted_truncated"] = True  # type: ignore[attr-defined]
+            if comp.finish_reason == "length" and not accept_truncated:
+                raise ParseError("truncated", "the reply hit max_tokens")
             if comp.finish_reason == "content_filter":
                 raise ParseError("content_filter", "the provider filtered the reply")
             try:
@@ -271,6 +268,8 @@ class StageCtx:
                 if comp.finish_reason == "length":  # cut short and not readable: the cut is why
                     raise ParseError("truncated", f"the reply hit max_tokens ({e.reason})") from None
                 raise
+            if comp.finish_reason == "length":
+                comp.step["accepted_truncated"] = True  # type: ignore[attr-defined]
         except ParseError as e:
             comp.parse_error = e  # type: ignore[attr-defined]
             comp.step["parse_error"] = e.reason  # type: ignore[attr-defined]
@@ -754,16 +753,6 @@ class Run:
         return stats
 
 
-def failed_record(record: Record, stage_label: str, error: Exception) -> Record:
-    """``record`` dropped for a failed call (``backend_error``, with the raw reply) or a stage bug
-    (``stage_error``, with a short traceback): how every failure is recorded, by the engine or by a
-    stage that keeps going after one of several calls failed."""
-    if isinstance(error, BackendError):
-        return record.drop(stage_label, "backend_error", error=str(error), raw=error.raw)
-    tb = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=5))
-    return record.drop(stage_label, "stage_error", error=f"{type(error).__name__}: {error}", traceback=tb)
-
-
 def redact_argv(argv: list[str]) -> list[str]:
     """The command line for run.json with credential-like values masked (``-B api_key=sk-...``)."""
     import re
@@ -816,9 +805,14 @@ def unit_digest(unit: Record) -> str:
 
 
 def _has_text(value: dict[str, Any]) -> bool:
-    """A chat reply worth storing: the model wrote something (see ``StageCtx._complete_once``)."""
-    text = value.get("text")
-    return bool(text and text.strip())
+    """A chat reply worth storing: the model wrote something (see ``StageCtx._complete_once``).
+
+    For an ``n>1`` request, any choice with text: the request was paid for, and its empty choices
+    are stored with the rest (each parses as ``empty_reply`` again; another seed is another request).
+    """
+    choices = (value.get("extra") or {}).get("choices")
+    texts = [c.get("text") for c in choices if isinstance(c, dict)] if isinstance(choices, list) else [value.get("text")]
+    return any(t and t.strip() for t in texts)
 
 
 def _jsonable_value(v: Any) -> Any:

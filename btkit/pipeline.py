@@ -204,10 +204,11 @@ class _Checker:
         known = sorted(set(GENERAL_OPTIONS) | {"stop", "sample_seed"} | {n for m in methods for n, o in self.method_options(m).items() if _flag_name(n, o)})
         raise self.fail(where, f"unknown key '{key}'; known: {', '.join(known)}")
 
-    def stage(self, raw: Any, i: int) -> Any:
+    def stage(self, raw: Any, i: int, where: str | None = None) -> Any:
+        """One stage mapping (``use: METHOD.STAGE`` and its keys) -> StageSpec; ``where`` names it in errors."""
         from .engine import StageSpec
 
-        where = f"stages[{i}]"
+        where = where or f"stages[{i}]"
         if isinstance(raw, str):
             raw = {"use": raw}
         if not isinstance(raw, dict):

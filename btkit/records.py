@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import BackendError
 
 
 @dataclass
@@ -72,3 +75,13 @@ class Record:
             dropped_at=line.get("dropped_at"),
             reason=line.get("reason"),
         )
+
+
+def failed_record(record: Record, stage_label: str, error: Exception) -> Record:
+    """``record`` dropped for a failed call (``backend_error``, with the raw reply) or a stage bug
+    (``stage_error``, with a short traceback): how every failure is recorded, by the engine or by a
+    stage that keeps going after one of several calls failed."""
+    if isinstance(error, BackendError):
+        return record.drop(stage_label, "backend_error", error=str(error), raw=error.raw)
+    tb = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=5))
+    return record.drop(stage_label, "stage_error", error=f"{type(error).__name__}: {error}", traceback=tb)

@@ -39,7 +39,7 @@ class PrefixGroupedLimiter:
         return _Slot(self, group)
 
     async def acquire(self, group: Hashable) -> None:
-        if self.active < self.limit and not any(self._waiting.values()):
+        if self.active < self.limit and not self._waiting:
             self._grant(group)
             return
         fut = asyncio.get_running_loop().create_future()
@@ -73,16 +73,13 @@ class PrefixGroupedLimiter:
                 del self._waiting[group]
 
     def _next_group(self) -> Hashable | None:
+        """The last group again while it has waiters and its streak allows; else the oldest waiter's."""
         heads = {g: q[0][0] for g, q in self._waiting.items() if q}
         if not heads:
             return None
-        others_wait = len(heads) > 1
-        if self._last in heads and not (others_wait and self._streak >= self.max_streak):
+        if self._last in heads and (len(heads) == 1 or self._streak < self.max_streak):
             return self._last
-        oldest = min(heads, key=heads.__getitem__)
-        if others_wait and oldest == self._last and self._streak >= self.max_streak:
-            return min((g for g in heads if g != self._last), key=heads.__getitem__)
-        return oldest
+        return min((g for g in heads if g != self._last), key=heads.__getitem__)
 
     def _wake(self) -> None:
         while self.active < self.limit:

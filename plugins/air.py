@@ -16,7 +16,6 @@ new answer rather than a cached repeat.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Iterable, Iterator
 
@@ -93,25 +92,11 @@ async def score_instruction(ctx: Any, instruction: str, mode: str, params: dict[
     variables = {"instruction": instruction}
     if mode == "auto":
         mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "rubric"
-    if mode == "logprob":
-        digits = [str(i) for i in range(TOP_SCORE + 1)]
-        lp = await ctx.next_token_logprobs("air/score", {**variables, "mode": "logprob"}, digits)
-        lp = {d: float(lp.get(d, -math.inf)) for d in digits}  # a backend may omit unlikely digits
-        if curation.invalid_logprobs(lp.values()):
-            return None, {"score_mode": mode, "score_error": "invalid_logprobs"}
-        probs = {d: math.exp(v) for d, v in lp.items()}
-        mass = sum(probs.values())
-        if mass <= 0:
-            return None, {"score_mode": mode, "score_error": "no_digit_mass"}
-        dist = {d: p / mass for d, p in probs.items()}
-        score = int(max(digits, key=lambda d: dist[d]))
-        return score, {"score_mode": mode, "score": score, "score_dist": {d: round(p, 4) for d, p in dist.items()},
-                       "score_expected": round(sum(int(d) * p for d, p in dist.items()), 4), "digit_mass": round(mass, 4)}
-    comp = await ctx.complete("air/score", {**variables, "mode": "rubric"}, parse=lambda t: {"score": parse_points(t)}, **params)
-    if comp.parse_error is not None:
-        return None, {"score_mode": mode, **curation.parse_error_details(comp.parse_error)}
-    score = comp.parsed["score"]
-    return score, {"score_mode": mode, "score": score}
+    if mode == "logprob":  # the additive scale starts at 0: an instruction can meet none of the criteria
+        score, details = await curation.logprob_score(ctx, "air/score", variables, TOP_SCORE, bottom=0)
+    else:
+        score, details = await curation.rubric_score(ctx, "air/score", variables, params, TOP_SCORE, bottom=0)
+    return score, {"score_mode": mode, **details}
 
 
 class AugmentStage(Stage):
@@ -148,7 +133,7 @@ class ScoreStage(Stage):
     def check_backend(self, backend: Any) -> None:
         if self.mode == "logprob":
             backend.require("next_token_logprobs", f"--score-mode logprob in stage {self.label} (or use --score-mode rubric)")
-        else:  # auto: asked now, so vllm: checks its server once before the first call
+        elif self.mode == "auto":  # asked now, so vllm: checks its server once before the first call
             backend.supports("next_token_logprobs")
 
     async def process(self, record: Record, ctx) -> list[Record]:

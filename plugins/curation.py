@@ -146,14 +146,15 @@ def parse_error_details(e: ParseError, prefix: str = "score") -> dict[str, Any]:
     return out
 
 
-async def rubric_score(ctx: Any, template: str, variables: dict[str, Any], params: dict[str, Any], top: int = 5) -> tuple[int | None, dict[str, Any]]:
+async def rubric_score(ctx: Any, template: str, variables: dict[str, Any], params: dict[str, Any], top: int = 5,
+                       bottom: int = 1) -> tuple[int | None, dict[str, Any]]:
     """Generate a rubric reply and parse it. Returns (score or None, details for meta).
 
     Parsing goes through ``ctx.complete(parse=...)``, so a reply that does not parse (or was cut
     at max tokens, or filtered) is re-sampled under ``--parse-retries`` and every attempt is in
     the lineage; the reason kept is the last attempt's.
     """
-    comp = await ctx.complete(template, {**variables, "mode": "rubric"}, parse=lambda t: {"score": parse_score(t, top)}, **params)
+    comp = await ctx.complete(template, {**variables, "mode": "rubric"}, parse=lambda t: {"score": parse_score(t, top, bottom)}, **params)
     if comp.parse_error is not None:
         return None, parse_error_details(comp.parse_error)
     score = comp.parsed["score"]
@@ -173,9 +174,10 @@ def invalid_logprobs(values: Iterable[float]) -> bool:
     return any(math.isnan(v) or v > LOGPROB_SLACK for v in values)
 
 
-async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top: int = 5) -> tuple[int | None, dict[str, Any]]:
-    """Read the distribution over 1..top after the template's ``Score: `` prefix."""
-    digits = [str(i) for i in range(1, top + 1)]
+async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top: int = 5,
+                        bottom: int = 1) -> tuple[int | None, dict[str, Any]]:
+    """Read the distribution over bottom..top after the template's ``Score: `` prefix."""
+    digits = [str(i) for i in range(bottom, top + 1)]
     lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, digits)
     lp = {d: float(lp.get(d, -math.inf)) for d in digits}  # a backend may omit unlikely digits
     if invalid_logprobs(lp.values()):

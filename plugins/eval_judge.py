@@ -237,8 +237,10 @@ WARMUP_MESSAGES = [{"role": "user", "content": "Hi"}]
 
 async def warm_up(backend: Any, curator: Any) -> str | None:
     """One tiny call of the kind the curate mode makes, so model loading (and llamacpp's one-off
-    conversion of its scoring weights) is not timed as scoring. Returns the error if it failed:
-    the items then record their own failures, nothing stops."""
+    conversion of its scoring weights) is not timed as scoring. A stage without a shared
+    ``Curator`` (Kun's judge, say) gets a one-token chat call: it loads the model, but a scoring
+    copy that stage loads later is still timed. Returns the error if it failed: the items then
+    record their own failures, nothing stops."""
     from .curation import LIKELIHOOD_MODES
 
     mode = curator.resolve_mode(backend) if curator is not None else "rubric"

@@ -297,8 +297,9 @@ class HttpClient:
     def post_json_sync(self, path: str, body: dict[str, Any], timeout: float | None = None) -> tuple[int, Any, str]:
         """A blocking POST for a one-off check before the run (a capability probe).
 
-        Returns (status, headers, reply text with the key redacted) whatever the status, so the
-        caller decides what an error means; a connection failure or timeout is a RetryableError.
+        Returns (status, headers, reply text with the key redacted, whole: the caller parses it)
+        whatever the status, so the caller decides what an error means; a connection failure or
+        timeout is a RetryableError.
         """
         import urllib.error
         import urllib.request
@@ -307,7 +308,7 @@ class HttpClient:
         req = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers=self._auth_headers(), method="POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout or min(self.settings.timeout, 60)) as resp:
-                return resp.status, resp.headers, self._text(resp.read())
+                return resp.status, resp.headers, self.api_key.redact(resp.read().decode("utf-8", "replace"))
         except urllib.error.HTTPError as e:
             return e.code, e.headers, self._text(e.read())
         except (urllib.error.URLError, OSError) as e:

@@ -90,6 +90,15 @@ def test_per_stage_sampling_from_the_command_line_reaches_the_requests(cli, scri
     assert curate["max_tokens"] == 33 and curate["seed"] == 9 and curate["stop"] == ["END"] and curate["temperature"] != 0.1
 
 
+def test_a_stage_model_from_the_command_line(cli, scripted, tmp_path):
+    aug, aug_spec = scripted(default="What do the listed words mean?")
+    judge, judge_spec = scripted(logprobs={"5": -0.1})
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", aug_spec, "-S", f"curate.model={judge_spec}", "-q")
+    assert r.exit_code == 0, r.output
+    assert [h["kind"] for h in aug.history] == ["chat"] and [h["kind"] for h in judge.history] == ["next_token_logprobs"]
+
+
 def test_per_stage_sampling_from_a_pipeline_file_reaches_the_requests(cli, scripted, tmp_path):
     backend, spec = scripted(default=lambda m, p: "What do the listed words mean?" if len(m) > 1 else "Brief reasoning.\nScore: 5")
     write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
@@ -115,8 +124,9 @@ stages:
 
 @pytest.mark.parametrize("option, message", [
     ("nostage.temperature=1", "method 'humpback' runs no stage 'nostage'; its stages: augment, curate"),
-    ("curate.treshold=4", "--stage-option: curate.treshold: unknown key 'treshold'"),
-    ("curate.threshold=9", "--stage-option: curate.threshold: 9 is not in the range"),
+    ("curate.treshold=4", "--stage-option: curate.treshold (humpback.curate): unknown key 'treshold'"),
+    ("curate.threshold=9", "--stage-option: curate.threshold (humpback.curate): 9 is not in the range"),
+    ("augment.prompts=no/such/dir", "no/such/dir: --prompts must be a directory"),
     ("temperature=1", "--stage-option expects STAGE.KEY=VALUE"),
 ])
 def test_bad_stage_options_get_one_line(cli, scripted, tmp_path, option, message):

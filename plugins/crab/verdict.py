@@ -19,7 +19,7 @@ from typing import Any
 from btkit.errors import BtkitError
 from btkit.methods import ParseError
 
-from ..curation import invalid_logprobs
+from ..curation import invalid_logprobs, parse_error_details
 
 VERDICT_MODES = ("auto", "logprob", "generate")
 
@@ -87,8 +87,5 @@ async def binary_verdict(ctx: Any, template: str, variables: dict[str, Any], pos
 
     comp = await ctx.complete(template, {**variables, "mode": "generate"}, parse=parse, accept_truncated=True, **(params or {}))
     if comp.parse_error is not None:
-        details = {"verdict_mode": mode, "verdict_error": comp.parse_error.reason}
-        if comp.parse_error.detail:
-            details["verdict_error_detail"] = comp.parse_error.detail[:500]
-        return None, details
+        return None, {"verdict_mode": mode, **parse_error_details(comp.parse_error, "verdict")}
     return comp.parsed["verdict"] == positive, {"verdict_mode": mode}

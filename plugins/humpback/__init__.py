@@ -14,11 +14,10 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from btkit.engine import failed_record
 from btkit.hookspecs import hookimpl
 from btkit.io import iter_jsonl
 from btkit.methods import Method, Stage, StageInfo
-from btkit.records import Record
+from btkit.records import Record, failed_record
 
 from .. import curation
 from .parsing import parse_instruction
@@ -65,7 +64,7 @@ class AugmentStage(Stage):
 
         With ``--candidates N`` the N candidates come from one ``n=N`` request where the backend
         samples several choices (vllm:, openai:, litellm:), else from N requests with seeds
-        ``seed + i`` (:meth:`btkit.engine.StageCtx.complete_choices`).
+        ``seed + i`` (``ctx.complete_choices``).
         """
         text = record.fields["text"]
         examples = pick_examples(self.seed, record.id, self.shots)
