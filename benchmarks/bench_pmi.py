@@ -9,7 +9,9 @@ the response, i.e. one PMI/IFD score) three ways and prints the median seconds p
 - ``LlamaCppBackend.score_continuation``: the batch API asks for logits only at the response's
   positions and reuses the KV cache for the shared chat-frame prefix; once on the model's own
   Q4_1 weights (``-B score_weights=same``) and once as by default (a 16-bit copy of the weights,
-  which llama.cpp batches 2-2.5x faster on CPU).
+  which llama.cpp batches 2-2.5x faster on CPU);
+- the floor: the same two forward passes on the scoring copy with no logits read, the cost of
+  the model itself on this machine.
 
     .venv/bin/python benchmarks/bench_pmi.py [--pairs 8] [--tokens 300] [--model PATH.gguf]
 
@@ -93,8 +95,24 @@ def main() -> None:
     if not args.skip_echo:
         ways.insert(0, ("create_completion(echo=True, logprobs=1), logits_all=True", lambda p: naive_pair(mean_logprobs_echo, p)))
     ways.append(("btkit score_continuation, the model's Q4_1 weights (-B score_weights=same)", lambda p: asyncio.run(fast_pair(same, p))))
-    ways.append((f"btkit score_continuation, default (scoring copy: {Path(str(backend.scoring_llm().model_path)).name.split('.')[-2]})",
+    copy_name = Path(str(backend.scoring_llm().model_path)).name.split('.')[-2]
+    ways.append((f"btkit score_continuation, default (scoring copy: {copy_name})",
                  lambda p: asyncio.run(fast_pair(backend, p))))
+
+    def floor_pair(p) -> float:
+        """The two forward passes alone on the scoring copy, logits for the last position only:
+        what no way of scoring can go below on this model and machine (no PMI value)."""
+        scorer = backend.scoring_llm()
+        target = scorer.tokenize(p["response"].encode(), add_bos=False, special=False)
+        for prompt in (backend.prompt_tokens([{"role": "user", "content": p["instruction"]}]), backend.prompt_tokens(UNCONDITIONAL_MESSAGES)):
+            scorer.reset()
+            scorer._ctx.kv_cache_clear()
+            scorer.eval(prompt + target)
+        scorer.reset()
+        scorer._ctx.kv_cache_clear()
+        return math.nan
+
+    ways.append((f"floor: the two forward passes alone ({copy_name} copy, no logits), not a score", floor_pair))
     results = {}
     for name, fn in ways:
         fn(pairs[-1])  # warm-up, not timed
@@ -105,9 +123,9 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         results[name] = values
         rows.append((name, statistics.median(times), min(times), max(times)))
-    reference = results[ways[-3][0]]
-    drift_same = max(abs(a - b) for a, b in zip(results[ways[-2][0]], reference))
-    drift = max(abs(a - b) for a, b in zip(results[ways[-1][0]], reference))
+    reference = results[ways[-4][0]]
+    drift_same = max(abs(a - b) for a, b in zip(results[ways[-3][0]], reference))
+    drift = max(abs(a - b) for a, b in zip(results[ways[-2][0]], reference))
     load = os.getloadavg()
     print(f"PMI (conditional + unconditional logprobs of the response) on {backend.spec}, {len(pairs)} gold pairs, "
           f"response tokens median {statistics.median(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), "

@@ -10,8 +10,8 @@ only the continuation's positions ask for logits (the high-level ``logits_all=Tr
 a vocabulary-sized row at every prompt position too), and reuses the KV cache for the prefix a
 call shares with the previous one (the chat frame and system prompt, the same instruction...).
 Scoring is a batched forward pass, and llama.cpp has no fast batched CPU kernel for some weight
-types: a 300-token pass of SmolLM2-135M takes 0.79 s in its Q4_1 file, 0.36 s in F16 and 0.31 s
-in BF16 on this 2-core machine. So by default (``-B score_weights=auto``) a small Q4_1 model is
+types: a 340-token pass of SmolLM2-135M took 1.27 s in its Q4_1 file, 0.64 s in F16, 0.66 s in
+Q4_0, 0.79 s in Q8_0 and F32, 0.87 s in BF16 on this 2-core AVX2 machine (2026-12-01). So by default (``-B score_weights=auto``) a small Q4_1 model is
 scored with a 16-bit copy of its weights, written once to ``<cache dir>/models/``: likelihoods and
 next-token logprobs (both forward passes over a prompt) use it, generation keeps the original file.
 ``-B score_weights=same`` turns this off.
