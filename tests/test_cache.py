@@ -113,7 +113,7 @@ def test_changing_the_score_parser_reruns_with_zero_model_calls(cli, scripted, c
 
     from btkit_plugins import curation
 
-    monkeypatch.setattr(curation, "parse_score", lambda text, top=5: 5)  # a (very) lenient new parser
+    monkeypatch.setattr(curation, "parse_score", lambda text, *scale: 5)  # a (very) lenient new parser
     r = cli("run", "humpback", corpus, "-o", tmp_path / "b", "--model", spec, "-q", "--curate-mode", "rubric", "--threshold", "5")
     assert r.exit_code == 0, r.output
     assert len(backend.history) == first
