@@ -21,6 +21,16 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     return d / "cache.sqlite"
 
 
+@pytest.fixture(scope="module")
+def server():
+    """The fault-injecting OpenAI-compatible server on 127.0.0.1 (tests/fault_server.py), one per module."""
+    from fault_server import FaultServer
+
+    srv = FaultServer().start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def registry(monkeypatch):
     """A fresh registry loaded from entry points, also used by the CLI for this test."""

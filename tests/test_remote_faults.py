@@ -24,13 +24,6 @@ HAS_LITELLM = importlib.util.find_spec("litellm") is not None
 BACKENDS = ["openai:fake-model", "vllm:fake-model"] + (["litellm:openai/fake-model"] if HAS_LITELLM else [])
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = FaultServer().start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
 def srv(server, monkeypatch):
     server.reset()

@@ -14,14 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import read_jsonl, words, write_jsonl
-from fault_server import FaultServer
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = FaultServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

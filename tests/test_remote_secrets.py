@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from conftest import words, write_jsonl
-from fault_server import FaultServer
 
 #: An OpenAI-style key (litellm's own log redaction knows its shape) and an Azure-style one (32 hex
 #: characters, a shape litellm's pattern-based redaction leaves alone).
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.skipif(not HAS_LITELLM, reason="litellm is not installe
 
 #: ``btkit`` with litellm's debug logging on (what a user debugging a provider would do).
 DEBUG_BTKIT = "import litellm; litellm._turn_on_debug(); from btkit.cli import main; main()"
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = FaultServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
