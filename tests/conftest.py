@@ -22,6 +22,18 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def embedded_scorer():
+    """The embedded GGUF in process, scoring with its own weights (``score_weights=same``)."""
+    import asyncio
+
+    from btkit_plugins.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend("default", {"score_weights": "same"})
+    yield b
+    asyncio.run(b.aclose())
+
+
+@pytest.fixture(scope="module")
 def server():
     """The fault-injecting OpenAI-compatible server on 127.0.0.1 (tests/fault_server.py), one per module."""
     from fault_server import FaultServer

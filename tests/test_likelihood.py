@@ -60,12 +60,8 @@ ANSWER = ("Use apt: run `sudo apt install PACKAGE`. apt downloads the package an
 
 
 @pytest.fixture(scope="module")
-def backend():
-    from btkit_plugins.llamacpp import LlamaCppBackend
-
-    b = LlamaCppBackend("default", {"score_weights": "same"})
-    yield b
-    asyncio.run(b.aclose())
+def backend(embedded_scorer):
+    return embedded_scorer
 
 
 @pytest.fixture(scope="module")

@@ -59,12 +59,8 @@ def whole_matrix_logprobs(llm, batch, prompt: list[int], target: list[int]) -> l
 
 
 @pytest.fixture(scope="module")
-def backend():
-    from btkit_plugins.llamacpp import LlamaCppBackend
-
-    b = LlamaCppBackend("default", {"score_weights": "same"})
-    yield b
-    asyncio.run(b.aclose())
+def backend(embedded_scorer):
+    return embedded_scorer
 
 
 @pytest.fixture(scope="module")

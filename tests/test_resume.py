@@ -262,13 +262,19 @@ def test_a_damaged_line_inside_the_journal_stops_with_a_clear_error(cli, tmp_pat
     assert (out / "candidates.jsonl").read_bytes() == before
 
 
-def test_resume_notices_an_input_that_changed_under_it(cli, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _killed_half_way(cli, tmp_path):
+    """A finished small run cut back to half its journal and no data.jsonl, as a kill would leave it."""
     out = _small_run(cli, tmp_path, tmp_path / "out")
     (out / "data.jsonl").unlink()
     journal = out / "candidates.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
-    journal.write_bytes(b"".join(lines[: len(lines) // 2]))  # as if killed half way
+    journal.write_bytes(b"".join(lines[: len(lines) // 2]))
+    return out
+
+
+def test_resume_notices_an_input_that_changed_under_it(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _killed_half_way(cli, tmp_path)
     corpus = tmp_path / "corpus.jsonl"
     rows = read_jsonl(corpus)
     rows[0]["id"], rows[1]["id"] = rows[1]["id"], rows[0]["id"]  # same size, different units
@@ -280,11 +286,7 @@ def test_resume_notices_an_input_that_changed_under_it(cli, tmp_path, monkeypatc
 
 def test_resume_notices_text_edited_in_place_with_the_same_ids_and_size(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = _small_run(cli, tmp_path, tmp_path / "out")
-    (out / "data.jsonl").unlink()
-    journal = out / "candidates.jsonl"
-    lines = journal.read_bytes().splitlines(keepends=True)
-    journal.write_bytes(b"".join(lines[: len(lines) // 2]))  # as if killed half way
+    out = _killed_half_way(cli, tmp_path)
     corpus = tmp_path / "corpus.jsonl"
     before = corpus.stat().st_size
     rows = read_jsonl(corpus)
