@@ -12,24 +12,25 @@ import click
 
 from . import DEFAULT_MODEL, __version__
 from .errors import BtkitError
+from .options import CONCURRENCY, GENERAL_OPTIONS, LIMIT
 
 COMMON_RUN_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
     click.Option(["--model", "model"], default=None, help=f"Model spec, e.g. llamacpp:PATH.gguf, openai:NAME, vllm:NAME. Default: the embedded SmolLM2-135M ({DEFAULT_MODEL})."),
     click.Option(["--base-url"], default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL)."),
-    click.Option(["--limit"], type=int, default=None, help="Read at most N input records."),
+    click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
     click.Option(["--text-field"], default="text", show_default=True, help="Input field holding the document text."),
     click.Option(["--id-field"], default="id", show_default=True, help="Input field holding a stable document id (line number if absent)."),
     click.Option(["--encoding-errors"], type=click.Choice(["strict", "replace"]), default="strict", show_default=True, help="Input bytes that are not UTF-8: stop with the line number, or replace them with U+FFFD (counted in stats.json)."),
     click.Option(["--prompts", "prompts_dir"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 templates overriding the built-in ones."),
-    click.Option(["--concurrency"], type=int, default=8, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
-    click.Option(["--temperature"], type=float, default=None, help="Sampling temperature for every stage (default: each method's own)."),
-    click.Option(["--top-p"], type=float, default=None, help="Nucleus sampling for every stage."),
-    click.Option(["--max-tokens"], type=int, default=None, help="Completion length cap for every stage."),
+    click.Option(["--concurrency"], type=CONCURRENCY, default=8, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
+    click.Option(["--temperature"], type=GENERAL_OPTIONS["temperature"], default=None, help="Sampling temperature for every stage (default: each method's own)."),
+    click.Option(["--top-p"], type=GENERAL_OPTIONS["top_p"], default=None, help="Nucleus sampling for every stage."),
+    click.Option(["--max-tokens"], type=GENERAL_OPTIONS["max_tokens"], default=None, help="Completion length cap for every stage."),
     click.Option(["--sample-seed", "sample_seed"], type=int, default=None, help="Sampling seed (part of the cache key)."),
     click.Option(["--stop"], multiple=True, help="Stop string for every stage (repeat for several)."),
     click.Option(["-S", "--stage-option", "stage_option"], multiple=True, metavar="STAGE.KEY=VALUE", help="An option for one stage only, e.g. -S curate.temperature=0 -S augment.max_tokens=64 (sampling keys, parse_retries, or the method's own options)."),
-    click.Option(["--parse-retries", "parse_retries"], type=click.IntRange(0), default=None, help="Re-sample an unparseable reply with another seed up to N times (default 0: a failure is recorded, not retried)."),
+    click.Option(["--parse-retries", "parse_retries"], type=GENERAL_OPTIONS["parse_retries"], default=None, help="Re-sample an unparseable reply with another seed up to N times (default 0: a failure is recorded, not retried)."),
     click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option passed to every backend (e.g. -B timeout=60 -B max_retries=5 -B n_ctx=8192)."),
     click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),
     click.Option(["--cache", "cache_path"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file (default ~/.cache/btkit/cache.sqlite or $BTKIT_CACHE_DIR)."),

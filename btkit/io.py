@@ -79,7 +79,7 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, s
                 if bad is not None:
                     if errors == "strict":
                         raise InputError(str(path), "holds a lone UTF-16 surrogate escape (\\udXXX without its pair), not valid "
-                                         "Unicode; fix the producer or pass encoding_errors=replace", lineno, bad)
+                                         "Unicode; fix the producer or pass --encoding-errors replace", lineno, bad)
                     obj, replaced = _replace_surrogates(obj), True
             if replaced and counts is not None:
                 counts["replaced_lines"] = counts.get("replaced_lines", 0) + 1

@@ -38,16 +38,11 @@ import click
 
 from . import DEFAULT_MODEL
 from .errors import BtkitError
+from .options import CONCURRENCY, GENERAL_OPTIONS, LIMIT, MAX_TOKENS
 
 TOP_KEYS = ("name", "description", "input", "output", "model", "base_url", "backend_options", "options", "prompts",
             "concurrency", "limit", "cache", "stages")
 STAGE_KEYS = ("use", "model", "base_url", "prompts")
-#: Options any stage accepts, whatever its method: sampling, parse retries, input field names.
-GENERAL_OPTIONS: dict[str, click.ParamType] = {
-    "temperature": click.FloatRange(0), "top_p": click.FloatRange(0, 1), "max_tokens": click.IntRange(1),
-    "repetition_penalty": click.FloatRange(0), "parse_retries": click.IntRange(0), "parse_retry_temperature": click.FloatRange(0),
-    "text_field": click.STRING, "id_field": click.STRING, "encoding_errors": click.Choice(["strict", "replace"]),
-}
 
 
 class PipelineError(BtkitError):
@@ -140,11 +135,6 @@ class _Checker:
             raise self.fail(where, f"expected a non-empty string, got {value!r}")
         return value
 
-    def integer(self, value: Any, where: str, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(where, f"expected a whole number >= {minimum}, got {value!r}")
-        return value
-
     def paths(self, value: Any, where: str) -> list[Path]:
         items = value if isinstance(value, list) else [value]
         return [Path(self.resolve(v, f"{where}[{i}]" if isinstance(value, list) else where)) for i, v in enumerate(items)]
@@ -177,6 +167,8 @@ class _Checker:
                 value = self.resolve(value, where)
             if isinstance(ptype, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, (bool, str)):
                 raise self.fail(where, f"expected a number, got {value!r}")
+            if isinstance(ptype, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
+                raise self.fail(where, f"expected a whole number, got {value!r}")  # click would truncate 2.5 to 2
             if isinstance(ptype, (click.types.StringParamType, click.Choice, click.Path)) and isinstance(value, (list, dict)):
                 raise self.fail(where, f"expected a single value, got {type(value).__name__}")
             converted = ptype.convert(value, option, None)
@@ -310,7 +302,7 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
             spec.options["model"] = o["model"]
         if o.get("base_url"):
             spec.options["base_url"] = o["base_url"]
-        if o.get("max_tokens"):
+        if "max_tokens" in o:
             spec.options["max_tokens"] = o["max_tokens"]
 
     cache_path, use_cache = None, not o.get("no_cache")
@@ -330,8 +322,8 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
         options=run_options,
         backend_options=backend_options,
         prompt_overrides=prompt_dirs,
-        concurrency=o.get("concurrency") or (check.integer(data["concurrency"], "concurrency", 1) if data.get("concurrency") is not None else 8),
-        limit=o["limit"] if "limit" in o else (check.integer(data["limit"], "limit", 0) if data.get("limit") is not None else None),
+        concurrency=o["concurrency"] if "concurrency" in o else (check.convert("concurrency", data["concurrency"], "concurrency", None, CONCURRENCY) if data.get("concurrency") is not None else 8),
+        limit=o["limit"] if "limit" in o else (check.convert("limit", data["limit"], "limit", None, LIMIT) if data.get("limit") is not None else None),
         quiet=bool(o.get("quiet")),
         cache_path=cache_path,
         use_cache=use_cache,
@@ -356,9 +348,9 @@ PIPELINE_OPTIONS = [
     click.Option(["--input"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Input JSONL (overrides the file's 'input')."),
     click.Option(["--model"], default=None, help="Model spec for every stage (overrides the file's model lines)."),
     click.Option(["--base-url"], default=None, help="Endpoint for remote backends, for every stage."),
-    click.Option(["--limit"], type=int, default=None, help="Read at most N input records."),
-    click.Option(["--max-tokens"], type=int, default=None, help="Completion length cap for every stage."),
-    click.Option(["--concurrency"], type=int, default=None, help="Model calls in flight."),
+    click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
+    click.Option(["--max-tokens"], type=MAX_TOKENS, default=None, help="Completion length cap for every stage."),
+    click.Option(["--concurrency"], type=CONCURRENCY, default=None, help="Model calls in flight."),
     click.Option(["--prompts", "prompts"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 overrides (before the file's)."),
     click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option for every backend."),
     click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),

@@ -24,6 +24,7 @@ import click
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.options import MAX_WORDS, MIN_WORDS, SHARE
 from btkit.records import Record
 
 from . import curation
@@ -237,14 +238,14 @@ METHOD = Air(
     default_stages=("augment", "score", "refine"),
     prompts_dir=PROMPTS,
     cli_options=[
-        click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop documents (segments) shorter than this."),
-        click.Option(["--max-words"], type=int, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop documents (segments) shorter than this (0: keep all)."),
+        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
         click.Option(["--threshold"], type=click.IntRange(0, 5), default=4, show_default=True, help="Keep instructions scoring at least this on the additive 0-5 scale."),
         click.Option(["--score-mode"], type=click.Choice(SCORE_MODES), default="auto", show_default=True, help="rubric: generate and parse 'Score: N'; logprob: read P(0..5) after 'Score: '; auto: logprob when the backend can."),
         click.Option(["--rounds"], type=click.IntRange(1, 20), default=5, show_default=True, help="At most this many refinement rounds."),
         click.Option(["--min-constraints"], type=click.IntRange(0, 20), default=1, show_default=True, help="Drop records that gained fewer constraints than this."),
         click.Option(["--merge"], type=click.Choice(("llm", "append")), default="llm", show_default=True, help="llm: the model merges each constraint into the instruction; append: add it as a sentence."),
-        click.Option(["--dedup-threshold"], type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Skip a constraint whose ROUGE-L with an earlier one exceeds this."),
+        click.Option(["--dedup-threshold"], type=SHARE, default=0.6, show_default=True, help="Skip a constraint whose ROUGE-L with an earlier one exceeds this."),
     ],
 )
 

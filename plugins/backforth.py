@@ -56,7 +56,7 @@ class RewriteStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.min_words = int(options.get("min_rewrite_words") or 5)
+        self.min_words = int(options["min_rewrite_words"]) if options.get("min_rewrite_words") is not None else 5  # 0 means 0
 
     async def process(self, record: Record, ctx) -> list[Record]:
         f = record.fields
@@ -103,7 +103,7 @@ METHOD = BackAndForth(
     default_stages=("augment", "curate", "rewrite"),
     prompts_dir=PROMPTS,
     cli_options=[o for o in HUMPBACK.cli_options if o.name not in _NOT_SHARED] + [
-        click.Option(["--min-rewrite-words"], type=int, default=5, show_default=True, help="Drop rewritten answers shorter than this."),
+        click.Option(["--min-rewrite-words"], type=click.IntRange(0), default=5, show_default=True, help="Drop rewritten answers shorter than this (0: keep any non-empty answer)."),
     ],
 )
 

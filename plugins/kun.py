@@ -31,6 +31,7 @@ import click
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.options import MAX_WORDS, MIN_WORDS, SHARE, SHOTS, FiniteFloatRange
 from btkit.records import Record
 
 from ._prompts import PROMPTS
@@ -314,14 +315,14 @@ METHOD = Kun(
     prompts_dir=PROMPTS,
     cli_options=[
         click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples for the label model."),
-        click.Option(["--shots"], type=int, default=3, show_default=True, help="Few-shot examples per augment prompt."),
-        click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop text segments shorter than this."),
-        click.Option(["--max-words"], type=int, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
-        click.Option(["--max-perplexity"], type=click.FloatRange(1, min_open=False), default=None, help="Drop texts whose perplexity under the model exceeds this (needs a backend that scores likelihood, e.g. llamacpp:). Default: no perplexity filter."),
+        click.Option(["--shots"], type=SHOTS, default=3, show_default=True, help="Few-shot examples per augment prompt (0: none)."),
+        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop text segments shorter than this (0: keep all)."),
+        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        click.Option(["--max-perplexity"], type=FiniteFloatRange(1), default=None, help="Drop texts whose perplexity under the model exceeds this (needs a backend that scores likelihood, e.g. llamacpp:). Default: no perplexity filter."),
         click.Option(["--reference-words"], type=WordList(), default=None, help="Comma-separated words/phrases that mark an instruction as pointing at 'the text' (replaces the built-in English and Chinese lists)."),
         click.Option(["--judge-mode"], type=click.Choice(VERDICT_MODES), default="auto", show_default=True, help="logprob: compare P(good)/P(bad) in one forward pass; generate: parse a good/bad reply; auto: logprob when the backend can."),
-        click.Option(["--min-response-chars"], type=int, default=20, show_default=True, help="Drop polished responses shorter than this many characters."),
-        click.Option(["--max-repetition"], type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Drop responses whose share of repeated word 4-grams exceeds this."),
+        click.Option(["--min-response-chars"], type=click.IntRange(0), default=20, show_default=True, help="Drop polished responses shorter than this many characters."),
+        click.Option(["--max-repetition"], type=SHARE, default=0.3, show_default=True, help="Drop responses whose share of repeated word 4-grams exceeds this."),
     ],
 )
 

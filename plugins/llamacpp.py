@@ -73,6 +73,10 @@ class LlamaCppBackend(Backend):
             if not self.path.is_file():
                 raise BtkitError(f"model file not found: {self.path} (from model spec 'llamacpp:{rest}')")
         self.spec = f"llamacpp:{rest or 'default'}"
+        for name in ("n_ctx", "n_threads"):  # checked first: below, 0 would silently become the default
+            value = options.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BtkitError(f"backend option {name}={value!r} must be a whole number >= 1")
         self.n_ctx = int(options.get("n_ctx") or 4096)
         self.n_threads = int(options.get("n_threads") or os.cpu_count() or 1)
         self._llm = None

@@ -25,6 +25,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -58,17 +59,22 @@ class RemoteSettings:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "RemoteSettings":
+        positive = ("timeout", "connect_timeout")  # 0 would fail every call at once; the rest may be 0
         kwargs: dict[str, Any] = {}
         for name, default in cls.__dataclass_fields__.items():
             if name in options and options[name] is not None:
+                value, kind = options[name], type(default.default)
                 try:
-                    kwargs[name] = type(default.default)(options[name])
-                except (TypeError, ValueError):
-                    raise BtkitError(f"backend option {name}={options[name]!r} is not a number") from None
-        s = cls(**kwargs)
-        if s.timeout <= 0 or s.max_retries < 0 or s.backoff_base < 0 or s.retry_budget < 0 or s.retry_ratio < 0:
-            raise BtkitError("backend options timeout must be > 0; max_retries, backoff_base, retry_budget, retry_ratio >= 0")
-        return s
+                    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                        raise ValueError
+                    number = kind(value)
+                except (TypeError, ValueError, OverflowError):
+                    raise BtkitError(f"backend option {name}={value!r} is not a {'whole number' if kind is int else 'number'}") from None
+                # a negative max_connections makes aiohttp wait forever for a connection; NaN never times out
+                if not math.isfinite(number) or number < 0 or (number == 0 and name in positive):
+                    raise BtkitError(f"backend option {name}={value!r} must be a finite number {'> 0' if name in positive else '>= 0'}")
+                kwargs[name] = number
+        return cls(**kwargs)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based): the server's word, else exponential."""

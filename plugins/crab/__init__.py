@@ -30,6 +30,7 @@ from btkit.dedup import SeenSet
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.options import SHARE
 from btkit.records import Record
 
 from .._prompts import PROMPTS
@@ -348,7 +349,7 @@ METHOD = Crab(
         click.Option(["--reverse/--no-reverse"], default=True, show_default=True, help="Also write reverse examples (instruction + response -> constraints)."),
         click.Option(["--llm-constraints/--no-llm-constraints"], default=True, show_default=True, help="Ask the model for constraints of the ten LLM types (off: rule-based only, no model calls)."),
         click.Option(["--verify-mode"], type=click.Choice(VERDICT_MODES), default="auto", show_default=True, help="logprob: compare P(Yes)/P(No) in one forward pass; generate: parse a Yes/No reply; auto: logprob when the backend can."),
-        click.Option(["--dedup-threshold"], type=click.FloatRange(0, 1), default=0.6, show_default=True, help="Remove a constraint whose ROUGE-L with an earlier one exceeds this."),
+        click.Option(["--dedup-threshold"], type=SHARE, default=0.6, show_default=True, help="Remove a constraint whose ROUGE-L with an earlier one exceeds this."),
     ],
 )
 

@@ -17,6 +17,7 @@ import click
 from btkit.hookspecs import hookimpl
 from btkit.io import iter_jsonl
 from btkit.methods import Method, Stage, StageInfo
+from btkit.options import MAX_WORDS, MIN_WORDS, PERCENT, SCORE, SHOTS
 from btkit.records import Record, failed_record
 
 from .. import curation
@@ -55,9 +56,9 @@ class AugmentStage(Stage):
         super().__init__(method, name, options)
         seed_path = options.get("seed_file")
         self.seed = load_seed(seed_path) if seed_path else load_seed(DEFAULT_SEED)
-        self.shots = int(options.get("shots") or 3)
-        self.candidates = int(options.get("candidates") or 1)
-        self.max_instruction_words = int(options.get("max_instruction_words") or 150)
+        self.shots = int(options["shots"]) if options.get("shots") is not None else 3  # 0 is zero-shot, not "not given"
+        self.candidates = int(options["candidates"]) if options.get("candidates") is not None else 1
+        self.max_instruction_words = int(options["max_instruction_words"]) if options.get("max_instruction_words") is not None else 150
 
     async def process(self, record: Record, ctx) -> list[Record]:
         """One record per candidate instruction; a candidate whose call failed is its own dropped record.
@@ -162,12 +163,12 @@ METHOD = Humpback(
         click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
         click.Option(["--threshold"], type=click.IntRange(1, 5), default=5, show_default=True, help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),
         click.Option(["--curate-mode"], type=click.Choice(CURATE_MODES), default="auto", show_default=True, help="rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; auto: logprob when the backend can; pmi: mean log P(response|instruction) - mean log P(response); ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023). pmi and ifd need no judging prompt and work on small models."),
-        click.Option(["--score-threshold"], type=float, default=None, help="Keep pairs with score >= X, any mode (pmi/ifd default 0: the instruction makes the response more likely; overrides --threshold)."),
-        click.Option(["--keep-top"], type=click.FloatRange(0, 100, min_open=True), default=None, help="Keep the top P percent of scored pairs (decided when the run ends, over all of them; ties at the cutoff kept). Replaces --threshold."),
-        click.Option(["--shots"], type=int, default=3, show_default=True, help="Few-shot examples per augment prompt."),
-        click.Option(["--candidates"], type=int, default=1, show_default=True, help="Instructions generated per segment: one request with n=N where the backend samples several (vllm:, openai:, litellm:), else N requests with seeds seed+i. A failed candidate is dropped on its own."),
-        click.Option(["--min-words"], type=int, default=30, show_default=True, help="Drop segments shorter than this."),
-        click.Option(["--max-words"], type=int, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        click.Option(["--score-threshold"], type=SCORE, default=None, help="Keep pairs with score >= X, any mode (pmi/ifd default 0: the instruction makes the response more likely; overrides --threshold)."),
+        click.Option(["--keep-top"], type=PERCENT, default=None, help="Keep the top P percent of scored pairs (decided when the run ends, over all of them; ties at the cutoff kept). Replaces --threshold."),
+        click.Option(["--shots"], type=SHOTS, default=3, show_default=True, help="Few-shot examples per augment prompt (0: none)."),
+        click.Option(["--candidates"], type=click.IntRange(1), default=1, show_default=True, help="Instructions generated per segment: one request with n=N where the backend samples several (vllm:, openai:, litellm:), else N requests with seeds seed+i. A failed candidate is dropped on its own."),
+        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop segments shorter than this (0: keep all)."),
+        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
         click.Option(["--mix-seed"], is_flag=True, help="Also write the seed pairs to data.jsonl, tagged 'Answer in the style of an AI Assistant.' (the paper trains on seed + curated)."),
     ],
 )

@@ -101,8 +101,8 @@ def segment_corpus(rows: Iterable[dict[str, Any]], options: dict[str, Any], stag
     """Turn input rows into segment records (alive, or dropped with 'too_short'/'duplicate')."""
     text_field = options.get("text_field", "text")
     id_field = options.get("id_field", "id")
-    min_words = int(options.get("min_words") or 30)
-    max_words = int(options.get("max_words") or 400)
+    min_words = int(options["min_words"]) if options.get("min_words") is not None else 30  # 0 keeps every segment
+    max_words = int(options["max_words"]) if options.get("max_words") is not None else 400
     with SeenSet() as seen:  # exact, in flat memory however many segments the corpus has
         for n, row in enumerate(rows, start=1):
             doc_id = str(row.get(id_field) if row.get(id_field) not in (None, "") else f"line{n}")
