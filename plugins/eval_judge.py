@@ -11,8 +11,11 @@ precision/recall 0.44/0.09), so it must be measurable on the model you will run 
   alone ("Summarize the text above."), the backtranslation failure Kun filters for.
 
 Every item goes through the method's own curate stage with the engine's :class:`StageCtx` and
-cache, exactly as in ``btkit run``, and the report gives ROC AUC (unscored items count as rejected;
-also among scored items only), precision and recall of the keep decision at the configured
+cache, exactly as in ``btkit run``. Only a stage that scores (instruction, response) pairs can be
+measured this way (humpback.curate, backforth.curate: :func:`judges_pairs`); Kun's, CRAB's and
+AIR's judges look at the instruction, the text or constraints alone, and are refused with one
+line naming the stages that can be evaluated. The report gives ROC AUC (unscored items count as
+rejected; also among scored items only), precision and recall of the keep decision at the configured
 threshold, the share of items that got a score, and seconds per item. The clock starts after one
 tiny call of the kind the mode makes has loaded the model (and, for ``llamacpp:``, written its
 scoring copy of the weights once), so s/item is scoring time; the report also says how many items
@@ -35,8 +38,9 @@ import click
 
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
+from btkit.options import CONCURRENCY, PERCENT, SCORE
 
-from .curation import CURATE_MODES, rank_value, top_percent_cutoff
+from .curation import CURATE_MODES, Curator, rank_value, top_percent_cutoff
 
 NEGATIVE_KINDS = ("swapped", "truncated", "text_ref")
 
@@ -152,6 +156,38 @@ def precision_recall(kept: list[bool], labels: list[int]) -> tuple[float | None,
     return (tp / predicted if predicted else None), (tp / positives if positives else None)
 
 
+def judges_pairs(method: Any, stage_name: str) -> bool:
+    """Whether a method's stage scores an (instruction, response) pair the way eval-judge measures:
+    through the shared :class:`~btkit_plugins.curation.Curator` (a score per pair, a keep decision).
+
+    Other curate stages judge something else (Kun's ``judge`` and AIR's ``score`` the instruction
+    alone, CRAB's ``verify`` constraints the input does not have, Kun's ``perplexity`` the text),
+    so every gold pair and negative would go unscored or be scored blind to the response.
+    """
+    info = next((s for s in method.stages if s.name == stage_name), None)
+    if info is None or info.kind != "curate":
+        return False
+    try:
+        stage = method.build_stage(stage_name, {})
+    except BtkitError:  # a stage that needs options to be built is not one we can evaluate
+        return False
+    return isinstance(getattr(stage, "curator", None), Curator)
+
+
+def judge_stage(registry: Any, method_name: str, stage_name: str | None) -> str:
+    """The stage of ``method_name`` to evaluate (``stage_name``, else the first that judges pairs),
+    or a :class:`BtkitError` naming the stages that can be evaluated."""
+    method = registry.method(method_name)
+    candidates = [stage_name] if stage_name else [s.name for s in method.stages]
+    for name in candidates:
+        if judges_pairs(method, name):
+            return name
+    usable = sorted(f"{m.name}.{s.name}" for m in registry.methods().values() for s in m.stages if judges_pairs(m, s.name))
+    problem = f"stage '{method_name}.{stage_name}' does not" if stage_name else f"method '{method_name}' has no stage that does"
+    raise BtkitError(f"eval-judge measures a stage that scores (instruction, response) pairs and {problem}; "
+                     f"stages that can be evaluated: {', '.join(usable) or 'none installed'} (--method METHOD --stage STAGE)")
+
+
 def load_gold(path: Path, limit: int | None) -> list[dict[str, str]]:
     from btkit.io import iter_jsonl
 
@@ -175,11 +211,7 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
     from btkit.errors import BackendError
     from btkit.records import Record
 
-    m = registry.method(method)
-    curate = [s.name for s in m.stages if s.kind == "curate"]
-    name = stage_name or (curate[0] if curate else None)
-    if name is None:
-        raise BtkitError(f"method '{method}' has no curate stage to evaluate; its stages: {', '.join(s.name for s in m.stages)}")
+    name = judge_stage(registry, method, stage_name)
     config = RunConfig(input=gold, out_dir=Path("."), stages=[StageSpec(method, name, stage_options)], model=model,
                        backend_options=backend_options, prompt_overrides=prompt_overrides, concurrency=concurrency,
                        quiet=True, cache_path=cache_path, use_cache=use_cache)
@@ -346,22 +378,22 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 @click.command("eval-judge")
 @click.argument("gold", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", default="humpback", show_default=True, help="Method whose curate stage is the judge.")
-@click.option("--stage", "stage_name", default=None, help="The stage to evaluate (default: the method's curate stage).")
+@click.option("--method", default="humpback", show_default=True, help="Method whose pair-scoring curate stage is the judge (e.g. humpback, backforth).")
+@click.option("--stage", "stage_name", default=None, help="The stage to evaluate (default: the method's first stage that scores (instruction, response) pairs).")
 @click.option("--mode", "modes", type=click.Choice(CURATE_MODES), multiple=True, help="Curate mode; repeat to compare modes (default: auto, what a run would pick).")
 @click.option("--model", default=None, help="Model spec (default: the embedded SmolLM2-135M).")
 @click.option("--base-url", default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL).")
 @click.option("-B", "--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE", help="Backend option (e.g. -B n_ctx=8192).")
-@click.option("--limit", type=int, default=None, help="Use the first N gold pairs.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N gold pairs.")
 @click.option("--negatives", default=",".join(NEGATIVE_KINDS), show_default=True,
               help=f"Negative kinds to build, comma-separated: swapped (another pair's instruction), truncated (only the "
                    f"first {TRUNCATE_SHARE:.0%} of the response's words), text_ref (an instruction pointing at 'the text').")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the derangement and the choice of text-pointing instructions.")
 @click.option("--threshold", type=click.IntRange(1, 5), default=None, help="Rubric threshold (rubric/logprob modes; default: the stage's, 5).")
-@click.option("--score-threshold", type=float, default=None, help="Keep score >= X (pmi/ifd default 0).")
-@click.option("--keep-top", type=click.FloatRange(0, 100, min_open=True), default=None, help="Keep the top P percent of scored items instead of a threshold.")
+@click.option("--score-threshold", type=SCORE, default=None, help="Keep score >= X (pmi/ifd default 0).")
+@click.option("--keep-top", type=PERCENT, default=None, help="Keep the top P percent of scored items instead of a threshold.")
 @click.option("--prompts", "prompts_dir", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Template override folder.")
-@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--concurrency", type=CONCURRENCY, default=8, show_default=True)
 @click.option("--no-cache", is_flag=True, help="Do not read or write the model-call cache (honest timings; the report counts items_from_cache).")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None, help="Write the report as JSON here ('-': stdout instead of the table).")

@@ -217,6 +217,61 @@ def test_eval_judge_refuses_a_backend_that_cannot_score_before_any_call(cli, scr
     assert backend.history == []
 
 
+def refusal(result) -> str:
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("method", ["kun", "crab", "air"])
+def test_eval_judge_refuses_a_method_with_no_stage_that_scores_pairs(cli, scripted, tmp_path, method):
+    """Kun's first curate stage is the perplexity filter: every item used to go unscored, AUC 0.5, exit 0."""
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
+    backend, spec = scripted(default="good", logprobs={"good": -0.1, "bad": -3.0, "Yes": -0.1, "No": -3.0, "5": -0.1},
+                             continuation_logprobs=lambda m, c: [-1.0] * 2)
+    r = cli("eval-judge", gold, "--method", method, "--model", spec, "--json", "-")
+    line = refusal(r)
+    assert f"method '{method}' has no stage that does" in line
+    assert "stages that can be evaluated: backforth.curate, humpback.curate" in line
+    assert backend.history == []
+
+
+@pytest.mark.parametrize("method,stage", [("kun", "judge"), ("kun", "perplexity"), ("air", "score"), ("crab", "verify"),
+                                          ("humpback", "augment"), ("humpback", "nosuch")])
+def test_eval_judge_refuses_a_named_stage_that_does_not_score_pairs(cli, scripted, tmp_path, method, stage):
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
+    backend, spec = scripted(default="good", logprobs={"good": -0.1, "bad": -3.0})
+    r = cli("eval-judge", gold, "--method", method, "--stage", stage, "--model", spec, "--json", "-")
+    line = refusal(r)
+    assert f"stage '{method}.{stage}' does not" in line and "backforth.curate, humpback.curate" in line
+    assert backend.history == []
+
+
+def test_eval_judge_evaluates_backforths_curate_stage(cli, scripted, tmp_path):
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
+    def logprobs(messages, continuation):  # as above: the response's own question makes it more likely
+        if messages is None:
+            return [-3.0] * 2
+        own = continuation.split()[0].split("_")[0][1:] in messages[-1]["content"].split(":")[0]
+        return [-2.0 if own else -3.5] * 2
+
+    backend, spec = scripted(continuation_logprobs=logprobs)
+    r = cli("eval-judge", gold, "--method", "backforth", "--mode", "pmi", "--negatives", "swapped", "--model", spec, "--json", "-")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["method_stage"] == "backforth.curate" and rep["scored_share"] == 1.0 and rep["auc"] == 1.0
+
+
+@pytest.mark.parametrize("args", [["--limit", "0"], ["--limit", "-1"], ["--concurrency", "0"], ["--keep-top", "nan"],
+                                  ["--score-threshold", "inf"]])
+def test_eval_judge_refuses_options_out_of_range(cli, scripted, tmp_path, args):
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
+    backend, spec = scripted(continuation_logprobs=lambda m, c: [-1.0] * 2)
+    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--json", "-", *args)
+    assert r.exit_code == 2 and f"Error: Invalid value for '{args[0]}'" in r.output
+    assert backend.history == []
+
+
 @pytest.mark.model
 def test_eval_judge_pmi_on_the_shipped_gold_set(cli, tmp_path):
     out = tmp_path / "pmi.json"
