@@ -20,7 +20,14 @@ What is stored, decided:
 One file serves a whole process: a single connection behind a lock, so threads and asyncio tasks
 may share a :class:`Cache`; separate processes (or separate ``Cache`` objects) on the same file
 are serialised by SQLite's WAL locking. Each ``put`` is its own committed transaction, so a
-``kill -9`` loses at most the call in flight.
+``kill -9`` loses at most the call in flight. The first writer of a key wins: a second process
+that asked the same request at the same time gets the stored reply back from ``put`` and uses
+it, so every run that reads the cache sees one answer per request.
+
+The cache is a saving, never a place where paid work can be lost: a cache file that cannot be
+opened stops the run before any call with one line naming it, and a read or write that fails
+mid-run (disk full, damaged pages) is counted and warned about once, while the reply the backend
+returned is used as if the cache were not there.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import json
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import BtkitError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -82,35 +92,68 @@ class Cache:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else default_cache_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(SCHEMA)
         self.hits = 0
         self.misses = 0
+        #: Reads and writes that failed mid-run (disk full, damaged file): counted, warned about once.
+        self.errors = 0
+        self._warned = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(SCHEMA)
+            self._db.execute("SELECT COUNT(*) FROM (SELECT key FROM entries LIMIT 1)").fetchone()
+        except (sqlite3.Error, OSError) as e:
+            raise BtkitError(
+                f"cache {self.path}: cannot be used ({_why(e)}); move it aside, or pass --cache OTHER_FILE or --no-cache"
+            ) from None
+
+    def _failed(self, action: str, e: Exception) -> None:
+        self.errors += 1
+        if not self._warned:
+            self._warned = True
+            print(f"warning: cache {self.path}: {action} failed ({_why(e)}); the run goes on without it for such calls "
+                  f"(replies are still used; failures counted in stats.json as cache_errors)", file=sys.stderr)
 
     def get(self, key: str) -> Any | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM entries WHERE key=?", (key,)).fetchone()
-        if row is None:
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT value FROM entries WHERE key=?", (key,)).fetchone()
+            value = None if row is None else json.loads(row[0])
+        except (sqlite3.Error, ValueError) as e:
+            self._failed("a read", e)
+            value = None
+        if value is None:
             self.misses += 1
             return None
         self.hits += 1
-        return json.loads(row[0])
+        return value
 
-    def put(self, key: str, kind: str, backend: str, value: Any) -> None:
+    def put(self, key: str, kind: str, backend: str, value: Any) -> Any:
+        """Store ``value`` unless the key is already there; return the stored value (the first writer's).
+
+        A failed write is counted and ``value`` is returned: the caller keeps its reply either way.
+        """
         blob = json.dumps(value, ensure_ascii=False)
         try:
             blob.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: store them escaped, losslessly
             blob = json.dumps(value, ensure_ascii=True)
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO entries(key, kind, backend, value, created) VALUES (?,?,?,?,?)",
-                (key, kind, backend, blob, time.time()),
-            )
+        try:
+            with self._lock:
+                inserted = self._db.execute(
+                    "INSERT OR IGNORE INTO entries(key, kind, backend, value, created) VALUES (?,?,?,?,?)",
+                    (key, kind, backend, blob, time.time()),
+                ).rowcount
+                if inserted:
+                    return value
+                row = self._db.execute("SELECT value FROM entries WHERE key=?", (key,)).fetchone()
+            return value if row is None else json.loads(row[0])
+        except (sqlite3.Error, ValueError) as e:
+            self._failed("a write", e)
+            return value
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -132,7 +175,17 @@ class Cache:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+
+
+def _why(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if "not a database" in text or "malformed" in text:
+        return f"{text}: the file is damaged or not a btkit cache"
+    return text
 
 
 class NullCache:
@@ -140,14 +193,15 @@ class NullCache:
 
     hits = 0
     misses = 0
+    errors = 0
     path = None
 
     def get(self, key: str) -> Any | None:
         self.misses += 1
         return None
 
-    def put(self, key: str, kind: str, backend: str, value: Any) -> None:
-        pass
+    def put(self, key: str, kind: str, backend: str, value: Any) -> Any:
+        return value
 
     def close(self) -> None:
         pass

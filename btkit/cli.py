@@ -47,7 +47,7 @@ def _registry():
 
 def _fail(e: BaseException) -> None:
     click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+    sys.exit(getattr(e, "exit_code", 2))
 
 
 def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> dict[str, Any]:

@@ -39,18 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__
+from . import __version__, journal, rundir
 from .backends import MULTI_SAMPLE, Backend, Completion
 from .cache import Cache, NullCache, cache_key
-from .errors import BackendError, BtkitError
+from .dedup import SeenSet
+from .errors import BackendError, BtkitError, InputError, Interrupted
 from .io import AppendFile, atomic_write_json, iter_jsonl, read_journal, scrub_text, validate_jsonl
 from .methods import Method, ParseError, Stage
 from .plugins import Registry
 from .prompts import PromptLibrary
-from .records import Record, failed_record
+from .records import ExtraUnit, Record, failed_record, journal_key
 from .scheduling import PrefixGroupedLimiter
 
-RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json")
+RUN_FILES = rundir.RUN_FILES
 
 
 @dataclass
@@ -79,6 +80,13 @@ class RunConfig:
     cache_path: Path | None = None
     use_cache: bool = True
     overwrite: bool = False
+    #: Seconds between one-line status reports when stderr is not a terminal (0: none); $BTKIT_STATUS_EVERY.
+    status_every: float = field(default_factory=lambda: float(os.environ.get("BTKIT_STATUS_EVERY") or 30))
+    #: Stop the run when this many calls to one backend fail in a row ...
+    max_failures_in_a_row: int = 10
+    #: ... or when, after this many calls, more than this share of all calls failed.
+    min_calls_for_share: int = 50
+    max_failure_share: float = 0.5
 
 
 class StageCtx:
@@ -126,15 +134,25 @@ class StageCtx:
             return hit, True
         pending = self.run._pending.get(key)
         if pending is not None:  # the same request is already in flight: share its answer, pay once
-            value = await asyncio.shield(pending)
+            try:
+                value = await asyncio.shield(pending)
+            except BackendError as e:  # its failure, but no request of ours: counted as shared
+                shared = BackendError(str(e), raw=e.raw, retryable=e.retryable, attempts=0)
+                shared.shared = True
+                raise shared from e
             return json.loads(json.dumps(value)), True  # a copy, as a cache hit would be
 
         async def call_and_store():
             # Calls of one kind and template share their prompt prefix: the limiter sends them back to back.
             async with self.run.limiter_for(backend).slot(group or kind):
-                value = await call()
-            if valid(value):
-                self.run.cache.put(key, kind, backend.spec, value)
+                try:
+                    value = await call()
+                except BackendError as e:
+                    self.run.call_finished(backend, e)
+                    raise
+            self.run.call_finished(backend, None)
+            if valid(value):  # another process may have stored this request first: use its answer, as a re-run would
+                value = self.run.cache.put(key, kind, backend.spec, value)
             return value
 
         task = asyncio.ensure_future(call_and_store())
@@ -296,7 +314,11 @@ class StageCtx:
         # request returns, and is parsed as a failure again on every read (never served as a
         # success), so changing a parser or threshold never pays for it twice. Errors and empty
         # replies are not stored: they are asked again.
-        value, cached = await self._cached_call("chat", backend, payload, call, valid=_has_text, group=f"chat:{template}")
+        try:
+            value, cached = await self._cached_call("chat", backend, payload, call, valid=_has_text, group=f"chat:{template}")
+        except BackendError as e:
+            self._failed_step("chat", backend, template, prompt.template_hash, e, params=_recorded_params(params), **step_extra)
+            raise
         comp = Completion.from_json(value)
         comp.cached = cached
         comp.step = self._step(  # type: ignore[attr-defined]
@@ -304,9 +326,16 @@ class StageCtx:
             params=_recorded_params(params), raw=comp.text, finish_reason=comp.finish_reason,
             tokens=[comp.prompt_tokens, comp.completion_tokens], cached=cached,
             **({"cost": comp.extra["cost"]} if comp.extra.get("cost") and not cached else {}),
+            **_retries(comp.extra.get("attempts"), cached),
             **step_extra,
         )
         return comp
+
+    def _failed_step(self, kind: str, backend: Backend, template: str | None, template_hash: str | None,
+                     error: BackendError, **extra: Any) -> None:
+        """A call that finally failed is a lineage step too: stats count it, with the retries it cost."""
+        self._step(kind, backend, template, template_hash, error=str(error)[:500], cached=error.shared,
+                   **_retries(error.attempts, error.shared), **extra)
 
     async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> dict[str, float]:
         """Log-probabilities of ``candidates`` as the next token after the template's assistant prefix."""
@@ -318,7 +347,11 @@ class StageCtx:
         async def call():
             return await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, candidates)
 
-        value, cached = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
+        try:
+            value, cached = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
+        except BackendError as e:
+            self._failed_step("next_token_logprobs", backend, template, prompt.template_hash, e)
+            raise
         self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, cached=cached)
         return value
 
@@ -336,7 +369,11 @@ class StageCtx:
         async def call():
             return await backend.score_continuation(messages, continuation)
 
-        value, cached = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
+        try:
+            value, cached = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
+        except BackendError as e:
+            self._failed_step("score_continuation", backend, template, template_hash, e)
+            raise
         self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), cached=cached)
         return value
 
@@ -368,8 +405,15 @@ class Run:
         self._limiters: dict[int, PrefixGroupedLimiter] = {}
         self._pending: dict[str, asyncio.Future] = {}  # cache key -> the call in flight for it
         self.live_counts: dict[str, collections.Counter] = {}
-        self.progress: dict[str, Any] = {"units": 0, "kept": 0, "dropped": 0, "skipped": 0, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
+        self.progress: dict[str, Any] = {"finished": 0, "total": 0, "kept": 0, "dropped": 0, "skipped": 0,
+                                         "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
         self.input_counts: dict[str, int] = {}
+        self._fatal: asyncio.Future | None = None  # set with the reason when the run must stop
+        self._call_counts: dict[int, list[int]] = {}
+        self._calls_total = self._failures_total = 0
+        self.retried_units = 0
+        self.rows_read = self.survey_rows = 0
+        self._elapsed_before = 0.0
         self.encoding_errors = str(config.options.get("encoding_errors") or "strict")
 
     # -- setup -----------------------------------------------------------------------------
@@ -424,78 +468,166 @@ class Run:
             "btkit": __version__,
             "input": {"path": str(self.config.input.resolve()), "size": st.st_size},
             "model": self.config.model,
-            "backend_options": {k: v for k, v in self.config.backend_options.items() if "key" not in k.lower()},
-            "stages": [{"method": s.method, "stage": s.stage, "options": _jsonable({**self.config.options, **s.options})} for s in self.config.stages],
+            "backend_options": public_urls({k: v for k, v in self.config.backend_options.items() if "key" not in k.lower()}),
+            "stages": [{"method": s.method, "stage": s.stage, "options": _jsonable(public_urls({**self.config.options, **s.options}))} for s in self.config.stages],
             "templates": templates,
         }
 
-    # -- resume ----------------------------------------------------------------------------
-    def _prepare_out_dir(self) -> tuple[int, str]:
-        """Create or resume the run directory; return how many units are finished and a digest of their ids.
+    # -- run directory and resume ------------------------------------------------------------
+    def _open_run_dir(self) -> None:
+        """Create and lock the run directory; move an old run aside under ``--overwrite``; write run.json.
 
-        The journal holds finished units in input order, so they are always the first N units of
-        the (deterministic) unit stream: resuming skips N units, in constant memory, and checks
-        that the skipped units' ids and contents hash to the same digest (an input edited in place is caught).
+        Nothing is deleted here: a run with other settings stops the run (``--overwrite`` moves
+        its files to ``previous-<time>/``), and a resumed run's ``data.jsonl`` is only replaced
+        once its finished units were checked against the input (:meth:`_survey`).
         """
-        self.out.mkdir(parents=True, exist_ok=True)
+        rundir.create(self.out)
+        self.lock = rundir.RunLock(self.out).acquire()
         run_json = self.out / "run.json"
         fp = self.fingerprint()
+        old: dict[str, Any] = {}
         if run_json.exists():
-            old = json.loads(run_json.read_text(encoding="utf-8")).get("fingerprint")
-            if old != fp:
+            try:
+                old = json.loads(run_json.read_text(encoding="utf-8"))
+            except ValueError:
                 if not self.config.overwrite:
-                    changed = sorted(k for k in set(fp) | set(old or {}) if (old or {}).get(k) != fp.get(k))
-                    raise BtkitError(
-                        f"{self.out} holds a run with different settings (changed: {', '.join(changed)}); "
-                        f"pass --overwrite to start over (old files move to {self.out}/previous-<time>/) or use another -o"
-                    )
-                backup = self.out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-                backup.mkdir()
-                for name in RUN_FILES:
-                    if (self.out / name).exists():
-                        shutil.move(str(self.out / name), str(backup / name))
-        elif any((self.out / n).exists() for n in RUN_FILES):
-            raise BtkitError(f"{self.out} holds run files but no run.json; use another -o")
+                    raise BtkitError(f"{run_json}: damaged (not JSON); pass --overwrite to start over or use another -o") from None
+            if old.get("fingerprint") != fp and not self.config.overwrite:
+                changed = sorted(k for k in set(fp) | set(old.get("fingerprint") or {}) if (old.get("fingerprint") or {}).get(k) != fp.get(k))
+                raise BtkitError(
+                    f"{self.out} holds a run with different settings (changed: {', '.join(changed)}); "
+                    f"pass --overwrite to start over (old files move to {self.out}/previous-<time>/) or use another -o"
+                )
+        elif any((self.out / n).exists() for n in rundir.RUN_FILES) and not self.config.overwrite:
+            raise BtkitError(f"{self.out} holds run files but no run.json; pass --overwrite to move them aside or use another -o")
+        if self.config.overwrite:
+            backup = rundir.move_aside(self.out)
+            if backup is not None and not self.config.quiet:
+                print(f"--overwrite: the previous run's files moved to {backup}", file=sys.stderr)
+            old = {}
+        self._elapsed_before = float(old.get("elapsed_s") or 0.0)
+        self._run_json = {"fingerprint": fp, "command": redact_argv(sys.argv), "started": old.get("started", time.time()),
+                          "elapsed_s": self._elapsed_before}
         # run.json first: a kill from here on leaves a directory that resumes.
-        atomic_write_json(run_json, {"fingerprint": fp, "command": redact_argv(sys.argv), "started": time.time()})
-        n_done, ids, current = 0, hashlib.blake2b(digest_size=16), None
-        partial = self.out / "data.jsonl.partial"
-        tmp = self.out / ".data.rebuild"
-        tmp.unlink(missing_ok=True)
-        with _Closing(AppendFile(tmp)) as data:
-            for line in read_journal(self.out / "candidates.jsonl", "unit_seq", "unit_records"):
-                seq = line.get("unit_seq", line["unit"])
-                if seq != current:
-                    current, n_done = seq, n_done + 1
-                    ids.update(line.get("unit_hash", "").encode() + b"\n")
-                if line["status"] == "kept":
-                    data.write_lines([self._output_line(Record.from_candidate(line), line["method"])])
-        os.replace(tmp, partial)
-        if (self.out / "data.jsonl").exists() and n_done:
-            os.unlink(self.out / "data.jsonl")  # will be re-published when the run completes
-        return n_done, ids.hexdigest()
+        atomic_write_json(run_json, self._run_json)
+
+    def _save_elapsed(self, t0: float) -> None:
+        """Active time over every invocation, kept in run.json (stats' ``wall_time_s`` covers the whole run)."""
+        self._run_json["elapsed_s"] = round(self._elapsed_before + time.monotonic() - t0, 3)
+        atomic_write_json(self.out / "run.json", self._run_json)
+
+    def _survey(self, found: journal.JournalScan) -> int:
+        """One pass over the units before any model call; returns how many there are.
+
+        It validates the input (file, line and field of the first bad line), refuses two units
+        with one id (end-of-run decisions name records by id), and checks that every unit the
+        journal holds is still the same unit of the input, so a resumed run never mixes two
+        inputs and never publishes more units than the input (or ``--limit``) now yields.
+        """
+        path = self.out / "candidates.jsonl"
+        finished = journal.unit_headers(journal.iter_sorted(path, found, skip=found.failed.__contains__))
+        expected = next(finished, None)
+        self.input_counts.clear()
+        before = _input_state(self.config.input)
+        count = 0
+        with SeenSet() as ids:
+            for seq, unit in enumerate(self.units(counts=self.input_counts)):
+                count = seq + 1
+                if not isinstance(unit, ExtraUnit) and not ids.add(unit.id):
+                    raise self._duplicate_id_error(unit)
+                if expected is not None and expected[0] == seq:
+                    if expected[1] != unit_digest(unit):
+                        raise BtkitError(
+                            f"{self.config.input} changed since {self.out} was started: unit {seq + 1} ('{unit.id}') is not "
+                            f"the one in the journal; pass --overwrite to start over (old files are moved aside) or use another -o"
+                        )
+                    expected = next(finished, None)
+        if expected is not None:
+            limit = f" with --limit {self.config.limit}" if self.config.limit is not None else ""
+            raise BtkitError(
+                f"{self.out} holds finished units beyond the {count} the input yields now{limit}; "
+                f"raise --limit (or restore the input), pass --overwrite to start over, or use another -o"
+            )
+        if _input_state(self.config.input) != before:
+            raise BtkitError(f"{self.config.input} changed while btkit read it; run again once nothing writes to it")
+        self.survey_rows, self._input_before = self.rows_read, before
+        return count
+
+    def _duplicate_id_error(self, unit: Record) -> BtkitError:
+        """Name the input lines that share a unit's id (one line; see :meth:`_survey`)."""
+        opts = {**self.config.options, **self.config.stages[0].options}
+        id_field = str(opts.get("id_field") or "id")
+        lines = [n for n, row in iter_jsonl(self.config.input, (), None, self.encoding_errors)
+                 if str(row.get(id_field)) == unit.source_id][:2]
+        if len(lines) == 2:
+            return InputError(str(self.config.input), f"duplicate id '{unit.source_id}' (first on line {lines[0]}); ids must be "
+                              f"unique within a run: make them unique, or pick another field with --id-field", lines[1], id_field)
+        return BtkitError(f"{self.config.input}: two units of this run would share the id '{unit.id}'; "
+                          f"make the input's '{id_field}' values unique (an id may not look like another line's generated id)")
+
+    def _resume(self, surveyed: int | None = None) -> tuple[journal.JournalScan, int]:
+        """Survey the input against the journal, then make the journal one sorted run without failed units.
+
+        Units whose calls failed (``backend_error``, ``stage_error``) are redone: re-running after
+        an outage retries what failed, and every call that succeeded comes back from the cache.
+        ``data.jsonl.partial`` is rebuilt from the journal, and a published ``data.jsonl`` is
+        withdrawn only when there is work left to do.
+        """
+        path = self.out / "candidates.jsonl"
+        found = journal.scan(path)
+        n_units = surveyed if surveyed is not None and not found.units else self._survey(found)
+        self.retried_units = len(found.failed)
+        if found.failed or not found.sorted:
+            journal.rewrite(path, journal.iter_sorted(path, found, skip=found.failed.__contains__))
+            found = journal.scan(path)
+        self._rebuild_data(found)
+        if found.units < n_units:
+            (self.out / "data.jsonl").unlink(missing_ok=True)  # re-published when the run completes
+        return found, n_units
 
     def _output_line(self, record: Record, method_name: str) -> dict[str, Any]:
         return self.registry.method(method_name).to_output(record)
 
     # -- execution -------------------------------------------------------------------------
-    def units(self) -> Iterator[Record]:
+    def units(self, counts: dict[str, int] | None = None, max_rows: int | None = None) -> Iterator[Record]:
+        """The run's work units, in a deterministic order: the method's extra records, then ``prepare``'s units."""
         method = self.first_method
         opts = {**self.config.options, **self.config.stages[0].options}
-        required = method_required_fields(method, opts)
-        rows = (row for _, row in iter_jsonl(self.config.input, required, required, self.encoding_errors))
-        if self.config.limit is not None:
-            rows = _take(rows, self.config.limit)
         extra = list(method.extra_records(opts))
         if extra:
-            holder = Record(id="extra", source_id="extra", fields={})
-            holder.meta["extra"] = extra
-            yield holder
-        yield from method.prepare(rows, opts)
+            yield ExtraUnit(extra)
+        yield from method.prepare(self._rows(counts, max_rows), opts)
+
+    def _rows(self, counts: dict[str, int] | None, max_rows: int | None) -> Iterator[dict[str, Any]]:
+        """Input rows, at most ``--limit`` (or ``max_rows``: what the survey saw); sets ``rows_read``."""
+        opts = {**self.config.options, **self.config.stages[0].options}
+        required = method_required_fields(self.first_method, opts)
+        limit = self.config.limit if max_rows is None else max_rows
+        self.rows_read = 0
+        if limit == 0:
+            return
+        for _, row in iter_jsonl(self.config.input, required, required, self.encoding_errors, counts):
+            self.rows_read += 1
+            yield row
+            if limit is not None and self.rows_read >= limit:
+                return
+
+    def _units_as_surveyed(self) -> Iterator[Record]:
+        """The units again, for the run itself: no more rows than the survey saw, and an input that
+        changed since (cut short, appended to, rewritten) stops the run instead of mixing inputs."""
+        cfg = self.config
+        try:
+            yield from self.units(max_rows=self.survey_rows)
+        except InputError as e:  # it was valid when surveyed: it changed
+            raise BtkitError(f"{cfg.input} changed while the run read it ({e}); finished units are kept: "
+                             f"re-run the same command to resume") from None
+        if self.rows_read != self.survey_rows or _input_state(cfg.input) != self._input_before:
+            raise BtkitError(f"{cfg.input} changed while the run read it ({self.survey_rows} lines when it started, "
+                             f"{self.rows_read} read now); finished units are kept: re-run the same command to resume")
 
     async def process_unit(self, unit: Record) -> list[Record]:
-        if unit.id == "extra":
-            return list(unit.meta["extra"])
+        if isinstance(unit, ExtraUnit):
+            return list(unit.records)
         if not unit.alive:  # dropped while preparing (too short, duplicate...)
             return [unit]
         alive, terminal = [unit], []
@@ -533,26 +665,107 @@ class Run:
                         break
         return outs
 
+    # -- failing fast ----------------------------------------------------------------------
+    def call_finished(self, backend: Backend, error: BaseException | None) -> None:
+        """Count a model call's outcome; stop the run when an endpoint looks dead.
+
+        Two stated bounds: ``max_failures_in_a_row`` calls to one backend failing with no success
+        in between, or (after ``min_calls_for_share`` calls) more than ``max_failure_share`` of all
+        calls failing. Either stops the run with one line naming the endpoint; finished units stay
+        in the journal and a re-run retries the failed ones.
+        """
+        counts = self._call_counts.setdefault(id(backend), [0, 0, 0])  # calls, failures, failures in a row
+        counts[0] += 1
+        self._calls_total += 1
+        if error is None:
+            counts[2] = 0
+            return
+        counts[1] += 1
+        counts[2] += 1
+        self._failures_total += 1
+        cfg = self.config
+        why = None
+        if counts[2] >= cfg.max_failures_in_a_row:
+            why = f"{counts[2]} calls in a row"
+        elif self._calls_total >= cfg.min_calls_for_share and self._failures_total > cfg.max_failure_share * self._calls_total:
+            why = f"{self._failures_total} of {self._calls_total} calls"
+        if why and self._fatal is not None and not self._fatal.done():
+            where = backend.spec
+            url = (backend.identity() or {}).get("base_url")
+            if url:
+                where += f" at {url}"
+            self._fatal.set_exception(BtkitError(
+                f"{why} to {where} failed (last: {str(error)[:200]}); stopped. Finished units are kept: "
+                f"re-run the same command once the endpoint answers (failed units are retried)"))
+
+    def _unit_done(self, task: asyncio.Future) -> None:
+        """A unit finished (in any order): progress counts it now, and a config error stops the run."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            if self._fatal is not None and not self._fatal.done():
+                self._fatal.set_exception(error)
+            return
+        self.progress["finished"] += 1
+        records = task.result()
+        kept = sum(1 for r in records if r.alive)
+        self.progress["kept"] += kept
+        self.progress["dropped"] += len(records) - kept
+        self.bar.update(self.progress)
+
+    async def _wait_for_head(self, in_flight: collections.deque) -> None:
+        """Wait until the oldest unit is done (the only one the reorder buffer can write), or the run must stop.
+
+        Waiting on "any unit" instead would return at once whenever a later unit is already done
+        and spin the loop, taking a core from the model.
+        """
+        head = in_flight[0][2]
+        if not head.done():
+            await asyncio.wait([head, self._fatal], return_when=asyncio.FIRST_COMPLETED)
+        if self._fatal.done():
+            self._fatal.result()  # raises the reason
+
     async def execute(self) -> dict[str, Any]:
         cfg = self.config
-        required = method_required_fields(self.first_method, {**cfg.options, **cfg.stages[0].options})
-        validate_jsonl(cfg.input, required, required, self.encoding_errors, self.input_counts)
         self.check_templates()
         for stage in self.stages:  # resolve every model spec now: a typo or a missing capability fails before any work
             stage.check_backend(self.backend_for(stage))
-        n_done, done_digest = self._prepare_out_dir()
-        skipped_ids = hashlib.blake2b(digest_size=16)
+        # A bad input stops the run before its directory is created or touched.
+        surveyed = None
+        if not (self.out / "candidates.jsonl").exists():
+            surveyed = self._survey(journal.JournalScan())
+        else:  # the survey against the journal needs the directory's lock: check the rows alone first
+            required = method_required_fields(self.first_method, {**cfg.options, **cfg.stages[0].options})
+            validate_jsonl(cfg.input, required, required, self.encoding_errors)
+        self._open_run_dir()
+        try:
+            return await self._execute_locked(surveyed)
+        finally:
+            self.lock.release()
+
+    async def _execute_locked(self, surveyed: int | None) -> dict[str, Any]:
+        cfg = self.config
+        path = self.out / "candidates.jsonl"
+        found, n_units = self._resume(surveyed)
         self.registry.hook.btkit_run_start(run=self)
         t0 = time.monotonic()
-        journal = AppendFile(self.out / "candidates.jsonl")
+        loop = asyncio.get_running_loop()
+        self._fatal = loop.create_future()
+        self.progress["total"] = n_units - found.units
+        self.bar = _Progress(cfg.quiet, self.progress["total"], cfg.status_every)
+        journal_out = AppendFile(path)
         data = AppendFile(self.out / "data.jsonl.partial")
         window = max(4, 2 * cfg.concurrency)
-        bar = _progress(cfg.quiet)
         in_flight: collections.deque = collections.deque()
-        loop = asyncio.get_running_loop()
+        finished = journal.unit_headers(journal.iter_sorted(path, found))
+        next_finished = next(finished, None)
+        last_saved = time.monotonic()
+        ticker = asyncio.ensure_future(self.bar.tick_every(self.progress))
 
         def flush_ready() -> None:
             """Journal every finished unit at the head of the window, in input order, in one write."""
+            nonlocal last_saved
             journal_lines, data_lines = [], []
             while in_flight and in_flight[0][2].done():
                 seq, unit, task, digest = in_flight.popleft()
@@ -561,53 +774,54 @@ class Run:
                 journal_lines += [{**r.to_candidate(), "unit": unit.id, "unit_seq": seq, "unit_records": len(records),
                                    "unit_hash": digest, "method": m}
                                   for r, m in zip(records, method_names)]
-                kept = [self._output_line(r, m) for r, m in zip(records, method_names) if r.alive]
-                data_lines += kept
-                self.progress["units"] += 1
-                self.progress["kept"] += len(kept)
-                self.progress["dropped"] += len(records) - len(kept)
-                bar.update(self.progress)
+                data_lines += [self._output_line(r, m) for r, m in zip(records, method_names) if r.alive]
             if journal_lines:  # journal first: data.jsonl.partial is rebuilt from it on resume
-                journal.write_lines(journal_lines)
+                journal_out.write_lines(journal_lines)
             if data_lines:
                 data.write_lines(data_lines)
+            if time.monotonic() - last_saved > 10:
+                self._save_elapsed(t0)
+                last_saved = time.monotonic()
 
         try:
-            for seq, unit in enumerate(self.units()):
-                digest = unit_digest(unit)  # before any stage touches the unit's fields
-                if seq < n_done:
-                    skipped_ids.update(digest.encode() + b"\n")
-                    if seq == n_done - 1 and skipped_ids.hexdigest() != done_digest:
-                        raise BtkitError(
-                            f"{cfg.input} changed since {self.out} was started: its first {n_done} units are not the ones "
-                            f"in the journal; pass --overwrite to start over or use another -o"
-                        )
-                    self.progress["skipped"] += 1
+            if found.units:
+                self.progress["skipped"] = found.units
+            for seq, unit in enumerate(self._units_as_surveyed()):
+                if next_finished is not None and next_finished[0] == seq:  # finished by an earlier invocation
+                    next_finished = next(finished, None)
                     continue
-                if unit.id != "extra" and not unit.alive:  # dropped while preparing: no task needed
-                    done_unit = loop.create_future()
-                    done_unit.set_result([unit])
-                    in_flight.append((seq, unit, done_unit, digest))
+                digest = unit_digest(unit)  # before any stage touches the unit's fields
+                if not isinstance(unit, ExtraUnit) and not unit.alive:  # dropped while preparing: no task needed
+                    task = loop.create_future()
+                    task.set_result([unit])
+                    self._unit_done(task)  # now: a callback would wait for the loop, which need not run at all
                 else:
-                    in_flight.append((seq, unit, asyncio.ensure_future(self.process_unit(unit)), digest))
-                if len(in_flight) >= window:
-                    flush_ready()
+                    task = asyncio.ensure_future(self.process_unit(unit))
+                    task.add_done_callback(self._unit_done)
+                in_flight.append((seq, unit, task, digest))
+                if self._fatal.done():
+                    self._fatal.result()
+                flush_ready()
                 while len(in_flight) >= window:
-                    await asyncio.wait([t for _, _, t, _ in in_flight], return_when=asyncio.FIRST_COMPLETED)
+                    await self._wait_for_head(in_flight)
                     flush_ready()
             while in_flight:
+                await self._wait_for_head(in_flight)
                 flush_ready()
-                if in_flight:
-                    await asyncio.wait([t for _, _, t, _ in in_flight], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for _, _, task, _ in in_flight:
+            ticker.cancel()
+            pending = [task for _, _, task, _ in in_flight if not task.done()]
+            for task in pending:
                 task.cancel()
-            bar.close()
-            journal.close()
+            if pending:  # let cancelled units unwind before their backends close under them
+                await asyncio.gather(*pending, return_exceptions=True)
+            self.bar.close()
+            journal_out.close()
             data.close()
             for backend in self._backends.values():
                 await backend.aclose()
-        self._apply_end_of_run()
+            self._save_elapsed(t0)
+        self._finish_journal()
         os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
         stats = self._write_failures(time.monotonic() - t0)
         atomic_write_json(self.out / "stats.json", stats)
@@ -615,42 +829,46 @@ class Run:
         self.cache.close()
         return stats
 
-    def _apply_end_of_run(self) -> None:
-        """Let stages re-decide kept records with the whole run in view (``Stage.end_of_run``).
+    def _finish_journal(self) -> None:
+        """Put the journal in input order and apply end-of-run decisions (``Stage.end_of_run``).
 
         Drops are written into the journal (rewritten to a temporary file, then renamed) and
         ``data.jsonl.partial`` is rebuilt from it, so stats, failures and a resumed run agree.
+        Decisions name records by :func:`btkit.records.journal_key` (unit and id), so a decision
+        acts on exactly the record it means.
         """
         path = self.out / "candidates.jsonl"
+        found = journal.scan(path)
         drops: dict[str, tuple[str, str, dict[str, Any]]] = {}
         for stage in self.stages:
-            decided = stage.end_of_run(lambda: read_journal(path, "unit_seq", "unit_records"))
-            for rid, (reason, details) in (decided or {}).items():
-                drops.setdefault(rid, (stage.label, reason, details))
-        if not drops:
+            decided = stage.end_of_run(lambda: journal.iter_sorted(path, found))
+            for key, (reason, details) in (decided or {}).items():
+                drops.setdefault(key, (stage.label, reason, details))
+        if not drops and found.sorted:
             return
-        journal_tmp, data_tmp = self.out / ".candidates.rewrite", self.out / ".data.rebuild"
-        journal_tmp.unlink(missing_ok=True)
-        data_tmp.unlink(missing_ok=True)
-        with _Closing(AppendFile(journal_tmp)) as journal, _Closing(AppendFile(data_tmp)) as data:
-            lines, kept = [], []
-            for line in read_journal(path, "unit_seq", "unit_records"):
-                if line["status"] == "kept" and line["id"] in drops:
-                    label, reason, details = drops[line["id"]]
-                    line.update(status="dropped", dropped_at=label, reason=reason)
+
+        def decided_lines() -> Iterator[dict[str, Any]]:
+            for line in journal.iter_sorted(path, found):
+                if line["status"] == "kept" and journal_key(line) in drops:
+                    label, reason, details = drops[journal_key(line)]
+                    line.update(status="dropped", dropped_at=label, reason=reason, end_of_run=True)
                     if details:
                         line.setdefault("meta", {}).setdefault("drop_details", {}).update(details)
-                lines.append(line)
-                if line["status"] == "kept":
-                    kept.append(self._output_line(Record.from_candidate(line), line["method"]))
-                if len(lines) >= 512:
-                    journal.write_lines(lines)
-                    data.write_lines(kept)
-                    lines, kept = [], []
-            journal.write_lines(lines)
-            data.write_lines(kept)
-        os.replace(journal_tmp, path)
-        os.replace(data_tmp, self.out / "data.jsonl.partial")
+                yield line
+
+        journal.rewrite(path, decided_lines())
+        self._rebuild_data(journal.scan(path))
+
+    def _rebuild_data(self, found: journal.JournalScan) -> None:
+        """``data.jsonl.partial`` from the journal's kept records, in input order (temporary file, then renamed)."""
+        tmp = self.out / ".data.rebuild"
+        tmp.unlink(missing_ok=True)
+        kept = (self._output_line(Record.from_candidate(line), line["method"])
+                for line in journal.iter_sorted(self.out / "candidates.jsonl", found) if line["status"] == "kept")
+        with _Closing(AppendFile(tmp)) as data:
+            for chunk in _chunks(kept, 512):
+                data.write_lines(chunk)
+        os.replace(tmp, self.out / "data.jsonl.partial")
 
     def _method_of(self, record: Record) -> str:
         """The method that shapes a kept record's data.jsonl line: the last stage's, unless set."""
@@ -660,14 +878,22 @@ class Run:
     def compute_stats(self, elapsed: float, failures: AppendFile | None = None) -> dict[str, Any]:
         """Stats are derived from the journal alone, so a resumed run reports the whole run.
 
+        Per stage: ``in``/``out`` count the records that reached and left it while the run
+        streamed (records dropped while preparing units reach no stage: ``dropped_while_preparing``;
+        records dropped by a whole-run decision left every stage and are counted under the
+        deciding stage's ``dropped_at_end``); ``calls`` counts every call made, failed ones
+        included (``failed_calls``), ``retries`` the extra requests a backend sent for them, and
+        ``requests_sent`` what the servers saw (calls not served by the cache, plus retries).
         With ``failures``, the failed records' lines are written there in the same pass.
         """
         labels = [s.label for s in self.stages]
-        per_stage = {l: {"in": 0, "out": 0, "dropped": collections.Counter(), "calls": 0, "cache_hits": 0,
+        per_stage = {l: {"in": 0, "out": 0, "dropped": collections.Counter(), "dropped_at_end": collections.Counter(),
+                         "calls": 0, "cache_hits": 0, "failed_calls": 0, "retries": 0, "requests_sent": 0,
                          "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "parse_failures": collections.Counter(),
                          "parse_retries": 0, "parse_retries_recovered": 0} for l in labels}
         totals = collections.Counter()
         dropped_by_reason: collections.Counter = collections.Counter()
+        preparing: collections.Counter = collections.Counter()
         current_unit, seen_steps = None, set()
         for line in read_journal(self.out / "candidates.jsonl", "unit_seq", "unit_records"):
             totals["records"] += 1
@@ -676,20 +902,26 @@ class Run:
             if unit_key != current_unit:
                 current_unit, seen_steps = unit_key, set()
                 totals["units"] += 1
-            if line["status"] == "dropped":
+            dropped = line["status"] == "dropped"
+            if dropped:
                 dropped_by_reason[f"{line['dropped_at']}:{line['reason']}"] += 1
-                if failures is not None and line["reason"] in ("backend_error", "stage_error"):
+                if failures is not None and line["reason"] in journal.FAILURE_REASONS:
                     details = line.get("meta", {}).get("drop_details", {})
                     failures.write_lines([{"id": line["id"], "stage": line["dropped_at"], "reason": line["reason"], **details}])
-            for label in labels:
-                if line.get("meta", {}).get("source") == "seed":
-                    break
-                st = per_stage[label]
-                st["in"] += 1
-                if line["dropped_at"] == label:
-                    st["dropped"][line["reason"]] += 1
-                    break
-                st["out"] += 1
+            if line.get("meta", {}).get("source") == "seed":
+                pass  # written as given: no stage saw it
+            elif dropped and line["dropped_at"] not in per_stage:
+                preparing[line["reason"]] += 1
+            else:
+                for label in labels:
+                    st = per_stage[label]
+                    st["in"] += 1
+                    if dropped and line["dropped_at"] == label and not line.get("end_of_run"):
+                        st["dropped"][line["reason"]] += 1
+                        break
+                    st["out"] += 1
+                if dropped and line.get("end_of_run"):
+                    per_stage[line["dropped_at"]]["dropped_at_end"][line["reason"]] += 1
             for step in line.get("lineage", []):
                 if step.get("step") in seen_steps or step.get("stage") not in per_stage:
                     continue
@@ -698,6 +930,9 @@ class Run:
                 if step.get("request", step.get("step")) == step.get("step"):  # one choice of an n>1 request counts no call
                     st["calls"] += 1
                     st["cache_hits"] += bool(step.get("cached"))
+                    st["failed_calls"] += "error" in step
+                    st["retries"] += int(step.get("retries") or 0)
+                    st["requests_sent"] += (not step.get("cached")) + int(step.get("retries") or 0)
                 toks = step.get("tokens") or [0, 0]
                 st["tokens_in"] += toks[0]
                 st["tokens_out"] += toks[1]
@@ -707,39 +942,42 @@ class Run:
                 if step.get("attempt"):
                     st["parse_retries"] += 1
                     st["parse_retries_recovered"] += "parsed" in step
-        previous = {}
-        try:
-            previous = json.loads((self.out / "stats.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
         for st in per_stage.values():
             st["dropped"] = dict(st["dropped"])
+            st["dropped_at_end"] = dict(st["dropped_at_end"])
             st["parse_failures_total"] = sum(st["parse_failures"].values())
             st["parse_failures"] = dict(st["parse_failures"])
+        total = lambda key: sum(s[key] for s in per_stage.values())  # noqa: E731
         return {
             "status": "complete",
             "btkit": __version__,
             "input": str(self.config.input),
             "model": self.config.model,
             "stages": per_stage,
+            "dropped_while_preparing": dict(preparing),
             "units": totals["units"],
             "records": totals["records"],
             "kept": totals["kept"],
             "dropped": totals["dropped"],
             "dropped_by_reason": dict(dropped_by_reason),
-            "parse_failures": sum(s["parse_failures_total"] for s in per_stage.values()),
+            "parse_failures": total("parse_failures_total"),
             "parse_failures_by_reason": dict(sum((collections.Counter(s["parse_failures"]) for s in per_stage.values()), collections.Counter())),
-            "parse_retries": sum(s["parse_retries"] for s in per_stage.values()),
+            "parse_retries": total("parse_retries"),
             "input_lines_with_replaced_text": self.input_counts.get("replaced_lines", 0),
             "backend_failures": sum(v for k, v in dropped_by_reason.items() if k.endswith(":backend_error")),
-            "tokens_in": sum(s["tokens_in"] for s in per_stage.values()),
-            "tokens_out": sum(s["tokens_out"] for s in per_stage.values()),
-            "calls": sum(s["calls"] for s in per_stage.values()),
-            "cost_usd": round(sum(s["cost_usd"] for s in per_stage.values()), 6),
+            "tokens_in": total("tokens_in"),
+            "tokens_out": total("tokens_out"),
+            "calls": total("calls"),
+            "failed_calls": total("failed_calls"),
+            "retries": total("retries"),
+            "requests_sent": total("requests_sent"),
+            "cost_usd": round(total("cost_usd"), 6),
             "cache_hits_this_invocation": self.cache.hits,
             "model_calls_this_invocation": self.cache.misses,
+            "cache_errors": self.cache.errors,
             "units_resumed": self.progress["skipped"],
-            "wall_time_s": round(elapsed + float(previous.get("wall_time_s", 0) if previous.get("status") != "complete" else 0), 3),
+            "units_retried": self.retried_units,
+            "wall_time_s": round(self._elapsed_before + elapsed, 3),
             "this_invocation_s": round(elapsed, 3),
         }
 
@@ -754,10 +992,21 @@ class Run:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """The command line for run.json with credential-like values masked (``-B api_key=sk-...``)."""
+    """The command line for run.json with credential-like values masked (``-B api_key=sk-...``) and
+    ``user:password@`` cut from every URL in it (``--base-url http://user:KEY@host/v1``)."""
     import re
 
-    return [re.sub(r"(?i)((?:key|token|secret|password)[\w-]*=).*", r"\1***", a) for a in argv]
+    from .backends import public_url
+
+    masked = [re.sub(r"(?i)((?:key|token|secret|password)[\w-]*=).*", r"\1***", a) for a in argv]
+    return [re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda m: public_url(m.group(0)), a) for a in masked]
+
+
+def public_urls(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as run.json records them: ``user:password@`` cut from every string value that is a URL."""
+    from .backends import public_url
+
+    return {k: public_url(v) if isinstance(v, str) else v for k, v in options.items()}
 
 
 def method_required_fields(method: Method, options: dict[str, Any]) -> dict[str, str]:
@@ -779,11 +1028,13 @@ class _Closing:
         self.f.close()
 
 
-def _take(it, n: int):
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
+def _retries(attempts: Any, cached: bool) -> dict[str, int]:
+    """``{"retries": n}`` for a step whose call took n extra requests (nothing for a cache hit)."""
+    try:
+        n = int(attempts or 1) - 1
+    except (TypeError, ValueError):
+        n = 0
+    return {"retries": n} if n > 0 and not cached else {}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -838,26 +1089,91 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.1f}k" if n >= 10**4 else str(n)
 
 
-class _progress:
-    """A tqdm bar on a terminal; silent when quiet or when stderr is not a TTY."""
+class _Progress:
+    """Progress of finished units (in any order) against the units left to do.
 
-    def __init__(self, quiet: bool):
+    On a terminal: a tqdm bar with rate and ETA. Otherwise (a log file, CI, ``nohup``): one status
+    line every ``every`` seconds, so a stalled server is visible there too. Silent when quiet.
+    """
+
+    def __init__(self, quiet: bool, total: int, every: float):
         self.bar = None
+        self.every = 0.0 if quiet else float(every or 0)
+        self.total = total
+        self.t0 = time.monotonic()
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(desc="units", unit="unit", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(desc="units", unit="unit", total=total, dynamic_ncols=True, file=sys.stderr)
+            self.every = 0.0
 
     def update(self, progress: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(progress_text(progress), refresh=False)
 
+    async def tick_every(self, progress: dict[str, Any]) -> None:
+        """Print :func:`status_line` every ``every`` seconds until cancelled (no terminal only)."""
+        if self.every <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.every)
+            print(status_line(progress, time.monotonic() - self.t0), file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
+def status_line(progress: dict[str, Any], elapsed: float) -> str:
+    """``progress: 12/40 units (30%), 0.52 units/s, ETA 54s, kept=... dropped=... tokens=...``"""
+    done, total = progress["finished"], progress["total"]
+    pct = f" ({100 * done / total:.0f}%)" if total else ""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total >= done else ""
+    return f"progress: {done}/{total} units{pct}, {rate:.2f} units/s{eta}, {progress_text(progress)}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _input_state(path: Path) -> tuple[int, int] | None:
+    """What tells an input file changed while it was read: its size and modification time (None: missing)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None  # reading it names the problem
+    return st.st_size, st.st_mtime_ns
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def run_pipeline(config: RunConfig, registry: Registry) -> dict[str, Any]:
-    """Run synchronously (the CLI's entry point into the async engine)."""
-    return asyncio.run(Run(config, registry).execute())
+    """Run synchronously (the CLI's entry point into the async engine).
+
+    Ctrl-C and filesystem faults (disk full, a read-only or vanished directory) become one line:
+    whatever they interrupted, finished units are in the journal and the same command resumes.
+    """
+    try:
+        return asyncio.run(Run(config, registry).execute())
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; finished units are kept in {config.out_dir}: re-run the same command to resume") from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise BtkitError(f"{where}{e.strerror or e}; finished units are kept in {config.out_dir}: "
+                         f"fix that, then re-run the same command to resume") from None

@@ -6,6 +6,14 @@ from __future__ import annotations
 class BtkitError(Exception):
     """An error caused by the user's input or setup; the CLI prints it as one line and exits 2."""
 
+    exit_code = 2
+
+
+class Interrupted(BtkitError):
+    """Ctrl-C (SIGINT): the run stopped cleanly and resumes on the same command; exit 130 as shells expect."""
+
+    exit_code = 130
+
 
 class InputError(BtkitError):
     """Bad corpus or seed input. The message names file, line and field."""
@@ -22,12 +30,19 @@ class TemplateError(BtkitError):
 
 
 class BackendError(Exception):
-    """A backend call that failed. ``raw`` keeps whatever the backend sent back, for the failure log."""
+    """A backend call that failed. ``raw`` keeps whatever the backend sent back, for the failure log.
 
-    def __init__(self, message: str, raw: str | None = None, retryable: bool = False):
+    ``attempts``: how many requests the backend sent for this call (retries included), so stats
+    count what a server saw; ``shared``: the failure of an identical call another record was
+    already waiting on (no request of its own).
+    """
+
+    def __init__(self, message: str, raw: str | None = None, retryable: bool = False, attempts: int = 1):
         super().__init__(message)
         self.raw = raw
         self.retryable = retryable
+        self.attempts = attempts
+        self.shared = False
 
 
 class CapabilityError(BtkitError):

@@ -97,8 +97,8 @@ class Stage:
 
         Called after every unit finished, before ``data.jsonl`` is published (again on a resumed
         run, so it must be deterministic given the journal). ``journal()`` iterates the
-        ``candidates.jsonl`` lines. Returns ``{record id: (reason, details)}`` for kept records
-        to drop now; the engine marks them dropped at this stage in the journal, and stats and
+        ``candidates.jsonl`` lines. Returns ``{btkit.records.journal_key(line): (reason, details)}``
+        for kept records to drop now; the engine marks them dropped at this stage in the journal, and stats and
         ``data.jsonl`` follow. Default: no decisions.
         """
         return {}

@@ -77,6 +77,26 @@ class Record:
         )
 
 
+class ExtraUnit(Record):
+    """The unit that carries a method's extra records (e.g. seed pairs) past every stage.
+
+    Told apart by its type, never by its id, so no input id can be mistaken for it.
+    """
+
+    def __init__(self, records: list[Record]):
+        super().__init__(id="extra", source_id="extra", fields={})
+        self.records = records
+
+
+def journal_key(line: dict[str, Any]) -> str:
+    """The key that names one journal record for end-of-run decisions: its unit's position and its id.
+
+    Ids come from the user's input; the unit position makes the key unique even where two units'
+    records could share an id (a seed pair and a document both called ``seed``, say).
+    """
+    return f"{line.get('unit_seq')}/{line['id']}"
+
+
 def failed_record(record: Record, stage_label: str, error: Exception) -> Record:
     """``record`` dropped for a failed call (``backend_error``, with the raw reply) or a stage bug
     (``stage_error``, with a short traceback): how every failure is recorded, by the engine or by a

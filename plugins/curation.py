@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 from btkit.backends import NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
 from btkit.errors import BtkitError
 from btkit.methods import ParseError
+from btkit.records import journal_key
 
 _NUM = r"(\d+(?:[.,]\d+)?)(?!\w|[.,]\d)"  # "1e1", "4x", "12abc" are not scores
 # "Score: 4", "**Score:** 4", "score = 4", "Score - 4/5", "Rating: 4 out of 5", "Score: [4]"
@@ -363,5 +364,5 @@ class Curator:
             if line["status"] == "kept" and meta.get("scored_by") == self.label:
                 v = rank_value(meta)
                 if v is not None and v < cut:
-                    drops[line["id"]] = ("below_keep_top", {"score": v, "keep_top": self.keep_top, "cutoff": cut})
+                    drops[journal_key(line)] = ("below_keep_top", {"score": v, "keep_top": self.keep_top, "cutoff": cut})
         return drops

@@ -82,6 +82,7 @@ class LlamaCppBackend(Backend):
         self._llm = None
         self._formatter = None
         self._lock = threading.Lock()
+        self._closed = False  # set by aclose: calls still queued for the lock fail instead of reloading
         self._digit_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._batch = None  # llama_batch for score_continuation, allocated on first use
         self._batch_size = 0  # tokens self._batch holds
@@ -100,6 +101,8 @@ class LlamaCppBackend(Backend):
 
     # -- model -----------------------------------------------------------------------------
     def llm(self):
+        if self._closed:
+            raise BackendError(f"{self.spec}: the backend was closed (the run is ending)")
         if self._llm is None:
             import llama_cpp
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -279,6 +282,8 @@ class LlamaCppBackend(Backend):
 
     def scoring_llm(self):
         """The model ``score_continuation`` runs: this one, or a copy of its weights that batches faster."""
+        if self._closed:
+            raise BackendError(f"{self.spec}: the backend was closed (the run is ending)")
         if self._score_llm is None:
             path = self._scoring_weights_path()
             if path is None:
@@ -363,6 +368,20 @@ class LlamaCppBackend(Backend):
         return out
 
     async def aclose(self) -> None:
+        """Free the model, but only once no worker thread is inside it.
+
+        A call cancelled on the asyncio side (Ctrl-C) keeps running in its thread until llama.cpp
+        returns; freeing the context under it would crash the process. So: refuse new calls, then
+        take the lock every call holds (waiting for the one in flight), then free.
+        """
+        self._closed = True
+        await asyncio.to_thread(self._lock.acquire)
+        try:
+            self._free()
+        finally:
+            self._lock.release()
+
+    def _free(self) -> None:
         llm, self._llm = self._llm, None
         scorer, self._score_llm = self._score_llm, None
         if scorer is not None and scorer is not llm:

@@ -99,7 +99,10 @@ def test_keep_top_keeps_the_top_scoring_pairs_and_resume_agrees(cli, scripted, t
     assert {k: c["reason"] for k, c in dropped.items()} == {"d0": "below_keep_top", "d1": "below_keep_top", "d3": "below_keep_top"}
     assert dropped["d0"]["meta"]["drop_details"]["cutoff"] == pytest.approx(0.8)
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["kept"] == 2 and stats["stages"]["humpback.curate"]["dropped"] == {"below_keep_top": 3}
+    curate = stats["stages"]["humpback.curate"]
+    # the cut is a whole-run decision: the 5 pairs left the stage as it streamed, 3 were cut at the end
+    assert stats["kept"] == 2 and curate["dropped"] == {} and curate["dropped_at_end"] == {"below_keep_top": 3}
+    assert curate["in"] == curate["out"] == 5
     calls = len(backend.history)
     assert cli(*args).exit_code == 0  # resuming a finished run decides the same, with no model call
     assert read_jsonl(out / "data.jsonl") == data and len(backend.history) == calls
