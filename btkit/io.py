@@ -18,12 +18,13 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import BtkitError, InputError
 
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -66,21 +67,22 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, s
                                      f"(e.g. iconv -f latin1 -t utf-8) or pass --encoding-errors replace",
                                      lineno, _field_with(raw.decode("utf-8", "replace"), "\ufffd")) from None
                 line, replaced = raw.decode("utf-8", "replace"), True
-            if not line.strip():
+            raw = None  # type: ignore[assignment]  # a huge line is held once, as text, while it is parsed
+            if not line or line.isspace():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"not valid JSON ({e.msg} at column {e.colno})", lineno) from None
+            obj = _parse_line(path, lineno, line)
             if not isinstance(obj, dict):
                 raise InputError(str(path), f"expected a JSON object, got {type(obj).__name__}", lineno)
-            if _ESCAPED_SURROGATE.search(raw):  # rare: only then look for lone surrogates (pairs are fine)
-                bad = _lone_surrogate_field(obj)
-                if bad is not None:
-                    if errors == "strict":
-                        raise InputError(str(path), "holds a lone UTF-16 surrogate escape (\\udXXX without its pair), not valid "
-                                         "Unicode; fix the producer or pass --encoding-errors replace", lineno, bad)
-                    obj, replaced = _replace_surrogates(obj), True
+            if _ESCAPED_SURROGATE.search(line):  # rare: only then look for lone surrogates (pairs are fine)
+                try:
+                    bad = _lone_surrogate_field(obj)
+                    if bad is not None:
+                        if errors == "strict":
+                            raise InputError(str(path), "holds a lone UTF-16 surrogate escape (\\udXXX without its pair), not valid "
+                                             "Unicode; fix the producer or pass --encoding-errors replace", lineno, bad)
+                        obj, replaced = _replace_surrogates(obj), True
+                except RecursionError:  # parsed just below the limit, but one level too deep to walk again
+                    raise _too_deep(path, lineno, line) from None
             if replaced and counts is not None:
                 counts["replaced_lines"] = counts.get("replaced_lines", 0) + 1
             for name in required:
@@ -91,9 +93,82 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = (), hint: dict[str, s
                 if not isinstance(value, str):
                     raise InputError(str(path), f"must be a string, got {type(value).__name__}", lineno, name)
             seen_any = True
+            raw = line = None  # type: ignore[assignment]  # hold one copy of a huge line while it is used, not three
             yield lineno, obj
         if not seen_any:
             raise InputError(str(path), "no records: the file holds only blank lines")
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> Any:
+    """``json.loads(line)``; JSON this Python cannot read raises :class:`InputError` naming the field.
+
+    Besides malformed JSON, that is nesting deeper than the interpreter's recursion limit
+    (``RecursionError``) and integers of more digits than ``sys.get_int_max_str_digits()``
+    (4,300 by default; ``ValueError``): valid JSON, but no record of a corpus needs them.
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(str(path), f"not valid JSON ({e.msg} at column {e.colno})", lineno) from None
+    except RecursionError:
+        raise _too_deep(path, lineno, line) from None
+    except ValueError as e:  # an integer longer than Python converts from text
+        digits, field = _longest_integer(line)
+        if not digits:
+            raise InputError(str(path), f"not readable as JSON ({e})", lineno) from None
+        raise InputError(str(path), f"holds an integer of {digits} digits, more than the {sys.get_int_max_str_digits()} "
+                         f"Python reads as a number; write it as a string", lineno, field) from None
+
+
+def _too_deep(path: Path, lineno: int, line: str) -> InputError:
+    depth, field = _deepest_field(line)
+    return InputError(str(path), f"JSON nested {depth} levels deep, too deep to read (Python's recursion limit is "
+                      f"{sys.getrecursionlimit()}); flatten it or leave it out of the corpus", lineno, field)
+
+
+#: JSON tokens, for locating a problem in a line ``json.loads`` refused: strings, punctuation, other literals.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s"{}\[\]:,]+')
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _scan_fields(line: str) -> Iterator[tuple[str | None, int, str]]:
+    """``(top-level key, depth, token)`` for each token of ``line``, the key being the field it lies in."""
+    depth, key, last_string = 0, None, None
+    for match in _JSON_TOKEN.finditer(line):
+        token = match.group()
+        first = token[0]
+        if first in "{[":
+            depth += 1
+        elif first in "}]":
+            depth -= 1
+        elif first == ":" and depth == 1 and last_string is not None:
+            try:
+                key = json.loads(last_string)
+            except ValueError:
+                key = last_string
+        elif first == '"' and depth == 1:
+            last_string = token
+        yield key, depth, token
+
+
+def _deepest_field(line: str) -> tuple[int, str | None]:
+    """How deep ``line`` nests, and the top-level field where it does."""
+    deepest, field = 0, None
+    for key, depth, _ in _scan_fields(line):
+        if depth > deepest:
+            deepest, field = depth, key
+    return deepest, field
+
+
+def _longest_integer(line: str) -> tuple[int, str | None]:
+    """The most digits of an integer literal in ``line`` (0 if none), and the top-level field holding it."""
+    longest, field = 0, None
+    for key, _, token in _scan_fields(line):
+        if token[0] in "-0123456789" and _INTEGER.fullmatch(token):
+            digits = len(token) - token.startswith("-")
+            if digits > longest:
+                longest, field = digits, key
+    return longest, field
 
 
 def _field_with(line: str, needle: str) -> str | None:
@@ -119,13 +194,12 @@ def _lone_surrogate_field(obj: dict[str, Any]) -> str | None:
 
 
 def _replace_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return scrub_text(value)
-    if isinstance(value, list):
-        return [_replace_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {scrub_text(k): _replace_surrogates(v) for k, v in value.items()}
-    return value
+    """``value`` with every lone surrogate in its strings and keys replaced by U+FFFD.
+
+    A round trip through JSON text, not a Python recursion: it reaches as deep as the parser did
+    (a recursive walk takes two frames a level and overflowed at half the depth a line may have).
+    """
+    return json.loads(_LONE_SURROGATE.sub("\ufffd", json.dumps(value, ensure_ascii=False)))
 
 
 def scrub_text(text: str | None) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -131,3 +133,55 @@ def test_missing_gguf_file(cli, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": LONG}])
     r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", f"llamacpp:{tmp_path}/missing.gguf", "-q")
     assert r.exit_code == 2 and "model file not found" in error_line(r)
+
+
+# -- JSON Python cannot read: one line, through the real command in its own process ------------------
+def run_cli_process(corpus, out) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus), "-o", str(out), "--model", "echo:", "-q"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The run failed with exactly one line of output, an ``error:`` line, and no traceback."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines[:5]
+    return lines[0]
+
+
+def test_deeply_nested_json_is_one_line_naming_file_line_and_field(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    nested = '{"id": "b", "text": "%s", "meta": {"tags": %s1%s}}' % (LONG, "[" * 100_000, "]" * 100_000)
+    corpus.write_text(json.dumps({"id": "a", "text": LONG}) + "\n" + nested + "\n")
+    line = one_error_line(run_cli_process(corpus, tmp_path / "out"))
+    assert f"{corpus}:2: field 'meta':" in line and "nested" in line and "too deep" in line
+    assert not (tmp_path / "out" / "candidates.jsonl").exists()  # refused before the run began
+
+
+def test_integer_over_python_digit_limit_is_one_line_naming_file_line_and_field(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": LONG}) + "\n" + '{"id": "b", "text": "%s", "views": %s}\n' % (LONG, "7" * 5000))
+    line = one_error_line(run_cli_process(corpus, tmp_path / "out"))
+    assert f"{corpus}:2: field 'views':" in line and "5000 digits" in line and "string" in line
+    assert not (tmp_path / "out" / "candidates.jsonl").exists()
+
+
+def test_nesting_at_the_recursion_limit_never_escapes_as_a_traceback(tmp_path):
+    """Just below the limit a line parses, and walking it again (lone-surrogate check and repair)
+    must not then overflow: every depth around the limit is read or refused with InputError."""
+    from btkit.errors import InputError
+    from btkit.io import validate_jsonl
+
+    limit = sys.getrecursionlimit()
+    outcomes = set()
+    for depth in range(limit - 60, limit + 5):
+        corpus = tmp_path / f"d{depth}.jsonl"
+        corpus.write_text('{"text": "x", "meta": %s"\\udc00"%s}\n' % ("[" * depth, "]" * depth))
+        for errors in ("strict", "replace"):
+            try:
+                validate_jsonl(corpus, ("text",), errors=errors)
+                outcomes.add("read")
+            except InputError as e:
+                assert "field 'meta'" in str(e), str(e)
+                outcomes.add("refused")
+    assert outcomes == {"read", "refused"}
