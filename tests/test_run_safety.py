@@ -62,14 +62,15 @@ class JitteredBackend(fake.ScriptedBackend):
 
 def test_waiting_for_out_of_order_replies_costs_no_cpu(cli, registry, tmp_path):
     backend = fake.script("jitter", JitteredBackend())
-    data = corpus(tmp_path, 40)
+    data = corpus(tmp_path, 100)
     wall0, cpu0 = time.monotonic(), time.process_time()
     r = humpback(cli, data, tmp_path / "out", backend.spec, "--concurrency", "8")
     wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
     assert r.exit_code == 0, r.output
-    assert len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 40
-    # A loop that wakes whenever any later unit is done spins for the whole run (cpu ~ wall).
-    assert cpu < 0.35 * wall, (cpu, wall)
+    assert len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 100
+    # Measured here: 0.06 of the wall time waiting on the head unit, 0.28 for a loop that wakes
+    # whenever any later unit is done (it wakes again at once until the head is done).
+    assert cpu < 0.15 * wall, (cpu, wall)
 
 
 # -- 1: a cache that fails is a saving lost, not records lost --------------------------------
