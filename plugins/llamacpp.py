@@ -56,6 +56,24 @@ def embedded_model_path() -> Path:
     return path
 
 
+class CandidateLogprobs(dict):
+    """``next_token_logprobs``' answer (candidate -> logprob) and ``prompt_tokens``, the tokens the
+    forward pass read, so the run's stats count them as a chat call's prompt is counted."""
+
+    def __init__(self, logprobs: dict[str, float], prompt_tokens: int):
+        super().__init__(logprobs)
+        self.prompt_tokens = prompt_tokens
+
+
+class ContinuationLogprobs(list):
+    """``score_continuation``'s answer (one logprob per continuation token) and ``prompt_tokens``,
+    the tokens scored: chat frame, instruction and continuation, as a remote echo call bills them."""
+
+    def __init__(self, logprobs: list[float], prompt_tokens: int):
+        super().__init__(logprobs)
+        self.prompt_tokens = prompt_tokens
+
+
 class LlamaCppBackend(Backend):
     """One model in process; calls run one at a time in a worker thread."""
 
@@ -90,7 +108,7 @@ class LlamaCppBackend(Backend):
         if self.score_weights not in SCORE_WEIGHTS:
             raise BtkitError(f"-B score_weights={self.score_weights}: choose one of {', '.join(SCORE_WEIGHTS)}")
         self._score_llm = None
-        self._unconditional: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+        self._unconditional: collections.OrderedDict[str, ContinuationLogprobs] = collections.OrderedDict()
 
     def identity(self) -> dict[str, Any]:
         # The file name and size identify the weights without tying the cache to one venv's path.
@@ -172,7 +190,7 @@ class LlamaCppBackend(Backend):
             completion_tokens=int(usage.get("completion_tokens", 0)),
         )
 
-    async def next_token_logprobs(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> dict[str, float]:
+    async def next_token_logprobs(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> CandidateLogprobs:
         return await asyncio.to_thread(self._next_token_sync, messages, assistant_prefix, candidates)
 
     def candidate_tokens(self, prefix_tokens: list[int], assistant_prefix: str, candidates: list[str]) -> tuple[list[int], list[int]]:
@@ -227,7 +245,7 @@ class LlamaCppBackend(Backend):
         llm = llm or self.llm()
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype("float64")
 
-    def _next_token_sync(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> dict[str, float]:
+    def _next_token_sync(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> CandidateLogprobs:
         import numpy as np
 
         with self._lock:
@@ -243,10 +261,10 @@ class LlamaCppBackend(Backend):
                 raise BackendError(f"llama.cpp: {type(e).__name__}: {e}") from e
         top = float(logits.max())
         log_z = top + math.log(float(np.exp(logits - top).sum()))
-        return {c: float(logits[i]) - log_z for c, i in zip(candidates, ids)}
+        return CandidateLogprobs({c: float(logits[i]) - log_z for c, i in zip(candidates, ids)}, prompt_tokens=len(tokens))
 
     # -- likelihood scoring ------------------------------------------------------------------
-    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
+    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> ContinuationLogprobs:
         """Per-token logprobs of ``continuation`` as the assistant's reply to ``messages``.
 
         ``messages=None`` scores it after the same chat template with an empty user turn
@@ -255,21 +273,22 @@ class LlamaCppBackend(Backend):
         """
         return await asyncio.to_thread(self._score_sync, messages, continuation)
 
-    def _score_sync(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
+    def _score_sync(self, messages: list[dict[str, str]] | None, continuation: str) -> ContinuationLogprobs:
         with self._lock:
-            if messages is None and continuation in self._unconditional:
+            if messages is None and continuation in self._unconditional:  # same answer, same count as computing it
                 self._unconditional.move_to_end(continuation)
-                return list(self._unconditional[continuation])
+                kept = self._unconditional[continuation]
+                return ContinuationLogprobs(kept, kept.prompt_tokens)
             llm = self.llm()
             prompt = self.prompt_tokens(messages if messages is not None else UNCONDITIONAL_MESSAGES)
             target = llm.tokenize(continuation.encode("utf-8"), add_bos=False, special=False)
             scorer = self.scoring_llm()
             if not target:
-                return []
+                return ContinuationLogprobs([], 0)
             if len(prompt) + len(target) > self.n_ctx:
                 raise BackendError(f"prompt of {len(prompt)} tokens + continuation of {len(target)} exceeds the context of {self.n_ctx}")
             try:
-                logprobs = self._continuation_logprobs(scorer, prompt, target)
+                logprobs = ContinuationLogprobs(self._continuation_logprobs(scorer, prompt, target), len(prompt) + len(target))
             except BackendError:
                 raise
             except Exception as e:
@@ -278,7 +297,7 @@ class LlamaCppBackend(Backend):
                 self._unconditional[continuation] = logprobs
                 while len(self._unconditional) > self.unconditional_cache_size:
                     self._unconditional.popitem(last=False)
-        return list(logprobs)
+        return ContinuationLogprobs(logprobs, logprobs.prompt_tokens)
 
     def scoring_llm(self):
         """The model ``score_continuation`` runs: this one, or a copy of its weights that batches faster."""

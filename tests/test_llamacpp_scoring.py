@@ -130,3 +130,24 @@ def test_memory_holds_n_batch_rows_not_one_row_per_token(backend, small_batch):
     new_peak = peak(lambda: fresh(llm, backend, prompt, target))
     assert old_peak > len(target) * row_bytes  # the measure sees numpy's arrays
     assert len(target) > 3 * N_BATCH and new_peak < (N_BATCH + 2) * row_bytes, (new_peak / row_bytes, len(target))
+
+
+# -- tokens the scoring calls read, for stats (they were counted as 0) -------------------------------
+def test_next_token_logprobs_report_the_prompt_tokens_they_read(backend):
+    lp = asyncio.run(backend.next_token_logprobs(QUESTION, "Score: ", list("12345")))
+    prompt = backend.prompt_tokens(QUESTION, "Score: ")
+    evaluated, _ = backend.candidate_tokens(prompt, "Score: ", list("12345"))
+    assert lp.prompt_tokens == len(evaluated) > 10
+    assert set(lp) == set("12345")  # still the plain mapping every caller reads
+
+
+def test_continuation_scores_report_prompt_and_continuation_tokens(backend):
+    target = backend.llm().tokenize(ANSWER.encode("utf-8"), add_bos=False, special=False)
+    cond = asyncio.run(backend.score_continuation(QUESTION, ANSWER))
+    assert len(cond) == len(target)
+    assert cond.prompt_tokens == len(backend.prompt_tokens(QUESTION)) + len(target)
+    first = asyncio.run(backend.score_continuation(None, ANSWER))
+    again = asyncio.run(backend.score_continuation(None, ANSWER))  # from the in-memory unconditional cache
+    assert first.prompt_tokens == again.prompt_tokens == len(backend.prompt_tokens([{"role": "user", "content": ""}])) + len(target)
+    assert list(first) == list(again)
+    assert asyncio.run(backend.score_continuation(QUESTION, "")).prompt_tokens == 0
