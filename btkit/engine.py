@@ -52,6 +52,7 @@ from .records import ExtraUnit, Record, failed_record, journal_key
 from .scheduling import PrefixGroupedLimiter
 
 RUN_FILES = rundir.RUN_FILES
+HELD_JOURNAL = "candidates.held.jsonl"
 
 
 @dataclass
@@ -625,13 +626,17 @@ class Run:
             raise BtkitError(f"{cfg.input} changed while the run read it ({self.survey_rows} lines when it started, "
                              f"{self.rows_read} read now); finished units are kept: re-run the same command to resume")
 
-    async def process_unit(self, unit: Record) -> list[Record]:
+    async def process_unit(self, unit: Record, stages: list[Stage] | None = None) -> list[Record]:
+        """The unit's records after ``stages`` (default: all): dropped ones with their reason, the rest alive."""
         if isinstance(unit, ExtraUnit):
             return list(unit.records)
         if not unit.alive:  # dropped while preparing (too short, duplicate...)
             return [unit]
-        alive, terminal = [unit], []
-        for stage in self.stages:
+        return await self._through(self.stages if stages is None else stages, [unit])
+
+    async def _through(self, stages: list[Stage], alive: list[Record]) -> list[Record]:
+        terminal: list[Record] = []
+        for stage in stages:
             if len(alive) == 1:  # the common case: no gather, no extra task
                 results = [await self._run_stage(stage, alive[0])]
             else:
@@ -750,31 +755,91 @@ class Run:
         found, n_units = self._resume(surveyed)
         self.registry.hook.btkit_run_start(run=self)
         t0 = time.monotonic()
-        loop = asyncio.get_running_loop()
-        self._fatal = loop.create_future()
+        self._fatal = asyncio.get_running_loop().create_future()
         self.progress["total"] = n_units - found.units
+        self.progress["skipped"] = found.units
         self.bar = _Progress(cfg.quiet, self.progress["total"], cfg.status_every)
-        journal_out = AppendFile(path)
-        data = AppendFile(self.out / "data.jsonl.partial")
-        window = max(4, 2 * cfg.concurrency)
-        in_flight: collections.deque = collections.deque()
-        finished = journal.unit_headers(journal.iter_sorted(path, found))
-        next_finished = next(finished, None)
-        last_saved = time.monotonic()
         ticker = asyncio.ensure_future(self.bar.tick_every(self.progress))
+        hold = self.hold_index()
+        try:
+            finished = journal.unit_headers(journal.iter_sorted(path, found))
+            await self._stream(self._first_pass_work(finished, hold), path, self.out / "data.jsonl.partial", t0,
+                               hold_alive=hold is not None)
+            if hold is not None:
+                await self._second_pass(hold, t0)
+        finally:
+            ticker.cancel()
+            self.bar.close()
+            for backend in self._backends.values():
+                await backend.aclose()  # after every unit unwound (see _stream): llama.cpp frees under no thread
+            self._save_elapsed(t0)
+        self._finish_journal()
+        os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
+        stats = self._write_failures(time.monotonic() - t0)
+        atomic_write_json(self.out / "stats.json", stats)
+        self.registry.hook.btkit_run_end(run=self, stats=stats)
+        self.cache.close()
+        return stats
+
+    def hold_index(self) -> int | None:
+        """The first stage, other than the last, whose end-of-run cut (``Stage.cuts_at_end``) later stages wait for.
+
+        With one (e.g. ``--keep-top`` before Back-and-Forth's rewrite), the run goes in two passes:
+        every unit through the stages up to it, then the cut over the whole run, then only the
+        records that survive it through the rest, so no call is spent on a record the cut drops.
+        """
+        for i, stage in enumerate(self.stages[:-1]):
+            if stage.cuts_at_end:
+                return i
+        return None
+
+    def _first_pass_work(self, finished: Iterator[tuple[int, str]], hold: int | None) -> Iterator[tuple[int, Record, str, Any]]:
+        """``(seq, unit, digest, work)`` for every unit not finished by an earlier invocation."""
+        stages = self.stages if hold is None else self.stages[:hold + 1]
+        next_finished = next(finished, None)
+        for seq, unit in enumerate(self._units_as_surveyed()):
+            if next_finished is not None and next_finished[0] == seq:
+                next_finished = next(finished, None)
+                continue
+            digest = unit_digest(unit)  # before any stage touches the unit's fields
+            if not isinstance(unit, ExtraUnit) and not unit.alive:  # dropped while preparing: no task needed
+                yield seq, unit, digest, [unit]
+            else:
+                yield seq, unit, digest, self.process_unit(unit, stages)
+
+    async def _stream(self, work: Iterator[tuple[int, Record, str, Any]], journal_path: Path, data_path: Path | None,
+                      t0: float, hold_alive: bool = False, decorate: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Run units with at most ``window`` in flight and journal each finished unit, in input order.
+
+        ``work`` is a coroutine returning the unit's records, or the records themselves. Every
+        finished unit at the head of the window goes to the journal in one write (then its kept
+        records to ``data_path``); a kill cuts at most the unit being written, which resume redoes.
+        With ``hold_alive``, records still alive are journalled ``held`` (a second pass finishes them).
+        """
+        loop = asyncio.get_running_loop()
+        window = max(4, 2 * self.config.concurrency)
+        in_flight: collections.deque = collections.deque()
+        journal_out = AppendFile(journal_path)
+        data = AppendFile(data_path) if data_path is not None else None
+        last_saved = time.monotonic()
 
         def flush_ready() -> None:
-            """Journal every finished unit at the head of the window, in input order, in one write."""
             nonlocal last_saved
             journal_lines, data_lines = [], []
             while in_flight and in_flight[0][2].done():
                 seq, unit, task, digest = in_flight.popleft()
                 records = task.result()
-                method_names = [self._method_of(r) for r in records]
-                journal_lines += [{**r.to_candidate(), "unit": unit.id, "unit_seq": seq, "unit_records": len(records),
-                                   "unit_hash": digest, "method": m}
-                                  for r, m in zip(records, method_names)]
-                data_lines += [self._output_line(r, m) for r, m in zip(records, method_names) if r.alive]
+                for r in records:
+                    m = self._method_of(r)
+                    line = {**r.to_candidate(), "unit": unit.id, "unit_seq": seq, "unit_records": len(records),
+                            "unit_hash": digest, "method": m}
+                    if hold_alive and r.alive:
+                        line["held"] = True
+                    elif r.alive and data is not None:
+                        data_lines.append(self._output_line(r, m))
+                    if decorate is not None:
+                        decorate(line)
+                    journal_lines.append(line)
             if journal_lines:  # journal first: data.jsonl.partial is rebuilt from it on resume
                 journal_out.write_lines(journal_lines)
             if data_lines:
@@ -784,19 +849,13 @@ class Run:
                 last_saved = time.monotonic()
 
         try:
-            if found.units:
-                self.progress["skipped"] = found.units
-            for seq, unit in enumerate(self._units_as_surveyed()):
-                if next_finished is not None and next_finished[0] == seq:  # finished by an earlier invocation
-                    next_finished = next(finished, None)
-                    continue
-                digest = unit_digest(unit)  # before any stage touches the unit's fields
-                if not isinstance(unit, ExtraUnit) and not unit.alive:  # dropped while preparing: no task needed
+            for seq, unit, digest, job in work:
+                if isinstance(job, list):
                     task = loop.create_future()
-                    task.set_result([unit])
+                    task.set_result(job)
                     self._unit_done(task)  # now: a callback would wait for the loop, which need not run at all
                 else:
-                    task = asyncio.ensure_future(self.process_unit(unit))
+                    task = asyncio.ensure_future(job)
                     task.add_done_callback(self._unit_done)
                 in_flight.append((seq, unit, task, digest))
                 if self._fatal.done():
@@ -809,25 +868,86 @@ class Run:
                 await self._wait_for_head(in_flight)
                 flush_ready()
         finally:
-            ticker.cancel()
             pending = [task for _, _, task, _ in in_flight if not task.done()]
             for task in pending:
                 task.cancel()
             if pending:  # let cancelled units unwind before their backends close under them
                 await asyncio.gather(*pending, return_exceptions=True)
-            self.bar.close()
             journal_out.close()
-            data.close()
-            for backend in self._backends.values():
-                await backend.aclose()
-            self._save_elapsed(t0)
-        self._finish_journal()
-        os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
-        stats = self._write_failures(time.monotonic() - t0)
-        atomic_write_json(self.out / "stats.json", stats)
-        self.registry.hook.btkit_run_end(run=self, stats=stats)
-        self.cache.close()
-        return stats
+            if data is not None:
+                data.close()
+
+    async def _second_pass(self, hold: int, t0: float) -> None:
+        """Cut the held records with the whole run in view, then finish the survivors (see :meth:`hold_index`).
+
+        Each unit with held records is journalled again, whole, in ``candidates.held.jsonl`` (its
+        own resumable journal); the two journals are merged when every unit is done, the newer
+        group of a unit replacing the older.
+        """
+        path, held_path = self.out / "candidates.jsonl", self.out / HELD_JOURNAL
+        found = journal.scan(path)
+        drops = self._end_of_run_drops(self.stages[:hold + 1], path, found)
+        done = journal.scan(held_path)
+        if done.failed:  # units whose remaining stages failed are done again (their good calls are cached)
+            journal.rewrite(held_path, journal.iter_sorted(held_path, done, skip=done.failed.__contains__))
+            done = journal.scan(held_path)
+        done_units = journal.unit_headers(journal.iter_sorted(held_path, done))
+        rest = self.stages[hold + 1:]
+
+        def work() -> Iterator[tuple[int, Record, str, Any]]:
+            next_done = next(done_units, None)
+            for seq, lines in _units_of(journal.iter_sorted(path, found)):
+                if not any(line.get("held") for line in lines):
+                    continue
+                while next_done is not None and next_done[0] < seq:
+                    next_done = next(done_units, None)
+                if next_done is not None and next_done[0] == seq:
+                    continue
+                records, alive = [], []
+                for line in lines:
+                    rec = Record.from_candidate(line)
+                    records.append(rec)
+                    if line.get("held"):
+                        decided = drops.get(journal_key(line))
+                        if decided is not None:
+                            label, reason, details = decided
+                            rec.drop(label, reason, **details)
+                        else:
+                            alive.append(rec)
+                unit = Record(id=lines[0]["unit"], source_id=lines[0].get("source_id", ""), fields={})
+                yield seq, unit, lines[0].get("unit_hash", ""), self._finish_held(records, alive, rest)
+
+        def mark_cut(line: dict[str, Any]) -> None:
+            if line["status"] == "dropped" and journal_key(line) in drops:
+                line["end_of_run"] = True
+                line["cut_before"] = self.stages[hold + 1].label  # it never reached the stages after the cut
+
+        self.bar.restart(self.progress, sum(1 for _, lines in _units_of(journal.iter_sorted(path, found))
+                                            if any(line.get("held") for line in lines)) - done.units)
+        await self._stream(work(), held_path, None, t0, decorate=mark_cut)
+        held = journal.scan(held_path)
+        newer = journal.unit_headers(journal.iter_sorted(held_path, held))
+        replaced = set()  # a few ints per unit with held records; the lines themselves stream
+        for seq, _ in newer:
+            replaced.add(seq)
+        journal.rewrite(path, journal.merge(journal.iter_sorted(path, found, skip=replaced.__contains__),
+                                            journal.iter_sorted(held_path, held)))
+        held_path.unlink()
+
+    async def _finish_held(self, records: list[Record], alive: list[Record], stages: list[Stage]) -> list[Record]:
+        """A unit's records after the cut: the survivors through the remaining stages, the rest as they are."""
+        finished = await self._through(stages, alive) if alive else []
+        going_on = {id(r) for r in alive}
+        return [r for r in records if id(r) not in going_on] + finished
+
+    def _end_of_run_drops(self, stages: list[Stage], path: Path, found: journal.JournalScan) -> dict[str, tuple[str, str, dict[str, Any]]]:
+        """``{journal key: (stage label, reason, details)}``: what ``stages`` decide with the whole journal in view."""
+        drops: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        for stage in stages:
+            decided = stage.end_of_run(lambda: journal.iter_sorted(path, found))
+            for key, (reason, details) in (decided or {}).items():
+                drops.setdefault(key, (stage.label, reason, details))
+        return drops
 
     def _finish_journal(self) -> None:
         """Put the journal in input order and apply end-of-run decisions (``Stage.end_of_run``).
@@ -839,12 +959,8 @@ class Run:
         """
         path = self.out / "candidates.jsonl"
         found = journal.scan(path)
-        drops: dict[str, tuple[str, str, dict[str, Any]]] = {}
-        for stage in self.stages:
-            decided = stage.end_of_run(lambda: journal.iter_sorted(path, found))
-            for key, (reason, details) in (decided or {}).items():
-                drops.setdefault(key, (stage.label, reason, details))
-        if not drops and found.sorted:
+        drops = self._end_of_run_drops(self.stages, path, found)
+        if not drops and found.sorted and self.hold_index() is None:
             return
 
         def decided_lines() -> Iterator[dict[str, Any]]:
@@ -864,7 +980,7 @@ class Run:
         tmp = self.out / ".data.rebuild"
         tmp.unlink(missing_ok=True)
         kept = (self._output_line(Record.from_candidate(line), line["method"])
-                for line in journal.iter_sorted(self.out / "candidates.jsonl", found) if line["status"] == "kept")
+                for line in journal.iter_sorted(self.out / "candidates.jsonl", found) if line["status"] == "kept" and not line.get("held"))
         with _Closing(AppendFile(tmp)) as data:
             for chunk in _chunks(kept, 512):
                 data.write_lines(chunk)
@@ -914,6 +1030,8 @@ class Run:
                 preparing[line["reason"]] += 1
             else:
                 for label in labels:
+                    if label == line.get("cut_before"):
+                        break
                     st = per_stage[label]
                     st["in"] += 1
                     if dropped and line["dropped_at"] == label and not line.get("end_of_run"):
@@ -1107,6 +1225,13 @@ class _Progress:
             self.bar = tqdm(desc="units", unit="unit", total=total, dynamic_ncols=True, file=sys.stderr)
             self.every = 0.0
 
+    def restart(self, progress: dict[str, Any], total: int) -> None:
+        """Count a new pass (the second pass of a run with a whole-run cut) from zero."""
+        progress.update(finished=0, total=total)
+        self.total, self.t0 = total, time.monotonic()
+        if self.bar is not None:
+            self.bar.reset(total=total)
+
     def update(self, progress: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -1150,6 +1275,20 @@ def _input_state(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None  # reading it names the problem
     return st.st_size, st.st_mtime_ns
+
+
+def _units_of(lines: Iterator[dict[str, Any]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Journal lines grouped by unit: ``(unit_seq, lines)``."""
+    seq, group = None, []
+    for line in lines:
+        s = int(line.get("unit_seq", -1))
+        if group and s != seq:
+            yield seq, group
+            group = []
+        seq = s
+        group.append(line)
+    if group:
+        yield seq, group
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

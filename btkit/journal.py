@@ -84,10 +84,16 @@ def iter_sorted(path: str | Path, journal: JournalScan, skip: Callable[[int], bo
     if not journal.runs:
         return
     streams = [(line for _, line in _lines(path, s, e)) for s, e in journal.runs]
-    merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda line: int(line.get("unit_seq", -1)))
-    for line in merged:
+    for line in merge(*streams):
         if skip is None or not skip(int(line.get("unit_seq", -1))):
             yield line
+
+
+def merge(*streams: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Merge line streams each sorted by ``unit_seq`` (each unit whole in one of them) into one sorted stream."""
+    if len(streams) == 1:
+        return iter(streams[0])
+    return heapq.merge(*streams, key=lambda line: int(line.get("unit_seq", -1)))
 
 
 def rewrite(path: str | Path, lines: Iterable[dict[str, Any]], batch: int = 512) -> None:

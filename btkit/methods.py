@@ -56,6 +56,10 @@ class Stage:
     kind: str = "augment"
     templates: tuple[str, ...] = ()
     variables: tuple[str, ...] = ()
+    #: True when :meth:`end_of_run` may drop records that left this stage alive (e.g. keep the top
+    #: P%): the engine then holds them before the next stage until the cut is known, so no later
+    #: call is spent on a record the cut drops (see ``Run.hold_index``).
+    cuts_at_end: bool = False
 
     def __init__(self, method: str, name: str, options: dict[str, Any] | None = None):
         self.method = method

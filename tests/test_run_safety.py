@@ -368,3 +368,61 @@ def test_stats_count_real_stage_flow_and_failed_calls(cli, scripted, tmp_path):
     assert curate["in"] == 5 and curate["out"] == 5
     assert augment["calls"] == 6 and augment["failed_calls"] == 1 and augment["retries"] == 2
     assert augment["requests_sent"] == 8  # 6 requests + 2 retries, as a server would count them
+
+
+# -- 18: no call for a record the whole-run cut drops -------------------------------------------------
+def test_keep_top_holds_later_stages_until_the_cut_is_known(cli, scripted, tmp_path):
+    texts = [words(40, 50 * i) for i in range(10)]
+
+    def logprobs(messages, continuation):  # pmi rises with the document's index
+        if messages is None:
+            return [-5.0] * 3
+        return [-4.0 + 0.3 * next(i for i, t in enumerate(texts) if continuation.startswith(t[:30]))] * 3
+
+    def answer(messages, params):
+        text = messages[-1]["content"]
+        return "Here is a clear answer in an assistant's voice about it." if "Rewrite the document" in text else "What does it explain?"
+
+    backend, spec = scripted(default=answer, continuation_logprobs=logprobs)
+    data = write_jsonl(tmp_path / "c.jsonl", [{"id": f"doc{i}", "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "out"
+    r = cli("run", "backforth", data, "-o", out, "--model", spec, "--curate-mode", "pmi", "--keep-top", "30", "-q")
+    assert r.exit_code == 0, r.output
+    rewrites = [h for h in backend.history if "Rewrite the document" in json.dumps(h)]
+    kept = read_jsonl(out / "data.jsonl")
+    assert sorted(d["meta"]["source_id"] for d in kept) == ["doc7", "doc8", "doc9"]
+    assert len(rewrites) == 3  # before: one per pair above the streaming threshold, 10 here
+    assert all(d["meta"]["original_response"] for d in kept)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["stages"]["backforth.rewrite"]["in"] == 3
+    assert stats["stages"]["backforth.curate"]["dropped_at_end"] == {"below_keep_top": 7}
+    assert not (out / "candidates.held.jsonl").exists()
+    assert not [c for c in read_jsonl(out / "candidates.jsonl") if c.get("held")]
+
+
+def test_a_kill_in_the_second_pass_resumes_without_paying_twice(tmp_path):
+    (tmp_path / "det.json").write_text(json.dumps({"rules": [{"contains": "5-point scale", "reply": "Fine.\nScore: {digit}"},
+                                                             {"contains": "Rewrite the document", "reply": "An answer about note {hash} in five words or more."}],
+                                                   "default": "What does note {hash} explain?", "delay": 0.03, "log": "requests.jsonl"}))
+    data, out = corpus(tmp_path, 40), tmp_path / "out"
+    cmd = [sys.executable, "-m", "btkit.cli", "run", "backforth", str(data), "-o", str(out), "--model", "det:det.json",
+           "--curate-mode", "rubric", "--keep-top", "50", "--concurrency", "2", "--cache", str(tmp_path / "c.sqlite"), "-q"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE)
+    held = out / "candidates.held.jsonl"
+    wait_for(lambda: held.exists() and held.read_bytes().count(b"\n") >= 3, 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log = tmp_path / "requests.jsonl"
+    before = [json.loads(l) for l in log.read_bytes().splitlines() if l.endswith(b"}")]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    after = [json.loads(l) for l in log.read_bytes().splitlines() if l.endswith(b"}")][len(before):]
+    assert not any("5-point scale" in json.dumps(a) for a in after)  # every curate reply came from the cache
+    rewrites = [json.dumps(a["messages"], sort_keys=True) for a in before + after if "Rewrite the document" in json.dumps(a)]
+    assert len(rewrites) - len(set(rewrites)) <= 2  # at most the calls in flight at the kill were asked twice
+    # the same output as a run that was never killed
+    ref = subprocess.run([*cmd[:cmd.index("-o") + 1], str(tmp_path / "ref"), *cmd[cmd.index("-o") + 2:]], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "meta"} | {"id": row["meta"]["id"]} for row in rows]  # noqa: E731
+    assert strip(read_jsonl(out / "data.jsonl")) == strip(read_jsonl(tmp_path / "ref" / "data.jsonl"))

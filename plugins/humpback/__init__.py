@@ -113,6 +113,10 @@ class CurateStage(Stage):
     def check_backend(self, backend: Any) -> None:
         self.curator.check_backend(backend)
 
+    @property
+    def cuts_at_end(self) -> bool:  # keep-top is decided over the whole run
+        return self.curator.keep_top is not None
+
     def end_of_run(self, journal):
         return self.curator.end_of_run(journal)
 
