@@ -116,3 +116,19 @@ def split_spec(spec: str) -> tuple[str, str]:
     if not sep:
         return spec, ""
     return prefix, rest
+
+
+def public_url(url: str) -> str:
+    """``url`` without ``user:password@``: the one form of a base URL that is recorded anywhere
+    (cache keys, run.json, messages, logs), so a credential written into the URL stays in memory."""
+    import urllib.parse
+
+    if "@" not in url:
+        return url
+    try:
+        p = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unbalanced '[' in the host: cannot tell userinfo apart, so keep none of it
+        return "<unparsable URL>"
+    if "@" not in p.netloc:
+        return url
+    return urllib.parse.urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[1], p.path, p.query, p.fragment))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from .options import CONCURRENCY, GENERAL_OPTIONS, LIMIT
 COMMON_RUN_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
     click.Option(["--model", "model"], default=None, help=f"Model spec, e.g. llamacpp:PATH.gguf, openai:NAME, vllm:NAME. Default: the embedded SmolLM2-135M ({DEFAULT_MODEL})."),
-    click.Option(["--base-url"], default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL)."),
+    click.Option(["--base-url"], default=None, help="Endpoint for remote backends (default for openai:/vllm: OPENAI_BASE_URL)."),
     click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
     click.Option(["--text-field"], default="text", show_default=True, help="Input field holding the document text."),
     click.Option(["--id-field"], default="id", show_default=True, help="Input field holding a stable document id (line number if absent)."),
@@ -60,7 +59,7 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
                 "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed"),
                 "stop": list(params.pop("stop")) or None}
     stages = stage_specs(registry, method, params.pop("stage_option"))
-    base_url = params.pop("base_url") or os.environ.get("OPENAI_BASE_URL")
+    base_url = params.pop("base_url")  # OPENAI_BASE_URL is read by the backends that speak to such an endpoint, not here
     backend_options = parse_key_values(params.pop("backend_option"), "--backend-option")
     if base_url:
         backend_options["base_url"] = base_url

@@ -333,11 +333,13 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
 
 def describe(config: Any) -> str:
     """What a pipeline will run, one stage per line (``--check``)."""
+    from .backends import public_url
+
     lines = [f"input:  {config.input}", f"output: {config.out_dir}", f"model:  {config.model}"]
     for i, s in enumerate(config.stages):
         opts = {k: v for k, v in s.options.items() if k not in ("model", "base_url")}
         model = s.options.get("model") or config.model
-        extra = f" @ {s.options['base_url']}" if s.options.get("base_url") else ""
+        extra = f" @ {public_url(str(s.options['base_url']))}" if s.options.get("base_url") else ""
         lines.append(f"  {i + 1}. {s.method}.{s.stage}  [{model}{extra}]  {opts if opts else ''}".rstrip())
     return "\n".join(lines)
 
@@ -347,7 +349,7 @@ PIPELINE_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], type=click.Path(file_okay=False, path_type=Path), default=None, help="Run directory (overrides the file's 'output')."),
     click.Option(["--input"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Input JSONL (overrides the file's 'input')."),
     click.Option(["--model"], default=None, help="Model spec for every stage (overrides the file's model lines)."),
-    click.Option(["--base-url"], default=None, help="Endpoint for remote backends, for every stage."),
+    click.Option(["--base-url"], default=None, help="Endpoint for remote backends, for every stage (default for openai:/vllm: OPENAI_BASE_URL)."),
     click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
     click.Option(["--max-tokens"], type=MAX_TOKENS, default=None, help="Completion length cap for every stage."),
     click.Option(["--concurrency"], type=CONCURRENCY, default=None, help="Model calls in flight."),

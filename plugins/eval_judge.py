@@ -382,7 +382,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 @click.option("--stage", "stage_name", default=None, help="The stage to evaluate (default: the method's first stage that scores (instruction, response) pairs).")
 @click.option("--mode", "modes", type=click.Choice(CURATE_MODES), multiple=True, help="Curate mode; repeat to compare modes (default: auto, what a run would pick).")
 @click.option("--model", default=None, help="Model spec (default: the embedded SmolLM2-135M).")
-@click.option("--base-url", default=None, help="Endpoint for remote backends (also OPENAI_BASE_URL).")
+@click.option("--base-url", default=None, help="Endpoint for remote backends (default for openai:/vllm: OPENAI_BASE_URL).")
 @click.option("-B", "--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE", help="Backend option (e.g. -B n_ctx=8192).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N gold pairs.")
 @click.option("--negatives", default=",".join(NEGATIVE_KINDS), show_default=True,
@@ -403,7 +403,6 @@ def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: t
                        no_cache: bool, cache_path: Path | None, json_out: Path | None) -> None:
     """Measure a curate stage on gold pairs and built negatives: ROC AUC, precision/recall, scored share, s/item."""
     import asyncio
-    import os
 
     from btkit import DEFAULT_MODEL
     from btkit.cli import parse_key_values
@@ -414,8 +413,7 @@ def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: t
         kinds = [k.strip() for k in negatives.split(",") if k.strip()]
         pairs = load_gold(gold, limit)
         backend_options = parse_key_values(backend_option, "--backend-option")
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        if base_url:
+        if base_url:  # else openai:/vllm: read OPENAI_BASE_URL themselves; other backends never do
             backend_options["base_url"] = base_url
         spec = model or DEFAULT_MODEL
         for mode in modes or ("auto",):

@@ -7,6 +7,18 @@ set it to ``False`` yourself for the live list.
 
 - Keys come from the provider's own variables (``ANTHROPIC_API_KEY``...) or ``-B api_key=...``;
   ``--base-url`` becomes litellm's ``api_base`` (e.g. ``litellm:openai/NAME`` on a local server).
+  ``OPENAI_BASE_URL`` is read for the ``openai/`` provider only (as litellm itself does), never
+  for another provider: a ``litellm:anthropic/...`` run goes to Anthropic whatever it says.
+- litellm reads each reply itself first. One it cannot read (a message that is not an object,
+  content that is a number or, with litellm 1.110, a list of text parts, a ``usage`` that is a string
+  or NaN) is the error litellm raises, retried as a 5xx and then the record's ``backend_error`` with
+  litellm's message, which quotes the reply. What it does hand back is checked as ``openai:`` checks
+  a reply (no choices: retried; a count that is not a number: 0 tokens). ``openai:`` keeps a reply
+  whose ``usage`` alone is malformed and joins text parts: prefer it for OpenAI-compatible servers.
+- Every reply text has the key, the credential-like environment values and a password written in
+  the base URL replaced by ``***`` before it leaves the backend, as error text does.
+- ``user:password@`` in the base URL is sent as a Basic ``Authorization`` header (litellm's HTTP
+  client refuses credentials in the URL next to its own header) and recorded nowhere.
 - Retries are btkit's (same options and run-wide budget as ``openai:``; litellm's own are off), so
   every backend fails the same way: 429/5xx/connection/timeout retried, other errors final.
 - ``extra["cost"]`` comes from litellm's price table where it knows the model.
@@ -34,9 +46,12 @@ from btkit.errors import BackendError, BtkitError, CapabilityError
 from btkit.hookspecs import hookimpl
 
 from .remote_http import (
-    RAW_LIMIT, RETRY_STATUSES, RemoteSettings, RetryableError, RetryBudget, Secret, call_with_retries, env_secrets,
-    normalize_base_url, parse_retry_after, public_url,
+    RAW_LIMIT, RETRY_STATUSES, MalformedReply, RemoteSettings, RetryableError, RetryBudget, Secret, basic_auth,
+    call_with_retries, content_text, env_first, env_secrets, normalize_base_url, parse_retry_after, public_url, token_count, url_secrets,
 )
+
+#: litellm providers that speak to an OpenAI-compatible endpoint, the only ones ``OPENAI_BASE_URL`` is for.
+OPENAI_BASE_URL_PROVIDERS = ("openai", "text-completion-openai")
 
 _SAMPLING = ("temperature", "top_p", "max_tokens", "seed", "stop", "n")
 _CONTROL = ("assistant_prefix", "json_schema", "json_schema_name", "repetition_penalty")
@@ -109,8 +124,15 @@ class LiteLLMBackend(Backend):
         if not self.model:
             raise BtkitError("litellm: needs PROVIDER/MODEL, e.g. --model litellm:anthropic/claude-3-5-haiku-latest")
         base = options.get("base_url") or options.get("api_base")
-        self.api_base = normalize_base_url(str(base)) if base else None
-        self.api_key = Secret(options.get("api_key"), also=env_secrets())  # litellm reads provider keys from the environment
+        if not base and self.model.split("/", 1)[0] in OPENAI_BASE_URL_PROVIDERS:
+            base = env_first("OPENAI_BASE_URL")  # litellm would read it too: read here, so the cache key names the endpoint
+        base = normalize_base_url(str(base)) if base else None
+        # litellm reads provider keys from the environment; a password in the base URL is a key too
+        self.api_key = Secret(options.get("api_key"), also=env_secrets() + url_secrets(base))
+        # ``user:password@`` goes as a Basic auth header, never in the URL (litellm's HTTP client refuses
+        # credentials in the URL next to its own Authorization header; and a URL ends up in messages)
+        self.api_base = public_url(base) if base else None
+        self._basic_auth = Secret(basic_auth(base))
         self.settings = RemoteSettings.from_options(options)
         self.budget = RetryBudget(self.settings.retry_budget, self.settings.retry_ratio)
         self.spec = f"litellm:{rest}"
@@ -120,7 +142,7 @@ class LiteLLMBackend(Backend):
         return f"<LiteLLMBackend {self.spec}>"
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "litellm", "model": self.model, "base_url": public_url(self.api_base) if self.api_base else None}
+        return {"backend": "litellm", "model": self.model, "base_url": self.api_base}
 
     def litellm(self) -> Any:
         if self._litellm is None:
@@ -132,6 +154,8 @@ class LiteLLMBackend(Backend):
         kw: dict[str, Any] = {"model": self.model, "messages": list(messages), "timeout": self.settings.timeout, "num_retries": 0}
         if self.api_base:
             kw["api_base"] = self.api_base
+        if self._basic_auth.get():
+            kw["extra_headers"] = {"Authorization": self._basic_auth.get()}
         if self.api_key.get():
             kw["api_key"] = self.api_key.get()
         for key, value in params.items():
@@ -159,15 +183,16 @@ class LiteLLMBackend(Backend):
         litellm = self.litellm()
         kwargs = self.request_kwargs(messages, params)
 
-        async def attempt() -> Any:
+        async def attempt() -> Completion:
             try:
-                return await litellm.acompletion(**kwargs)
+                resp = await litellm.acompletion(**kwargs)
             except Exception as e:
                 err = self.classify(e)
+            else:
+                return self.completion_from(resp, int(kwargs.get("n") or 1))  # a malformed reply is retried too
             raise err  # outside the handler: no __context__ holding litellm's unredacted exception (and its frames)
 
-        resp = await call_with_retries(attempt, self.settings, self.budget, f"{self.spec}")
-        return self.completion_from(resp, int(kwargs.get("n") or 1))
+        return await call_with_retries(attempt, self.settings, self.budget, f"{self.spec}")
 
     def classify(self, e: Exception) -> Exception:
         """litellm's exception -> btkit's: retryable, final for this record, or fatal for the run."""
@@ -179,7 +204,10 @@ class LiteLLMBackend(Backend):
             raw = self.api_key.redact(response.text) if response is not None else None
         except Exception:
             raw = None
-        message = self.api_key.redact(f"{type(e).__name__}: {e}")[:2000]
+        text = self.api_key.redact(f"{type(e).__name__}: {e}")
+        raw = raw or text  # whole: litellm's conversion errors quote the reply they could not read
+        # the message is one readable line: litellm appends its own traceback to some (an unreadable reply)
+        message = " ".join(text.split(" Traceback (most recent call last)", 1)[0].split())[:2000]
         if isinstance(e, (ex.AuthenticationError, ex.PermissionDeniedError)) or status in (401, 403):
             return BtkitError(f"{self.spec}: the provider refused the API key ({message})")
         if isinstance(e, ex.NotFoundError) or status == 404:
@@ -190,19 +218,28 @@ class LiteLLMBackend(Backend):
                 retry_after = parse_retry_after(headers)
             except Exception:
                 retry_after = None
-            return RetryableError(message, raw=(raw or message)[:RAW_LIMIT], retry_after=retry_after)
-        return BackendError(message, raw=(raw or message)[:RAW_LIMIT])
+            return RetryableError(message, raw=raw[:RAW_LIMIT], retry_after=retry_after)
+        return BackendError(message, raw=raw[:RAW_LIMIT])
 
     def completion_from(self, resp: Any, n: int) -> Completion:
+        """litellm's reply -> Completion, texts redacted; a malformed reply is a RetryableError with the raw reply."""
         try:
-            choices = [{"text": c.message.content, "finish_reason": c.finish_reason} for c in resp.choices]
-        except (AttributeError, TypeError):
-            raise BackendError(f"{self.spec}: reply has no choices", raw=str(resp)[:RAW_LIMIT]) from None
-        if not choices:
-            raise BackendError(f"{self.spec}: reply has no choices", raw=str(resp)[:RAW_LIMIT])
+            choices = []
+            for c in resp.choices:
+                message = getattr(c, "message", None)
+                if message is None or isinstance(message, (str, int, float, list)):
+                    raise MalformedReply(f"reply has a choice whose message is {type(message).__name__}, not an object")
+                text, _ = content_text(_plain(getattr(message, "content", None)))
+                finish = getattr(c, "finish_reason", None)
+                choices.append({"text": self.api_key.redact(text), "finish_reason": finish if isinstance(finish, str) else None})
+            if not choices:
+                raise MalformedReply("reply has no choices")
+        except (AttributeError, TypeError, MalformedReply) as e:
+            why = str(e) if isinstance(e, MalformedReply) else "reply has no choices"
+            raise RetryableError(f"malformed reply: {why}", raw=self.api_key.redact(str(resp))[:RAW_LIMIT]) from None
         usage = getattr(resp, "usage", None)
-        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        prompt_tokens = token_count(getattr(usage, "prompt_tokens", 0))
+        completion_tokens = token_count(getattr(usage, "completion_tokens", 0))
         extra: dict[str, Any] = {}
         if n > 1:
             extra["choices"] = choices
@@ -218,6 +255,13 @@ class LiteLLMBackend(Backend):
             return float(self.litellm().completion_cost(completion_response=resp, model=self.model))
         except Exception:
             return None
+
+
+def _plain(content: Any) -> Any:
+    """Content parts as dicts (litellm may hand back its own part objects)."""
+    if isinstance(content, list):
+        return [p if isinstance(p, dict) else (p.model_dump() if hasattr(p, "model_dump") else p) for p in content]
+    return content
 
 
 @hookimpl

@@ -28,6 +28,19 @@ With ``n > 1`` the completion's text is the first choice and ``extra["choices"]`
 choice as ``{"text", "finish_reason"}``; token counts are the request's (all choices).
 ``extra["cost"]`` is set where litellm's price table (read as a file, no import) knows the model.
 
+Replies are checked before use (:func:`reply_choices`): a 200 reply without choices, a choice whose
+``message`` is not an object, or ``content`` that is neither text, null nor a list of text parts
+(``[{"type": "text", "text": ...}]``, joined without a separator, as the parts of one message are)
+is a malformed reply, retried like a garbled body and, once retries are spent, the record's
+``backend_error`` with the raw body. ``usage`` that is not an object of non-negative counts (a
+string, NaN) counts 0 tokens and never costs the reply. Every reply text has the API key (and a
+password written in the base URL) replaced by ``***`` before it leaves the backend, as error bodies
+do, so an echoed key never reaches the cache or the data.
+
+Base URL: ``openai:`` and ``vllm:`` are the only backends that read ``OPENAI_BASE_URL``, and only
+when no ``base_url`` option is given. A ``user:password@`` in the base URL is sent as HTTP Basic auth,
+in place of the API key (as the OpenAI SDK does), and recorded nowhere (``public_url``).
+
 Request order: requests go out in the order the engine issues them (input order), so a method's
 shared system prompt and few-shot turns reach the server back to back; vLLM's automatic prefix cache
 matches blocks by content hash, not arrival order, so no reordering is done here.
@@ -38,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
 from btkit.errors import BackendError, BtkitError, CapabilityError
@@ -46,8 +59,11 @@ from btkit.hookspecs import hookimpl
 
 from .remote_http import (
     RAW_LIMIT, RETRY_STATUSES, HttpClient, RemoteSettings, RetryableError, RetryBudget, Secret, _error_message,
-    call_with_retries, cost_usd, env_first, normalize_base_url, public_url,
+    MalformedReply, call_with_retries, content_text, cost_usd, env_first, normalize_base_url, public_url, token_count,
+    url_secrets,
 )
+
+T = TypeVar("T")
 
 #: Params that shape the request body itself, never sent as extra fields.
 _CONTROL = ("assistant_prefix", "json_schema", "json_schema_name")
@@ -116,6 +132,24 @@ def echo_span(data: dict[str, Any], start: int, end: int) -> tuple[list[int], di
     return picked, lp
 
 
+def reply_choices(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each choice of a chat reply as ``{"text", "finish_reason", "refusal"}``, or a :class:`MalformedReply`."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise MalformedReply("reply has no choices" if not choices else f"reply's choices is {type(choices).__name__}, not a list")
+    out = []
+    for c in choices:
+        msg = c.get("message") if isinstance(c, dict) else None
+        if not isinstance(msg, dict):
+            raise MalformedReply(f"reply has a choice whose message is {type(msg).__name__}, not an object")
+        text, refusal = content_text(msg.get("content"))
+        if isinstance(msg.get("refusal"), str) and msg["refusal"]:
+            refusal = msg["refusal"]
+        finish = c.get("finish_reason")
+        out.append({"text": text, "finish_reason": finish if isinstance(finish, str) else None, "refusal": refusal})
+    return out
+
+
 def echo_logprobs(data: dict[str, Any], start: int, end: int) -> list[float]:
     """The logprobs of the echoed prompt tokens spelling ``prompt[start:end]`` (see :func:`echo_span`)."""
     picked, lp = echo_span(data, start, end)
@@ -135,11 +169,12 @@ class OpenAICompatBackend(Backend):
     def __init__(self, rest: str, options: dict[str, Any]):
         self.requested_model = rest.strip()
         self._model: str | None = self.requested_model or None
-        self.base_url = normalize_base_url(str(options.get("base_url") or env_first("OPENAI_BASE_URL") or self.default_base_url))
-        self.api_key = Secret(options.get("api_key") or env_first(*self.key_env))
+        base_url = normalize_base_url(str(options.get("base_url") or env_first("OPENAI_BASE_URL") or self.default_base_url))
+        self.api_key = Secret(options.get("api_key") or env_first(*self.key_env), also=url_secrets(base_url))
         self.settings = RemoteSettings.from_options(options)
         self.budget = RetryBudget(self.settings.retry_budget, self.settings.retry_ratio)
-        self.client = HttpClient(self.base_url, self.api_key, self.settings)
+        self.client = HttpClient(base_url, self.api_key, self.settings)
+        self.base_url = self.client.base_url  # without user:password, which the client sends as Basic auth
         self.spec = f"{self.kind}:{rest}"
         self._models_cache: list[dict[str, Any]] | None = None
         self._echo_reason: str | None = None  # why /completions echo cannot score, once probed
@@ -173,9 +208,15 @@ class OpenAICompatBackend(Backend):
         return self._models_cache
 
     # -- requests ----------------------------------------------------------------------------
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await call_with_retries(lambda: self.client.request_json("POST", path, body), self.settings, self.budget,
-                                       f"{self.spec} POST {path}")
+    async def post(self, path: str, body: dict[str, Any], parse: Callable[[dict[str, Any]], T] | None = None) -> Any:
+        """POST with retries; ``parse`` turns each reply into the result inside the attempt, so a
+        malformed reply it rejects (a :class:`RetryableError`) is retried like a garbled body."""
+
+        async def attempt() -> Any:
+            data = await self.client.request_json("POST", path, body)
+            return parse(data) if parse is not None else data
+
+        return await call_with_retries(attempt, self.settings, self.budget, f"{self.spec} POST {path}")
 
     def chat_body(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": list(messages)}
@@ -205,25 +246,25 @@ class OpenAICompatBackend(Backend):
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
         body = self.chat_body(messages, params)
-        data = await self.post("/chat/completions", body)
-        return self.completion_from(data, body)
+        return await self.post("/chat/completions", body, lambda data: self.completion_from(data, body))
 
     def completion_from(self, data: dict[str, Any], body: dict[str, Any]) -> Completion:
-        """An OpenAI chat reply -> Completion. A reply without choices is a BackendError with the raw JSON."""
-        choices = data.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise BackendError(f"{self.spec}: reply has no choices", raw=self.api_key.redact(json.dumps(data)[:RAW_LIMIT]))
-        texts = []
-        for c in choices:
-            msg = c.get("message") or {}
-            texts.append({"text": msg.get("content"), "finish_reason": c.get("finish_reason")})
-        usage = data.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
+        """An OpenAI chat reply -> Completion, every text with the key redacted. A malformed reply
+        (see :func:`reply_choices`) is a RetryableError carrying the raw JSON."""
+        try:
+            choices = reply_choices(data)
+        except MalformedReply as e:
+            raise RetryableError(f"HTTP 200 with a malformed reply: {e}", raw=self.api_key.redact(json.dumps(data)[:RAW_LIMIT])) from None
+        redact = self.api_key.redact
+        texts = [{"text": redact(c["text"]), "finish_reason": c["finish_reason"]} for c in choices]
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        prompt_tokens = token_count(usage.get("prompt_tokens"))
+        completion_tokens = token_count(usage.get("completion_tokens"))
         extra: dict[str, Any] = {}
         if int(body.get("n") or 1) > 1:
             extra["choices"] = texts
-        refusal = (choices[0].get("message") or {}).get("refusal")
+        refusal = redact(choices[0]["refusal"])
         if refusal:
             extra["refusal"] = refusal
         cost = self.cost(prompt_tokens, completion_tokens)
@@ -433,8 +474,9 @@ class VLLMBackend(OpenAICompatBackend):
         try:
             top = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             pairs = [(str(t["token"]), float(t["logprob"])) for t in top]
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise BackendError(f"{self.spec}: reply has no top_logprobs for the first token", raw=json.dumps(data)[:RAW_LIMIT]) from None
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise BackendError(f"{self.spec}: reply has no top_logprobs for the first token",
+                               raw=self.api_key.redact(json.dumps(data)[:RAW_LIMIT])) from None
         out: dict[str, float] = {}
         for cand in candidates:
             vals = [lp for tok, lp in pairs if tok.strip() and tok.strip() == cand.strip()]
@@ -458,7 +500,10 @@ class VLLMBackend(OpenAICompatBackend):
                 "continue_final_message": True, "add_generation_prompt": False,
                 "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
         data = await self.post("/chat/completions", body)
-        return continuation_logprobs(data, continuation, self.spec)
+        try:
+            return continuation_logprobs(data, continuation, self.spec)
+        except BackendError as e:
+            raise BackendError(str(e), raw=self.api_key.redact(e.raw)) from None
 
 
 def continuation_logprobs(data: dict[str, Any], continuation: str, spec: str = "vllm") -> list[float]:
@@ -473,12 +518,15 @@ def continuation_logprobs(data: dict[str, Any], continuation: str, spec: str = "
     for entry in reversed(entries):
         if not entry:
             break
-        if len(entry) != 1:
-            raise BackendError(f"{spec}: prompt_logprobs entry has {len(entry)} tokens, expected the prompt token alone",
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise BackendError(f"{spec}: prompt_logprobs entry is not one prompt token with its logprob",
                                raw=json.dumps(entry)[:RAW_LIMIT])
         info = next(iter(entry.values()))
-        picked.append(float(info["logprob"]))
-        covered += len(info.get("decoded_token") or "")
+        try:
+            picked.append(float(info["logprob"]))
+            covered += len(str(info.get("decoded_token") or ""))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise BackendError(f"{spec}: prompt_logprobs entry without a numeric logprob", raw=json.dumps(entry)[:RAW_LIMIT]) from None
         if covered >= len(continuation):
             break
     picked.reverse()

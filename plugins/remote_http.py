@@ -8,15 +8,19 @@ Fault policy (per request, then per run):
 - retried, with exponential backoff and jitter, honouring ``Retry-After`` / ``retry-after-ms``:
   HTTP 408, 409, 425, 429, 5xx, connection errors (refused, reset, dropped mid-reply), the
   per-attempt timeout, and a 2xx reply whose body is not JSON (a truncated or garbled body is almost
-  always a proxy or transport fault, and retrying costs one request; it is bounded like any retry);
+  always a proxy or transport fault, and retrying costs one request; it is bounded like any retry)
+  or is JSON without the shape of a reply (the backend says: no choices, a message that is not an
+  object, content that is not text; :class:`MalformedReply`);
 - not retried: other 4xx (bad request, context too long...): the record is dropped as
   ``backend_error`` with the server's reply as ``raw``;
 - stop the run (a :class:`BtkitError`, printed as one line): 401/403 (bad key) and 404 (unknown model
   or endpoint), since every further call would fail the same way;
 - a run-wide retry budget (``retry_budget`` + ``retry_ratio`` x requests made) keeps a dead or
   overloaded server from costing ``max_retries`` x backoff per record: once spent, failures are final.
-The API key lives only in the Authorization header; any reply text that echoes it is redacted before
-it can reach an error message, ``failures.jsonl``, a log line or the cache.
+The API key lives only in the Authorization header; any reply text that echoes it, an error body or
+a successful reply's text, is redacted before it can reach an error message, ``failures.jsonl``, a
+log line, the cache or the data. ``user:password@`` in a base URL travels as Basic auth, in place of
+the key, and every recorded form of the URL is :func:`public_url`'s, without it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
+from btkit.backends import public_url  # noqa: F401  (re-exported: the one helper for credential-free URLs)
 from btkit.errors import BackendError, BtkitError
 
 log = logging.getLogger("btkit.remote")
@@ -162,18 +167,75 @@ def normalize_base_url(url: str) -> str:
     url = url.strip().rstrip("/")
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise BtkitError(f"base URL '{url}' is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        raise BtkitError(f"base URL '{public_url(url)}' is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
     if parsed.path in ("", "/"):
         url += "/v1"
     return url
 
 
-def public_url(url: str) -> str:
-    """The URL without user:password, for cache keys, messages and logs."""
-    p = urllib.parse.urlsplit(url)
-    if "@" not in p.netloc:
-        return url
-    return urllib.parse.urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[1], p.path, p.query, p.fragment))
+def url_secrets(url: str | None) -> list[str]:
+    """The password of ``user:password@`` in a base URL (as written, decoded, and as the Basic auth
+    token that carries it), to scrub from reply and error text like a key: a server or library may
+    echo the URL or the header it was called with. Passwords under 8 characters are left alone:
+    scrubbing a short word would garble replies."""
+    basic = basic_auth(url)
+    if basic is None:
+        return []
+    raw = urllib.parse.urlsplit(url or "").password or ""
+    return [v for v in {raw, urllib.parse.unquote(raw), basic.split(" ", 1)[1]} if len(v) >= 8]
+
+
+def basic_auth(url: str | None) -> str | None:
+    """The ``Authorization: Basic ...`` value for ``user:password@`` in ``url``, or None."""
+    import base64
+
+    if not url or "@" not in url:
+        return None
+    try:
+        p = urllib.parse.urlsplit(url)
+        user, password = p.username, p.password
+    except ValueError:
+        return None
+    if user is None and password is None:
+        return None
+    pair = f"{urllib.parse.unquote(user or '')}:{urllib.parse.unquote(password or '')}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+
+class MalformedReply(ValueError):
+    """A 200 reply whose JSON does not have the shape of a chat completion (the message says where)."""
+
+
+def content_text(content: Any) -> tuple[str | None, str | None]:
+    """A message's ``content`` as (text, refusal): a string; null (no text: filtered or refused); or a
+    list of parts, whose ``text`` parts are joined without a separator (they are pieces of one
+    message) and whose ``refusal`` parts become the refusal. Anything else is a :class:`MalformedReply`."""
+    if content is None or isinstance(content, str):
+        return content, None
+    if isinstance(content, list):
+        texts, refusals = [], []
+        for part in content:
+            kind = part.get("type", "text") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+            else:
+                raise MalformedReply(f"message content has a part that is not text: {json.dumps(part, default=str)[:100]}")
+        return ("".join(texts) if texts else None), ("".join(refusals) or None)
+    raise MalformedReply(f"message content is {type(content).__name__}, not text")
+
+
+def token_count(value: Any) -> int:
+    """A usage count as a non-negative int; 0 for anything else (a string, NaN, a negative number):
+    a malformed ``usage`` never costs the reply it came with."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:
+        return int(value)
+    return 0
 
 
 SECRET_ENV_SUFFIXES = ("_API_KEY", "_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
@@ -213,7 +275,10 @@ class HttpClient:
     """One aiohttp session per event loop, JSON in and out, one attempt per call (no retries here)."""
 
     def __init__(self, base_url: str, api_key: Secret, settings: RemoteSettings, headers: dict[str, str] | None = None):
-        self.base_url = base_url
+        # ``user:password@`` in the base URL travels as Basic auth (in place of the key, as the OpenAI
+        # SDK does), never in the URL itself: so no request line, message or log can carry it
+        self.base_url = public_url(base_url)
+        self._basic_auth = Secret(basic_auth(base_url))
         self.api_key = api_key
         self.settings = settings
         self.headers = dict(headers or {})
@@ -222,7 +287,9 @@ class HttpClient:
 
     def _auth_headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json", **self.headers}
-        if self.api_key.get():
+        if self._basic_auth.get():
+            h["Authorization"] = self._basic_auth.get()
+        elif self.api_key.get():
             h["Authorization"] = f"Bearer {self.api_key.get()}"
         return h
 

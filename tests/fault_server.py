@@ -13,11 +13,17 @@ KINDs: ``http429`` (Retry-After: ``ra`` seconds, default 1), ``http500``, ``http
 ``slow`` (answers normally after ``hang_s``: for counting requests in flight, ``max_slow_in_flight``),
 ``barrier`` (holds each request until ``n`` of them are open at once, or ``hang_s`` passed, then
 answers: the peak is ``max_slow_in_flight``; a client that cannot open ``n`` connections shows a
-lower peak, after a bounded wait).
+lower peak, after a bounded wait), ``echoreply`` (a normal 200 whose text quotes the Authorization
+header, every choice of it).
+Malformed 200 replies (:data:`MALFORMED`): ``nochoices`` (an empty ``choices`` list), ``strmessage``
+(``message`` is a string), ``numcontent`` (``content`` is a number), ``partcontent`` (``content`` is
+a list of text parts that spell the normal answer), ``strusage`` / ``nanusage`` (``usage`` is a
+string / NaN), ``nancounts`` (``usage`` counts NaN and a string); the last three carry a normal answer.
 
 Normal answers: augment -> an instruction naming the id; curate -> ``Score: 5`` (or logprobs when
 asked, vLLM-style). ``GET /v1/models`` lists one model, ``owned_by`` = ``owner`` (``vllm`` makes the
-backend trust vLLM's extensions). Every request is logged in ``requests`` for assertions.
+backend trust vLLM's extensions). Any other path answers 404. Every request is logged in ``requests``
+for assertions (other paths too, as stage ``unknown``).
 
 ``POST /v1/completions`` answers as ``completions_mode`` says: ``echo`` (OpenAI-style echoed prompt
 logprobs: one token per whitespace-led word, logprob -(characters)/10, each its own top token, plus
@@ -38,6 +44,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+#: Fault kinds that answer 200 with a reply of the wrong shape (see :meth:`FaultServer.malformed`).
+MALFORMED = ("nochoices", "strmessage", "numcontent", "partcontent", "strusage", "nanusage", "nancounts")
 
 MARKER = re.compile(r"\[\[fault=(\w+)((?:\s+\w+=[\w.]+)*)\]\]")
 
@@ -90,6 +99,7 @@ class FaultServer:
             app.router.add_get("/v1/models", self.models)
             app.router.add_post("/v1/chat/completions", self.chat)
             app.router.add_post("/v1/completions", self.completions)
+            app.router.add_route("*", "/{tail:.*}", self.unknown)
             self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)  # hundreds of clients connect at once
@@ -137,6 +147,11 @@ class FaultServer:
     # -- handlers ---------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": self.owner}]})
+
+    async def unknown(self, request: web.Request) -> web.StreamResponse:
+        """Any other path: logged (a test can see a request that went where it should not), then 404."""
+        self.requests.append(Seen(time.time(), request.path, "unknown", None, None, request.headers.get("Authorization"), {}, "404"))
+        return web.json_response({"error": {"message": f"no route {request.method} {request.path}"}}, status=404)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -229,7 +244,33 @@ class FaultServer:
             content = f"Explain how the item {fault_id or 'plain'} works in practice."
         else:
             content = "The answer is complete and helpful.\nScore: 5"
+        if action == "echoreply":
+            content = f"{content} (asked with {request.headers.get('Authorization')})"
+        if action in MALFORMED:
+            return web.json_response(self.malformed(self.reply(body, content, finish), action))
         return web.json_response(self.reply(body, content, finish))
+
+    @staticmethod
+    def malformed(reply: dict[str, Any], action: str) -> dict[str, Any]:
+        """A normal reply bent into one of the :data:`MALFORMED` shapes (NaN is written as JSON's ``NaN``)."""
+        for choice in reply["choices"]:
+            text = choice["message"]["content"]
+            if action == "strmessage":
+                choice["message"] = text
+            elif action == "numcontent":
+                choice["message"]["content"] = 42
+            elif action == "partcontent":
+                half = len(text) // 2
+                choice["message"]["content"] = [{"type": "text", "text": text[:half]}, {"type": "text", "text": text[half:]}]
+        if action == "nochoices":
+            reply["choices"] = []
+        elif action == "strusage":
+            reply["usage"] = "lots of tokens"
+        elif action == "nanusage":
+            reply["usage"] = float("nan")
+        elif action == "nancounts":
+            reply["usage"] = {"prompt_tokens": float("nan"), "completion_tokens": "12", "total_tokens": -1}
+        return reply
 
     def reply(self, body: dict[str, Any], content: str | None, finish: str) -> dict[str, Any]:
         n = int(body.get("n") or 1)

@@ -123,6 +123,69 @@ def test_permanent_faults_drop_records_with_reason_and_raw_reply(cli, srv, tmp_p
     assert stats["backend_failures"] == 5 and stats["dropped_by_reason"]["humpback.augment:backend_error"] == 5
 
 
+@pytest.mark.parametrize("model", ["openai:fake-model", "vllm:fake-model"])
+def test_malformed_200_replies_are_retried_and_a_bad_usage_never_costs_the_reply(cli, srv, tmp_path, model):
+    """A 200 whose shape is wrong is a transient fault (retried, then fine); content as text parts is
+    text; a ``usage`` that is a string, NaN or holds NaN counts 0 tokens and the reply is kept, unretried."""
+    markers = {
+        "plain": "",
+        "empty": "[[fault=nochoices times=1 id=empty]]",
+        "strmsg": "[[fault=strmessage times=2 id=strmsg]]",
+        "num": "[[fault=numcontent times=1 id=num]]",
+        "parts": "[[fault=partcontent id=parts]]",
+        "susage": "[[fault=strusage id=susage]]",
+        "nusage": "[[fault=nanusage id=nusage]]",
+        "ncounts": "[[fault=nancounts id=ncounts]]",
+        "cparts": "[[fault=partcontent stage=curate id=cparts]]",
+        "cusage": "[[fault=nanusage stage=curate id=cusage]]",
+    }
+    out = tmp_path / "out"
+    r = run(cli, corpus(tmp_path / "c.jsonl", markers), out, srv, model, "-B", "max_retries=3")
+    assert r.exit_code == 0, r.output
+    cands = {c["source_id"]: c for c in assert_each_unit_once(out, list(markers))}
+    assert all(c["status"] == "kept" for c in cands.values()), [(c["source_id"], c["reason"], c["meta"]) for c in cands.values()]
+    assert (out / "failures.jsonl").read_text() == ""
+    for fault_id, attempts in [("empty", 2), ("strmsg", 3), ("num", 2), ("parts", 1), ("susage", 1), ("nusage", 1), ("ncounts", 1)]:
+        assert len(srv.seen(fault_id)) == attempts, fault_id
+    assert len(srv.seen("cparts", "curate")) == len(srv.seen("cusage", "curate")) == 1
+    assert cands["parts"]["fields"]["instruction"] == "Explain how the item parts works in practice."  # the parts, joined
+    assert cands["cparts"]["meta"]["score"] == 5 and cands["cusage"]["meta"]["score"] == 5
+    for doc in ("susage", "nusage", "ncounts"):
+        augment = next(s for s in cands[doc]["lineage"] if s["stage"] == "humpback.augment")
+        assert augment["tokens"] == [0, 0], doc
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["tokens_in"] > 0 and stats["dropped_by_reason"] == {}
+
+
+@pytest.mark.parametrize("model", BACKENDS)
+def test_malformed_200_replies_that_never_recover_are_backend_errors_with_the_raw_body(cli, srv, tmp_path, model):
+    """Never a stage_error traceback: after its retries a malformed reply drops its record as
+    ``backend_error`` with the raw reply. (litellm reads replies itself and also refuses text parts and
+    a malformed usage, see litellm_backend; for openai:/vllm: those are kept, see the test above.)"""
+    markers = {"plain": "", "empty": "[[fault=nochoices id=empty]]", "strmsg": "[[fault=strmessage id=strmsg]]",
+               "num": "[[fault=numcontent id=num]]", **{f"more{i}": "" for i in range(4)}}
+    out = tmp_path / "out"
+    r = run(cli, corpus(tmp_path / "c.jsonl", markers), out, srv, model, "-B", "max_retries=2")
+    assert r.exit_code == 0, r.output
+    cands = {c["source_id"]: c for c in assert_each_unit_once(out, list(markers))}
+    bad = ("empty", "strmsg", "num")
+    for doc in bad:
+        assert (cands[doc]["dropped_at"], cands[doc]["reason"]) == ("humpback.augment", "backend_error"), doc
+        assert len(srv.seen(doc)) == 3, doc  # retried like a garbled body
+    assert all(cands[d]["status"] == "kept" for d in cands if d not in bad)
+    failures = {f["id"].split("#")[0]: f for f in read_jsonl(out / "failures.jsonl")}
+    assert set(failures) == set(bad) and all("Traceback" not in f["error"] for f in failures.values())
+    if not model.startswith("litellm:"):
+        assert '"choices": []' in failures["empty"]["raw"] and "no choices" in failures["empty"]["error"]
+        assert '"message": "Explain how the item strmsg' in failures["strmsg"]["raw"] and "message is str" in failures["strmsg"]["error"]
+        assert '"content": 42' in failures["num"]["raw"] and "content is int" in failures["num"]["error"]
+    else:  # litellm's own reading of the reply, quoting what it received
+        assert "choices=[]" in failures["empty"]["raw"]
+        assert "Explain how the item strmsg" in failures["strmsg"]["raw"] and "'content': 42" in failures["num"]["raw"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped_by_reason"] == {"humpback.augment:backend_error": 3}
+
+
 def test_retry_budget_caps_retries_across_the_run(cli, srv, tmp_path):
     ids = [f"d{i}" for i in range(6)]
     out = tmp_path / "out"

@@ -66,6 +66,31 @@ def test_identity_has_url_and_model_never_the_key(monkeypatch):
     assert Secret("abc12345", also=["zzz99999"]).redact("abc12345 and zzz99999") == "*** and ***"
 
 
+def test_a_password_in_the_base_url_lives_only_in_the_auth_header(monkeypatch):
+    """Requests, identity, repr and the backend's attributes see the URL without ``user:password@``;
+    the password (as written, decoded, and as the Basic token) is scrubbed from reply text like a key."""
+    import base64
+
+    from btkit_plugins.litellm_backend import LiteLLMBackend
+    from btkit_plugins.openai_compat import OpenAICompatBackend
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    url = "https://proxy:pw%40canary-url-77@api.example.com/v1"
+    token = base64.b64encode(b"proxy:pw@canary-url-77").decode()
+    b = OpenAICompatBackend("gpt-x", {"base_url": url})
+    assert b.base_url == b.client.base_url == "https://api.example.com/v1" == b.identity()["base_url"]
+    assert b.client._auth_headers()["Authorization"] == f"Basic {token}"
+    lb = LiteLLMBackend("openai/gpt-x", {"base_url": url})
+    assert lb.identity()["base_url"] == "https://api.example.com/v1"
+    kwargs = lb.request_kwargs([{"role": "user", "content": "hi"}], {})
+    assert kwargs["api_base"] == "https://api.example.com/v1" and kwargs["extra_headers"] == {"Authorization": f"Basic {token}"}
+    for backend in (b, lb):
+        seen = repr(backend) + repr(vars(backend)) + repr(backend.identity()) + repr(vars(getattr(backend, "client", backend)))
+        assert "canary-url" not in seen and token not in seen
+        echoed = "called as https://proxy:pw%40canary-url-77@api... with Basic " + token + " (pw@canary-url-77)"
+        assert backend.api_key.redact(echoed) == "called as https://proxy:***@api... with Basic *** (***)"
+
+
 def test_plugins_load_and_backends_build_without_importing_http_or_litellm():
     """``btkit --help`` loads every plugin: aiohttp (0.3 s) and litellm (3 s) must wait for a call."""
     import subprocess

@@ -22,7 +22,9 @@ CANARIES = ["sk-canary-5e8d2b7a91c4", "3f9a1c5e7b2d4f6a8c0e1b3d5f7a9c2e"]
 HAS_LITELLM = importlib.util.find_spec("litellm") is not None
 pytestmark = pytest.mark.skipif(not HAS_LITELLM, reason="litellm is not installed (pip install 'btkit[remote]')")
 
-#: ``btkit`` with litellm's debug logging on (what a user debugging a provider would do).
+#: ``btkit`` with litellm's debug logging on (what a user debugging a provider would do). Through
+#: ``litellm._turn_on_debug()``: with litellm 1.110.2, ``LITELLM_LOG=DEBUG`` alone prints nothing, so
+#: each test also asserts that litellm's own request logging did print (it cannot pass on silence).
 DEBUG_BTKIT = "import litellm; litellm._turn_on_debug(); from btkit.cli import main; main()"
 
 
@@ -38,7 +40,7 @@ def leaks(canary: str, text: str) -> list[str]:
 
 
 def env_with(canary: str) -> dict[str, str]:
-    return {**os.environ, "OPENAI_API_KEY": canary, "LITELLM_LOG": "DEBUG", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "OPENAI_API_KEY": canary, "LITELLM_LOG": "DEBUG", "PYTHONUNBUFFERED": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 
 
 @pytest.mark.parametrize("canary", CANARIES)
@@ -112,6 +114,7 @@ def test_backend_error_tracebacks_and_litellm_logs_never_show_the_key(srv, tmp_p
     printed = proc.stdout + proc.stderr
     assert proc.returncode == 0, printed[-3000:]
     assert "NO ERROR" not in printed
+    assert "POST Request Sent from LiteLLM" in printed and "LiteLLM:DEBUG" in printed  # litellm's debug logging was on
     # every fault raised, for every backend; the two that quote the key show where it was cut out
     for spec in ("litellm:openai/fake-model", "openai:fake-model", "vllm:fake-model"):
         for fault in ("echokey", "http500", "http401", "drop"):
