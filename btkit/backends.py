@@ -12,7 +12,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from contextvars import ContextVar
+
 from .errors import CapabilityError
+
+#: Requests a backend sent for the call in progress, retries included. A backend that retries sets
+#: it on every attempt (``ATTEMPTS.set(n)``); the engine reads it after the call, in the same task,
+#: so ``stats.json`` counts what the server saw (a backend that never retries leaves it at 1).
+ATTEMPTS: ContextVar[int] = ContextVar("btkit_attempts", default=1)
 
 #: Capability names a backend may declare.
 CHAT = "chat"  # chat completion with the model's own chat template

@@ -31,8 +31,8 @@ import asyncio
 import collections
 import hashlib
 import json
+import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import __version__, journal, rundir
-from .backends import MULTI_SAMPLE, Backend, Completion
+from .backends import ATTEMPTS, MULTI_SAMPLE, Backend, Completion
 from .cache import Cache, NullCache, cache_key
 from .dedup import SeenSet
 from .errors import BackendError, BtkitError, InputError, Interrupted
@@ -132,34 +132,38 @@ class StageCtx:
         key = cache_key(kind, backend.identity(), payload)
         hit = self.run.cache.get(key)
         if hit is not None:
-            return hit, True
+            return hit, True, 0
         pending = self.run._pending.get(key)
         if pending is not None:  # the same request is already in flight: share its answer, pay once
             try:
-                value = await asyncio.shield(pending)
+                value, _ = await asyncio.shield(pending)
             except BackendError as e:  # its failure, but no request of ours: counted as shared
                 shared = BackendError(str(e), raw=e.raw, retryable=e.retryable, attempts=0)
                 shared.shared = True
                 raise shared from e
-            return json.loads(json.dumps(value)), True  # a copy, as a cache hit would be
+            return json.loads(json.dumps(value)), True, 0  # a copy, as a cache hit would be
 
         async def call_and_store():
             # Calls of one kind and template share their prompt prefix: the limiter sends them back to back.
             async with self.run.limiter_for(backend).slot(group or kind):
+                ATTEMPTS.set(1)
                 try:
                     value = await call()
                 except BackendError as e:
+                    e.attempts = max(e.attempts, ATTEMPTS.get())
                     self.run.call_finished(backend, e)
                     raise
+                attempts = ATTEMPTS.get()
             self.run.call_finished(backend, None)
             if valid(value):  # another process may have stored this request first: use its answer, as a re-run would
                 value = self.run.cache.put(key, kind, backend.spec, value)
-            return value
+            return value, attempts
 
         task = asyncio.ensure_future(call_and_store())
         self.run._pending[key] = task
         try:
-            return await task, False
+            value, attempts = await task
+            return value, False, attempts
         finally:
             self.run._pending.pop(key, None)
 
@@ -316,7 +320,7 @@ class StageCtx:
         # success), so changing a parser or threshold never pays for it twice. Errors and empty
         # replies are not stored: they are asked again.
         try:
-            value, cached = await self._cached_call("chat", backend, payload, call, valid=_has_text, group=f"chat:{template}")
+            value, cached, attempts = await self._cached_call("chat", backend, payload, call, valid=_has_text, group=f"chat:{template}")
         except BackendError as e:
             self._failed_step("chat", backend, template, prompt.template_hash, e, params=_recorded_params(params), **step_extra)
             raise
@@ -327,7 +331,7 @@ class StageCtx:
             params=_recorded_params(params), raw=comp.text, finish_reason=comp.finish_reason,
             tokens=[comp.prompt_tokens, comp.completion_tokens], cached=cached,
             **({"cost": comp.extra["cost"]} if comp.extra.get("cost") and not cached else {}),
-            **_retries(comp.extra.get("attempts"), cached),
+            **_retries(attempts, cached),
             **step_extra,
         )
         return comp
@@ -349,11 +353,12 @@ class StageCtx:
             return await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, candidates)
 
         try:
-            value, cached = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
+            value, cached, attempts = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
         except BackendError as e:
             self._failed_step("next_token_logprobs", backend, template, prompt.template_hash, e)
             raise
-        self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, cached=cached)
+        self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, cached=cached,
+                   **_retries(attempts, cached))
         return value
 
     async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]:
@@ -371,11 +376,12 @@ class StageCtx:
             return await backend.score_continuation(messages, continuation)
 
         try:
-            value, cached = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
+            value, cached, attempts = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
         except BackendError as e:
             self._failed_step("score_continuation", backend, template, template_hash, e)
             raise
-        self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), cached=cached)
+        self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), cached=cached,
+                   **_retries(attempts, cached))
         return value
 
 
@@ -1302,12 +1308,31 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test runner may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"warning: {self.format(record)}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never break a run)
+            self.handleError(record)
+
+
+def log_warnings_to_stderr() -> None:
+    """btkit's warnings (a retried request, say) reach a user who has no logging set up, TTY or not."""
+    logger = logging.getLogger("btkit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def run_pipeline(config: RunConfig, registry: Registry) -> dict[str, Any]:
     """Run synchronously (the CLI's entry point into the async engine).
 
     Ctrl-C and filesystem faults (disk full, a read-only or vanished directory) become one line:
     whatever they interrupted, finished units are in the journal and the same command resumes.
     """
+    log_warnings_to_stderr()
     try:
         return asyncio.run(Run(config, registry).execute())
     except KeyboardInterrupt:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-from btkit.backends import public_url  # noqa: F401  (re-exported: the one helper for credential-free URLs)
+from btkit.backends import ATTEMPTS, public_url  # noqa: F401  (public_url re-exported: the one helper for credential-free URLs)
 from btkit.errors import BackendError, BtkitError
 
 log = logging.getLogger("btkit.remote")
@@ -120,6 +120,7 @@ async def call_with_retries(attempt: Callable[[], Awaitable[T]], settings: Remot
     budget.note_request()
     last: RetryableError | None = None
     for n in range(settings.max_retries + 1):
+        ATTEMPTS.set(n + 1)  # the engine counts every request a server saw (stats.json: retries)
         try:
             return await attempt()
         except RetryableError as e:
@@ -132,7 +133,7 @@ async def call_with_retries(attempt: Callable[[], Awaitable[T]], settings: Remot
         if not budget.try_spend():
             raise BackendError(f"{what}: {last} (not retried: the run's retry budget of {budget.retries} retries is spent)", raw=last.raw)
         delay = settings.backoff(n, last.retry_after)
-        log.info("%s: %s; retry %d/%d in %.2fs", what, last, n + 1, settings.max_retries, delay)
+        log.warning("%s: %s; retry %d/%d in %.2fs", what, last, n + 1, settings.max_retries, delay)  # on stderr (see btkit.engine)
         await asyncio.sleep(delay)
     assert last is not None
     raise BackendError(f"{what}: {last} (gave up after {settings.max_retries + 1} attempts)", raw=last.raw)

@@ -82,6 +82,10 @@ def test_transient_faults_are_retried_and_nothing_is_lost(cli, srv, tmp_path, mo
     assert t[1] - t[0] >= 1.0 and t[2] - t[1] >= 1.0, "Retry-After: 1 was not honoured"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["backend_failures"] == 0 and stats["tokens_in"] > 0 and stats["tokens_out"] > 0
+    assert "retry 1/4 in" in r.output  # a retried request is visible without a terminal or logging set up
+    # stats count what the server saw: every request, retries included
+    chat_requests = [r for r in srv.requests if r.path.endswith("/chat/completions")]
+    assert stats["requests_sent"] == len(chat_requests) and stats["retries"] == 2 + 3 + 1 + 2 + 2 + 1
 
 
 @pytest.mark.parametrize("model", BACKENDS)
@@ -121,6 +125,10 @@ def test_permanent_faults_drop_records_with_reason_and_raw_reply(cli, srv, tmp_p
         assert "max_retry_wait" in failures["pwait"]["error"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["backend_failures"] == 5 and stats["dropped_by_reason"]["humpback.augment:backend_error"] == 5
+    # failed calls and their retries are counted: stats add up to what the server saw
+    augment = stats["stages"]["humpback.augment"]
+    assert augment["failed_calls"] == 5 and augment["retries"] == 2 + 2 + 2
+    assert stats["requests_sent"] == len([r for r in srv.requests if r.path.endswith("/chat/completions")])
 
 
 @pytest.mark.parametrize("model", ["openai:fake-model", "vllm:fake-model"])
