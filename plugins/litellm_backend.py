@@ -37,6 +37,7 @@ echoing the Authorization header), and a traceback printer or error reporter cou
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any
@@ -123,6 +124,8 @@ class LiteLLMBackend(Backend):
         self.model = rest.strip()
         if not self.model:
             raise BtkitError("litellm: needs PROVIDER/MODEL, e.g. --model litellm:anthropic/claude-3-5-haiku-latest")
+        if importlib.util.find_spec("litellm") is None:  # found out now, before the run directory exists (imported on first call)
+            raise BtkitError("the litellm: backend needs litellm: pip install 'btkit[remote]' (or pip install litellm)")
         base = options.get("base_url") or options.get("api_base")
         if not base and self.model.split("/", 1)[0] in OPENAI_BASE_URL_PROVIDERS:
             base = env_first("OPENAI_BASE_URL")  # litellm would read it too: read here, so the cache key names the endpoint

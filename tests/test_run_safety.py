@@ -426,3 +426,16 @@ def test_a_kill_in_the_second_pass_resumes_without_paying_twice(tmp_path):
     assert ref.returncode == 0, ref.stderr
     strip = lambda rows: [{k: v for k, v in row.items() if k != "meta"} | {"id": row["meta"]["id"]} for row in rows]  # noqa: E731
     assert strip(read_jsonl(out / "data.jsonl")) == strip(read_jsonl(tmp_path / "ref" / "data.jsonl"))
+
+
+# -- 20: a missing extra is named before anything is written --------------------------------------------
+def test_a_missing_litellm_is_named_before_the_run_directory_exists(cli, registry, tmp_path, monkeypatch):
+    import importlib.util
+
+    from btkit_plugins import litellm_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(litellm_backend.importlib.util, "find_spec", lambda name, *a: None if name == "litellm" else real(name, *a))
+    r = cli("run", "humpback", corpus(tmp_path, 2), "-o", tmp_path / "out", "--model", "litellm:anthropic/claude-x", "-q")
+    assert r.exit_code == 2 and "pip install 'btkit[remote]'" in error_line(r)
+    assert not (tmp_path / "out").exists()
