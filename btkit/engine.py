@@ -419,6 +419,7 @@ class Run:
         self._call_counts: dict[int, list[int]] = {}
         self._calls_total = self._failures_total = 0
         self.retried_units = 0
+        self._appends_in_order = True
         self.rows_read = self.survey_rows = 0
         self._elapsed_before = 0.0
         self.encoding_errors = str(config.options.get("encoding_errors") or "strict")
@@ -587,6 +588,7 @@ class Run:
         if found.failed or not found.sorted:
             journal.rewrite(path, journal.iter_sorted(path, found, skip=found.failed.__contains__))
             found = journal.scan(path)
+        self._appends_in_order = found.gapless  # else units redone now land after later ones: sorted at the end
         self._rebuild_data(found)
         if found.units < n_units:
             (self.out / "data.jsonl").unlink(missing_ok=True)  # re-published when the run completes
@@ -892,7 +894,7 @@ class Run:
         """
         path, held_path = self.out / "candidates.jsonl", self.out / HELD_JOURNAL
         found = journal.scan(path)
-        drops = self._end_of_run_drops(self.stages[:hold + 1], path, found)
+        drops = self._end_of_run_drops(self.stages[:hold + 1], lambda: journal.iter_sorted(path, found))
         done = journal.scan(held_path)
         if done.failed:  # units whose remaining stages failed are done again (their good calls are cached)
             journal.rewrite(held_path, journal.iter_sorted(held_path, done, skip=done.failed.__contains__))
@@ -946,11 +948,11 @@ class Run:
         going_on = {id(r) for r in alive}
         return [r for r in records if id(r) not in going_on] + finished
 
-    def _end_of_run_drops(self, stages: list[Stage], path: Path, found: journal.JournalScan) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    def _end_of_run_drops(self, stages: list[Stage], lines: Callable[[], Iterator[dict[str, Any]]]) -> dict[str, tuple[str, str, dict[str, Any]]]:
         """``{journal key: (stage label, reason, details)}``: what ``stages`` decide with the whole journal in view."""
         drops: dict[str, tuple[str, str, dict[str, Any]]] = {}
         for stage in stages:
-            decided = stage.end_of_run(lambda: journal.iter_sorted(path, found))
+            decided = stage.end_of_run(lines)
             for key, (reason, details) in (decided or {}).items():
                 drops.setdefault(key, (stage.label, reason, details))
         return drops
@@ -964,10 +966,17 @@ class Run:
         acts on exactly the record it means.
         """
         path = self.out / "candidates.jsonl"
-        found = journal.scan(path)
-        drops = self._end_of_run_drops(self.stages, path, found)
-        if not drops and found.sorted and self.hold_index() is None:
-            return
+        scanned: list[journal.JournalScan] = []
+
+        def lines() -> Iterator[dict[str, Any]]:  # a pass over the journal only for a stage that asks for one
+            if not scanned:
+                scanned.append(journal.scan(path))
+            return journal.iter_sorted(path, scanned[0])
+
+        drops = self._end_of_run_drops(self.stages, lines)
+        if not drops and self._appends_in_order and self.hold_index() is None:
+            return  # written in input order by this invocation and the ones it resumed: nothing to do
+        found = scanned[0] if scanned else journal.scan(path)
 
         def decided_lines() -> Iterator[dict[str, Any]]:
             for line in journal.iter_sorted(path, found):

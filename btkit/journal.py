@@ -34,10 +34,17 @@ class JournalScan:
     runs: list[tuple[int, int]] = field(default_factory=list)
     #: ``unit_seq`` of every unit that holds a failed record.
     failed: set[int] = field(default_factory=set)
+    #: The highest ``unit_seq`` present (-1: none).
+    last_seq: int = -1
 
     @property
     def sorted(self) -> bool:
         return len(self.runs) <= 1
+
+    @property
+    def gapless(self) -> bool:
+        """Sorted and holding units 0..N-1: new units appended after it keep it sorted."""
+        return self.sorted and self.last_seq + 1 == self.units
 
 
 def _lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -70,6 +77,7 @@ def scan(path: str | Path) -> JournalScan:
                 run_start = offset
             current = previous = seq
             result.units += 1
+            result.last_seq = max(result.last_seq, seq)
         if line.get("status") == "dropped" and line.get("reason") in FAILURE_REASONS:
             result.failed.add(seq)
         offset = end

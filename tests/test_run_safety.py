@@ -439,3 +439,18 @@ def test_a_missing_litellm_is_named_before_the_run_directory_exists(cli, registr
     r = cli("run", "humpback", corpus(tmp_path, 2), "-o", tmp_path / "out", "--model", "litellm:anthropic/claude-x", "-q")
     assert r.exit_code == 2 and "pip install 'btkit[remote]'" in error_line(r)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_journal_left_with_holes_and_out_of_order_units_is_published_in_input_order(cli, scripted, tmp_path):
+    """What a killed retrying run leaves: a unit missing (to redo) and a redone unit after later ones."""
+    _, spec = scripted(default=reply)
+    data, out = corpus(tmp_path, 10), tmp_path / "out"
+    assert humpback(cli, data, out, spec).exit_code == 0
+    expected = (out / "data.jsonl").read_text()
+    lines = read_jsonl(out / "candidates.jsonl")
+    lines = [l for l in lines if l["unit_seq"] not in (3, 5)] + [l for l in lines if l["unit_seq"] == 5]
+    write_jsonl(out / "candidates.jsonl", lines)
+    (out / "data.jsonl").unlink()
+    assert humpback(cli, data, out, spec).exit_code == 0
+    assert (out / "data.jsonl").read_text() == expected
+    assert [l["unit_seq"] for l in read_jsonl(out / "candidates.jsonl")] == list(range(10))
