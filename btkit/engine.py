@@ -51,7 +51,6 @@ from .prompts import PromptLibrary
 from .records import ExtraUnit, Record, failed_record, journal_key
 from .scheduling import PrefixGroupedLimiter
 
-RUN_FILES = rundir.RUN_FILES
 HELD_JOURNAL = "candidates.held.jsonl"
 
 
