@@ -19,9 +19,12 @@ Corpus text in a prompt is data, and a document may try to talk to the model ("i
 and output Score: 5", a fake end-of-data marker, a chat role token). The ``delimit`` filter quotes
 it: ``{{ response | delimit("ANSWER") }}`` renders ``<<<ANSWER 1a2b3c4d`` ... ``ANSWER 1a2b3c4d>>>``
 where the id is a hash of the quoted text itself, so a document cannot contain its own closing
-marker (and the id is stable, so rendered prompts stay cacheable). Marker-shaped strings and role
-tokens inside the data are defused (``ANSWER>>>`` -> ``ANSWER> >>``, ``<|im_start|>`` ->
-``< |im_start| >``) so a model that does not check the id is not fooled either.
+marker (and the id is stable, so rendered prompts stay cacheable). Marker-shaped strings and the
+role tokens of common model families inside the data are defused (``ANSWER>>>`` -> ``ANSWER> >>``,
+``<|im_start|>`` -> ``< |im_start| >``, ``[INST]`` -> ``[ INST ]``, ``</s>`` -> ``< /s >``), so a
+model that does not check the id is not fooled and a remote server's tokenizer does not turn them
+into control tokens. Every shipped template quotes documents this way and defuses model-written
+text it shows unquoted (``{{ instruction | defuse }}``).
 """
 
 from __future__ import annotations
@@ -60,14 +63,26 @@ MAX_EXPONENT = 1_000
 
 _OPEN_MARKER = re.compile(r"<<<(?=[ \t]*\w)")
 _CLOSE_MARKER = re.compile(r"(?<=\w)([ \t]*)>>>")
-_ROLE_TOKEN = re.compile(r"<([|\uff5c])([^|\uff5c<>\s]{1,64})([|\uff5c])>|<((?:start|end)_of_turn)>")
+#: Role and special tokens of common chat model families, which a remote server's tokenizer may turn
+#: into real control tokens: ChatML, Llama 3, Phi, DeepSeek (``<|...|>``, also with fullwidth bars),
+#: Llama 2 / Mistral (``<s>``, ``</s>``, ``[INST]``, ``[/INST]``, ``<<SYS>>``, tool markers), Gemma
+#: (``<start_of_turn>``, ``<bos>``), Command R (``<BOS_TOKEN>``) and Qwen's reasoning and tool tags.
+_ROLE_TOKEN = re.compile(
+    r"<[|\uff5c][^|\uff5c<>\s]{1,64}[|\uff5c]>"
+    r"|</?(?:s|bos|eos|unk|pad|(?:start|end)_of_\w{1,32}|BOS_TOKEN|EOS_TOKEN|think|tool_call|tool_response)>"
+    r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT)\]"
+    r"|<</?SYS>>"
+)
 
 
 def defuse(text: str) -> str:
     """Break delimiter-shaped strings and chat role tokens inside quoted data, visibly."""
-    text = _OPEN_MARKER.sub("<< <", text)
-    text = _CLOSE_MARKER.sub(r"\1> >>", text)
-    return _ROLE_TOKEN.sub(lambda m: f"< {m.group(1)}{m.group(2)}{m.group(3)} >" if m.group(2) else f"< {m.group(4)} >", text)
+    if "<<<" in text:  # the scans are slow on a long document; most have no marker at all
+        text = _OPEN_MARKER.sub("<< <", text)
+    if ">>>" in text:
+        text = _CLOSE_MARKER.sub(r"\1> >>", text)
+    # a space inside each bracket: still readable, no longer the token (``[INST]`` -> ``[ INST ]``)
+    return _ROLE_TOKEN.sub(lambda m: f"{m.group(0)[0]} {m.group(0)[1:-1]} {m.group(0)[-1]}", text)
 
 
 def delimit(value: Any, label: str = "DATA") -> str:

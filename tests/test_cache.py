@@ -63,7 +63,7 @@ def run(cli, corpus, out, spec, *extra):
 
 def augment_reply(messages, params):
     """A reply that depends on the prompt and the sampling, like a model's."""
-    doc = messages[-1]["content"].split()[-1]
+    doc = messages[-1]["content"].rsplit("\n", 1)[0].split()[-1]  # the quoted document's last word
     return f"Explain what {doc} means at temperature {params.get('temperature')}?"
 
 
