@@ -56,6 +56,26 @@ def embedded_model_path() -> Path:
     return path
 
 
+def default_threads() -> int:
+    """llama.cpp's threads unless ``-B n_threads`` says: half the CPUs this process may use, at least 1.
+
+    llama.cpp's threads wait for each other by spinning, so one that loses its core to anything
+    else (btkit's own loop, the user's other work) stalls the rest. On a 2-core machine shared with
+    other work (2026-12-02, 12 documents of examples/corpus.jsonl, humpback, --no-cache, four runs
+    each, interleaved): 1 thread took 56-57 s wall and CPU every time; 2 threads took 34-43 s
+    (65-70 s CPU) while the other core was free, and 205 s (195 s CPU) while it was not. Reading a
+    138-token prompt took 0.95 s with 1 thread, 0.48 s or 8 s with 2. ``n_threads_batch`` (prompts,
+    scoring) follows ``n_threads``: llama-cpp-python would otherwise use every CPU for it whatever
+    ``n_threads`` says. Half the logical CPUs is one thread per physical core where cores run two
+    hardware threads.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))  # what this process may use (taskset, containers)
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
+
+
 class CandidateLogprobs(dict):
     """``next_token_logprobs``' answer (candidate -> logprob) and ``prompt_tokens``, the tokens the
     forward pass read, so the run's stats count them as a chat call's prompt is counted."""
@@ -91,12 +111,13 @@ class LlamaCppBackend(Backend):
             if not self.path.is_file():
                 raise BtkitError(f"model file not found: {self.path} (from model spec 'llamacpp:{rest}')")
         self.spec = f"llamacpp:{rest or 'default'}"
-        for name in ("n_ctx", "n_threads"):  # checked first: below, 0 would silently become the default
+        for name in ("n_ctx", "n_threads", "n_threads_batch"):  # checked first: below, 0 would silently become the default
             value = options.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise BtkitError(f"backend option {name}={value!r} must be a whole number >= 1")
         self.n_ctx = int(options.get("n_ctx") or 4096)
-        self.n_threads = int(options.get("n_threads") or os.cpu_count() or 1)
+        self.n_threads = int(options.get("n_threads") or default_threads())  # generating, one token at a time
+        self.n_threads_batch = int(options.get("n_threads_batch") or self.n_threads)  # reading prompts, scoring
         self._llm = None
         self._formatter = None
         self._lock = threading.Lock()
@@ -126,7 +147,7 @@ class LlamaCppBackend(Backend):
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             self._llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                 logits_all=False, verbose=False,
             )
             meta = self._llm.metadata
@@ -311,6 +332,7 @@ class LlamaCppBackend(Backend):
                 import llama_cpp
 
                 self._score_llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                                  n_threads_batch=self.n_threads_batch,
                                                   logits_all=False, verbose=False)
         return self._score_llm
 
