@@ -349,14 +349,15 @@ class StageCtx:
         payload = {"messages": prompt.messages, "assistant_prefix": prompt.assistant_prefix, "candidates": candidates}
 
         async def call():
-            return await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, candidates)
+            return self._counted(await backend.next_token_logprobs(prompt.messages, prompt.assistant_prefix, candidates))
 
         try:
-            value, cached, attempts = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
+            stored, cached, attempts = await self._cached_call("next_token_logprobs", backend, payload, call, group=f"next_token_logprobs:{template}")
         except BackendError as e:
             self._failed_step("next_token_logprobs", backend, template, prompt.template_hash, e)
             raise
-        self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, cached=cached,
+        value, tokens_in = _uncounted(stored)
+        self._step("next_token_logprobs", backend, template, prompt.template_hash, logprobs=value, tokens=[tokens_in, 0], cached=cached,
                    **_retries(attempts, cached))
         return value
 
@@ -372,16 +373,32 @@ class StageCtx:
         payload = {"messages": messages, "continuation": continuation}
 
         async def call():
-            return await backend.score_continuation(messages, continuation)
+            return self._counted(await backend.score_continuation(messages, continuation))
 
         try:
-            value, cached, attempts = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
+            stored, cached, attempts = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")
         except BackendError as e:
             self._failed_step("score_continuation", backend, template, template_hash, e)
             raise
-        self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), cached=cached,
+        value, tokens_in = _uncounted(stored)
+        self._step("score_continuation", backend, template, template_hash, n_tokens=len(value), tokens=[tokens_in, 0], cached=cached,
                    **_retries(attempts, cached))
         return value
+
+    def _counted(self, value: Any) -> dict[str, Any]:
+        """A scoring answer as the cache keeps it: the values, and the tokens the backend read for them
+        (``value.prompt_tokens`` where the backend says, as llamacpp: does), counted for progress now
+        and for stats from every step that uses it, served from the cache or not."""
+        tokens_in = int(getattr(value, "prompt_tokens", 0) or 0)
+        self.run.count_usage(Completion(text=None, prompt_tokens=tokens_in))
+        return {"value": value, "prompt_tokens": tokens_in}
+
+
+def _uncounted(stored: Any) -> tuple[Any, int]:
+    """(values, tokens read) of a stored scoring answer; one stored before counts were kept read 0."""
+    if isinstance(stored, dict) and set(stored) == {"value", "prompt_tokens"}:
+        return stored["value"], int(stored["prompt_tokens"] or 0)
+    return stored, 0
 
 
 class Run:
