@@ -107,7 +107,7 @@ async def bare_aiohttp(base_url: str, n: int, concurrency: int) -> float:
 
 
 async def btkit_backend(base_url: str, n: int, concurrency: int) -> float:
-    from btkit_plugins.openai_compat import OpenAICompatBackend
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend
 
     t0 = time.perf_counter()
     backend = OpenAICompatBackend("bench", {"base_url": base_url})

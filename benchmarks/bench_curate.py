@@ -19,7 +19,7 @@ from pathlib import Path
 from btkit.methods import ParseError
 from btkit.plugins import get_registry
 from btkit.prompts import PromptLibrary
-from btkit_plugins.curation import parse_score
+from btkit.kit.judges import parse_score
 
 ROOT = Path(__file__).resolve().parent.parent
 

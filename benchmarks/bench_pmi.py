@@ -69,7 +69,7 @@ def main() -> None:
 
     import llama_cpp
 
-    from btkit_plugins.llamacpp import UNCONDITIONAL_MESSAGES, LlamaCppBackend
+    from btkit_plugins.backends.llamacpp import UNCONDITIONAL_MESSAGES, LlamaCppBackend
 
     backend = LlamaCppBackend(args.model, {})
     same = LlamaCppBackend(args.model, {"score_weights": "same"})

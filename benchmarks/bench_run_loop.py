@@ -22,7 +22,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from btkit.cli import cli
-from btkit_plugins import fake
+from btkit_plugins.testing import fake
 
 VOCAB = "river stone cloud market engine garden letter window signal harbor forest lantern copper meadow quartz ribbon".split()
 

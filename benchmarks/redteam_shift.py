@@ -28,8 +28,8 @@ from typing import Any
 from btkit.backends import Completion
 from btkit.plugins import get_registry
 from btkit.prompts import PromptLibrary
-from btkit_plugins.curation import likelihood_score, logprob_score, rubric_score
-from btkit_plugins.humpback.segment import segments
+from btkit.kit.judges import likelihood_score, logprob_score, rubric_score
+from btkit.kit.segment import segments
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "tests" / "redteam" / "documents.jsonl"

@@ -26,7 +26,7 @@ def embedded_scorer():
     """The embedded GGUF in process, scoring with its own weights (``score_weights=same``)."""
     import asyncio
 
-    from btkit_plugins.llamacpp import LlamaCppBackend
+    from btkit_plugins.backends.llamacpp import LlamaCppBackend
 
     b = LlamaCppBackend("default", {"score_weights": "same"})
     yield b
@@ -56,7 +56,7 @@ def registry(monkeypatch):
 @pytest.fixture
 def scripted(registry):
     """``scripted(replies=[...], ...)`` -> (backend, spec) usable as ``--model spec``."""
-    from btkit_plugins import fake
+    from btkit_plugins.testing import fake
 
     made = []
 

@@ -14,7 +14,7 @@ import pytest
 
 from btkit.methods import ParseError
 from btkit.prompts import PromptLibrary
-from btkit_plugins.air import parse_constraint, parse_points
+from btkit_plugins.methods.air import parse_constraint, parse_points
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 

@@ -14,7 +14,7 @@ import pytest
 
 from btkit.methods import ParseError
 from btkit.prompts import PromptLibrary
-from btkit_plugins.backforth import parse_rewrite
+from btkit_plugins.methods.backforth import parse_rewrite
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 

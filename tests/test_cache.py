@@ -87,7 +87,7 @@ def test_changing_threshold_or_parser_reruns_with_zero_model_calls(cli, scripted
 
     # A stricter instruction parser re-parses the cached raw replies: nothing is asked again.
     from btkit.methods import ParseError
-    from btkit_plugins import humpback
+    from btkit_plugins.methods import humpback
 
     original = humpback.parse_instruction
 
@@ -111,7 +111,7 @@ def test_changing_the_score_parser_reruns_with_zero_model_calls(cli, scripted, c
     first = len(backend.history)
     assert first == 8 and read_jsonl(tmp_path / "a" / "data.jsonl") == []
 
-    from btkit_plugins import curation
+    from btkit.kit import judges as curation
 
     monkeypatch.setattr(curation, "parse_score", lambda text, *scale: 5)  # a (very) lenient new parser
     r = cli("run", "humpback", corpus, "-o", tmp_path / "b", "--model", spec, "-q", "--curate-mode", "rubric", "--threshold", "5")

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from btkit.methods import ParseError
 from btkit.prompts import PromptLibrary
-from btkit_plugins.crab import LLM_TYPES, dedup_constraints, parse_llm_constraints
-from btkit_plugins.crab import rules
-from btkit_plugins.crab.text import count_words, paragraphs, rouge_l, sentences
-from btkit_plugins.crab.verdict import parse_binary
+from btkit_plugins.methods.crab import LLM_TYPES, dedup_constraints, parse_llm_constraints
+from btkit_plugins.methods.crab import rules
+from btkit.kit.text import count_words, paragraphs, rouge_l, sentences
+from btkit.kit.verdict import parse_binary
 
 from conftest import EXAMPLES, read_jsonl, write_jsonl
 
@@ -356,7 +356,7 @@ def test_with_fewer_constraints_than_the_minimum_every_one_is_used(cli, scripted
 # -- JSON-schema output where the backend can do it ---------------------------------------------------
 def test_constrain_sends_a_json_schema_to_a_backend_that_supports_it(cli, scripted, tmp_path):
     from btkit.backends import JSON_SCHEMA
-    from btkit_plugins.crab import constraints_schema
+    from btkit_plugins.methods.crab import constraints_schema
 
     backend, spec = scripted(default=crab_reply)
     backend.capabilities = backend.capabilities | {JSON_SCHEMA}
@@ -385,7 +385,7 @@ def test_constrain_sends_no_schema_to_a_backend_without_it(cli, scripted, tmp_pa
 
 
 def test_schema_is_strict_mode_valid_and_matches_the_parser():
-    from btkit_plugins.crab import constraints_schema
+    from btkit_plugins.methods.crab import constraints_schema
 
     schema = constraints_schema()
     # an object the schema allows is one the parser reads: every key a known type, null skipped

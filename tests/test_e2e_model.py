@@ -98,7 +98,7 @@ def test_llamacpp_logprobs_find_the_digits_after_score_space():
     """SmolLM2 puts a space token before a digit: the candidate digits must carry real probability mass."""
     import asyncio
 
-    from btkit_plugins.llamacpp import LlamaCppBackend
+    from btkit_plugins.backends.llamacpp import LlamaCppBackend
 
     b = LlamaCppBackend("default", {})
     msgs = [{"role": "user", "content": "Rate this answer from 1 to 5 and write 'Score: N'.\nQ: What is 2+2?\nA: 4."}]

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from btkit.backends import CHAT
-from btkit_plugins.eval_judge import (TEXT_REFERENCE_INSTRUCTIONS, TRUNCATE_SHARE, WARMUP_MESSAGES, build_items, derangement,
+from btkit_plugins.commands.eval_judge import (TEXT_REFERENCE_INSTRUCTIONS, TRUNCATE_SHARE, WARMUP_MESSAGES, build_items, derangement,
                                       precision_recall, roc_auc, truncate_words)
 
 from conftest import EXAMPLES, write_jsonl
@@ -48,7 +48,7 @@ def test_negatives_are_deterministic_and_of_each_kind():
 
 
 def test_docs_and_help_say_what_the_truncated_negative_keeps(cli):
-    import btkit_plugins.eval_judge as ej
+    import btkit_plugins.commands.eval_judge as ej
 
     assert TRUNCATE_SHARE == 0.3 and "first 30% of its response's words" in ej.__doc__
     r = cli("eval-judge", "--help")

@@ -164,6 +164,6 @@ def test_many_tiny_lines_keep_memory_flat(tmp_path):
 
 
 def test_a_document_without_spaces_is_cut_too(registry):
-    from btkit_plugins.humpback.segment import segments
+    from btkit.kit.segment import segments
 
     assert all(len(s) <= 400 * 50 for s in segments("x" * 5_000_000, 400))

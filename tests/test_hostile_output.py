@@ -16,7 +16,7 @@ from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.parsing import extract_json
 from btkit.records import Record
-from btkit_plugins.curation import parse_score
+from btkit.kit.judges import parse_score
 
 from conftest import read_jsonl, write_jsonl, words
 
@@ -89,7 +89,7 @@ def test_extract_json_key_list_and_types():
         extract_json('{"a": "x"}', {"a": list})
 
 
-# -- the rubric score parser on hostile replies (parse_score lives in plugins/curation.py) -------
+# -- the rubric score parser on hostile replies (parse_score lives in btkit/kit/judges.py) -------
 SCORES = [
     ("```\nScore: 4\n```", 4),
     ("Let me think about it.\nScore: 5\nHope this helps!", 5),

@@ -8,9 +8,10 @@ import math
 import pytest
 
 from btkit.methods import ParseError
-from btkit_plugins.humpback import AUGMENTED_SYSTEM, SEED_SYSTEM, pick_examples
-from btkit_plugins.humpback.parsing import parse_instruction
-from btkit_plugins.humpback.segment import segment_corpus, segments
+from btkit.kit.seeds import pick_examples
+from btkit_plugins.methods.humpback import AUGMENTED_SYSTEM, SEED_SYSTEM
+from btkit.kit.instructions import parse_instruction
+from btkit.kit.segment import segment_corpus, segments
 
 from conftest import read_jsonl, words, write_jsonl
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from btkit.prompts import PromptLibrary
-from btkit_plugins.kun import (DEFAULT_REFERENCE_WORDS, KUN_SAMPLING, compile_reference_words, find_reference,
+from btkit_plugins.methods.kun import (DEFAULT_REFERENCE_WORDS, KUN_SAMPLING, compile_reference_words, find_reference,
                                postfilter_reason, repetition_ratio)
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from btkit_plugins.curation import likelihood_parts, top_percent_cutoff
+from btkit.kit.judges import likelihood_parts, top_percent_cutoff
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def test_score_continuation_matches_the_logits_all_reference(backend, naive):
 
 @pytest.mark.model
 def test_unconditional_is_the_same_chat_frame_with_an_empty_user_turn(backend, naive):
-    from btkit_plugins.llamacpp import UNCONDITIONAL_MESSAGES
+    from btkit_plugins.backends.llamacpp import UNCONDITIONAL_MESSAGES
 
     uncond = asyncio.run(backend.score_continuation(None, ANSWER))
     framed = naive(backend.prompt_tokens(UNCONDITIONAL_MESSAGES), ANSWER)
@@ -129,7 +129,7 @@ def test_kv_reuse_across_calls_and_chat_in_between_changes_nothing(backend):
 @pytest.mark.model
 def test_default_scoring_copy_gives_the_same_scores_faster_to_batch(backend, isolated_cache):
     """A Q4_1 model is scored with a 16-bit copy of its weights: same PMI up to compute noise."""
-    from btkit_plugins.llamacpp import LlamaCppBackend
+    from btkit_plugins.backends.llamacpp import LlamaCppBackend
 
     auto = LlamaCppBackend("default", {})
     try:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 _PROBE = """
 import json, os, sys
 os.sched_setaffinity(0, set(json.loads(sys.argv[1])))
-from btkit_plugins.llamacpp import LlamaCppBackend
+from btkit_plugins.backends.llamacpp import LlamaCppBackend
 b = LlamaCppBackend("default", json.loads(sys.argv[2]))
 llm = b.llm()
 print(json.dumps({"n_threads": llm.n_threads, "n_threads_batch": llm.n_threads_batch,
@@ -52,7 +52,7 @@ def test_n_threads_sets_both_and_n_threads_batch_only_prompts(two_cpus):
 
 def test_a_thread_count_below_one_is_refused():
     from btkit.errors import BtkitError
-    from btkit_plugins.llamacpp import LlamaCppBackend
+    from btkit_plugins.backends.llamacpp import LlamaCppBackend
 
     with pytest.raises(BtkitError, match="n_threads_batch=0"):
         LlamaCppBackend("default", {"n_threads_batch": 0})

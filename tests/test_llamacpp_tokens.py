@@ -29,7 +29,7 @@ class FakeLlm:
 
 
 def backend_with(table: dict[str, list[int]]):
-    from btkit_plugins.llamacpp import LlamaCppBackend
+    from btkit_plugins.backends.llamacpp import LlamaCppBackend
 
     b = LlamaCppBackend("default", {})  # no model is loaded: llm() returns the injected one
     b._llm = FakeLlm(table)

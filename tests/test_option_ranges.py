@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from btkit_plugins.humpback import DEFAULT_SEED, load_seed
+from btkit.kit.seeds import DEFAULT_SEED, load_seed
 
 from conftest import ROOT, read_jsonl, words, write_jsonl
 

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from btkit.pipeline import PipelineError, load_pipeline
-from btkit_plugins.crab import rules
+from btkit_plugins.methods.crab import rules
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 
@@ -364,7 +364,7 @@ def _free_port() -> int:
 def openai_server(tmp_path):
     """llama-cpp-python's OpenAI-compatible server with the embedded model on 127.0.0.1; stopped by PID."""
     pytest.importorskip("llama_cpp.server")
-    from btkit_plugins.llamacpp import embedded_model_path
+    from btkit_plugins.backends.llamacpp import embedded_model_path
 
     port = _free_port()
     log = tmp_path / "server.log"

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from btkit.prompts import PromptLibrary, defuse, delimit
-from btkit_plugins._prompts import PROMPTS
+from btkit_plugins.methods._prompts import PROMPTS
 
 from conftest import write_jsonl, words
 

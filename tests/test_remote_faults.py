@@ -286,7 +286,7 @@ def test_vllm_modes_that_need_vllm_stop_before_any_request_on_another_server(cli
 
 
 def test_vllm_extensions_vouched_for_by_the_user_are_trusted(srv):
-    from btkit_plugins.openai_compat import VLLMBackend
+    from btkit_plugins.backends.openai_compat import VLLMBackend
 
     trusted = VLLMBackend("fake-model", {"base_url": srv.base_url, "vllm_extensions": "true"})
     assert trusted.supports("next_token_logprobs") and trusted.supports("score_continuation")
@@ -297,7 +297,7 @@ def test_vllm_extensions_vouched_for_by_the_user_are_trusted(srv):
 
 
 def test_vllm_request_features_n_schema_and_continuation_scores(srv):
-    from btkit_plugins.openai_compat import VLLMBackend
+    from btkit_plugins.backends.openai_compat import VLLMBackend
 
     srv.owner = "vllm"
     b = VLLMBackend("fake-model", {"base_url": srv.base_url})
@@ -331,7 +331,7 @@ def test_vllm_request_features_n_schema_and_continuation_scores(srv):
 
 def test_openai_refuses_an_assistant_prefix_it_cannot_send(srv):
     from btkit.errors import CapabilityError
-    from btkit_plugins.openai_compat import OpenAICompatBackend
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend
 
     b = OpenAICompatBackend("m", {"base_url": srv.base_url})
     with pytest.raises(CapabilityError, match="prefix"):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from btkit.errors import BtkitError
-from btkit_plugins.remote_http import RemoteSettings, RetryBudget, Secret, normalize_base_url, parse_retry_after, public_url
+from btkit.kit.http import RemoteSettings, RetryBudget, Secret, normalize_base_url, parse_retry_after, public_url
 
 
 def test_retry_after_in_seconds_milliseconds_and_http_date():
@@ -54,8 +54,8 @@ def test_base_urls_get_v1_and_lose_credentials_in_public_form():
 
 
 def test_identity_has_url_and_model_never_the_key(monkeypatch):
-    from btkit_plugins.litellm_backend import LiteLLMBackend
-    from btkit_plugins.openai_compat import OpenAICompatBackend
+    from btkit_plugins.backends.litellm_backend import LiteLLMBackend
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-identity")
     b = OpenAICompatBackend("gpt-x", {"base_url": "https://user:pw@api.example.com/v1"})
@@ -71,8 +71,8 @@ def test_a_password_in_the_base_url_lives_only_in_the_auth_header(monkeypatch):
     the password (as written, decoded, and as the Basic token) is scrubbed from reply text like a key."""
     import base64
 
-    from btkit_plugins.litellm_backend import LiteLLMBackend
-    from btkit_plugins.openai_compat import OpenAICompatBackend
+    from btkit_plugins.backends.litellm_backend import LiteLLMBackend
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend
 
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     url = "https://proxy:pw%40canary-url-77@api.example.com/v1"
@@ -110,7 +110,7 @@ def test_plugins_load_and_backends_build_without_importing_http_or_litellm():
 
 
 def test_litellm_needs_a_provider_and_model():
-    from btkit_plugins.litellm_backend import LiteLLMBackend
+    from btkit_plugins.backends.litellm_backend import LiteLLMBackend
 
     with pytest.raises(BtkitError, match="PROVIDER/MODEL"):
         LiteLLMBackend("", {})

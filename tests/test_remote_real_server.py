@@ -51,7 +51,7 @@ def llama_cpp_server(log: Path, *args: str) -> Iterator[dict]:
     """
     if not HAS_SERVER:
         pytest.skip("llama-cpp-python[server] is not installed")
-    from btkit_plugins.llamacpp import embedded_model_path
+    from btkit_plugins.backends.llamacpp import embedded_model_path
 
     port = free_port()
     with open(log, "wb") as f:
@@ -216,7 +216,7 @@ def test_vllm_logprob_scoring_refuses_a_server_that_is_not_vllm(llama_server):
     import asyncio
 
     from btkit.errors import CapabilityError
-    from btkit_plugins.openai_compat import VLLMBackend
+    from btkit_plugins.backends.openai_compat import VLLMBackend
 
     before = requests_seen(llama_server)
     b = VLLMBackend("", {"base_url": llama_server["base_url"]})
@@ -282,8 +282,8 @@ def test_openai_continuation_scores_match_llama_cpp_run_in_process(echo_server):
     import llama_cpp
     import numpy as np
 
-    from btkit_plugins.llamacpp import embedded_model_path
-    from btkit_plugins.openai_compat import OpenAICompatBackend, text_frame
+    from btkit_plugins.backends.llamacpp import embedded_model_path
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend, text_frame
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     answer = "The capital of France is Paris."

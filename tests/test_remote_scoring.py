@@ -41,7 +41,7 @@ def echo_reply(tokens: list[str], values: list[float | None], generated: str = "
 
 
 def test_text_frame_is_documented_plain_text_and_none_is_an_empty_user_turn():
-    from btkit_plugins.openai_compat import text_frame
+    from btkit_plugins.backends.openai_compat import text_frame
 
     assert text_frame([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]) == \
         "System: Be brief.\n\nUser: Why?\n\nAssistant:\n"
@@ -49,7 +49,7 @@ def test_text_frame_is_documented_plain_text_and_none_is_an_empty_user_turn():
 
 
 def test_echo_span_picks_the_continuation_tokens_by_text_offset():
-    from btkit_plugins.openai_compat import NoEchoLogprobs, echo_logprobs
+    from btkit_plugins.backends.openai_compat import NoEchoLogprobs, echo_logprobs
 
     frame = "User: hi\n\nAssistant:\n"
     # clean boundary: 'Hello' starts exactly at the frame's end; the generated ' x' is left out
@@ -70,7 +70,7 @@ def test_echo_span_picks_the_continuation_tokens_by_text_offset():
 
 
 def test_openai_pmi_run_scores_through_completions_echo(cli, srv, tmp_path):
-    from btkit_plugins.openai_compat import text_frame
+    from btkit_plugins.backends.openai_compat import text_frame
 
     out = tmp_path / "out"
     r = cli("run", "humpback", corpus(tmp_path / "c.jsonl", 2), "-o", out, "--model", "openai:fake-model", "--base-url", srv.base_url,
@@ -121,7 +121,7 @@ def test_openai_endpoint_that_cannot_score_stops_the_run_before_any_chat_call(cl
 def test_openai_reply_without_logprobs_after_a_good_probe_is_a_capability_error(srv):
     """An endpoint that stops echoing logprobs mid-run fails every pair the same way: one clear stop."""
     from btkit.errors import CapabilityError
-    from btkit_plugins.openai_compat import OpenAICompatBackend
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend
 
     b = OpenAICompatBackend("fake-model", {"base_url": srv.base_url})
     assert b.supports("score_continuation")
@@ -156,7 +156,7 @@ def test_probe_of_an_unreachable_endpoint_stops_with_a_clear_message():
     import socket
 
     from btkit.errors import BtkitError, CapabilityError
-    from btkit_plugins.openai_compat import OpenAICompatBackend
+    from btkit_plugins.backends.openai_compat import OpenAICompatBackend
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

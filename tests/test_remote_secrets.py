@@ -72,8 +72,8 @@ TRACEBACK_SCRIPT = r'''
 import asyncio, logging, sys, traceback
 import litellm
 litellm._turn_on_debug()
-from btkit_plugins.litellm_backend import LiteLLMBackend
-from btkit_plugins.openai_compat import OpenAICompatBackend, VLLMBackend
+from btkit_plugins.backends.litellm_backend import LiteLLMBackend
+from btkit_plugins.backends.openai_compat import OpenAICompatBackend, VLLMBackend
 
 def chain(e):
     seen = []

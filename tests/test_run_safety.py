@@ -18,7 +18,7 @@ import pytest
 
 from btkit.cache import Cache
 from btkit.errors import BackendError
-from btkit_plugins import fake
+from btkit_plugins.testing import fake
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 
@@ -432,7 +432,7 @@ def test_a_kill_in_the_second_pass_resumes_without_paying_twice(tmp_path):
 def test_a_missing_litellm_is_named_before_the_run_directory_exists(cli, registry, tmp_path, monkeypatch):
     import importlib.util
 
-    from btkit_plugins import litellm_backend
+    from btkit_plugins.backends import litellm_backend
 
     real = importlib.util.find_spec
     monkeypatch.setattr(litellm_backend.importlib.util, "find_spec", lambda name, *a: None if name == "litellm" else real(name, *a))

@@ -3,7 +3,7 @@
 import pytest
 
 from btkit.methods import ParseError
-from btkit_plugins.curation import parse_score
+from btkit.kit.judges import parse_score
 
 PARSED = [
     ("The answer is complete and written like an assistant.\nScore: 4", 4),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from btkit_plugins.humpback import segment
-from btkit_plugins.humpback.segment import CHARS_PER_WORD, iter_segments, segment_corpus, segments
+from btkit.kit import segment
+from btkit.kit.segment import CHARS_PER_WORD, iter_segments, segment_corpus, segments
 
 
 # -- the list-based segmenter that shipped before, as an oracle ------------------------------------

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from typing import Any, Callable
 
-from .text import count_words, paragraphs, sentences, words
+from btkit.kit.text import count_words, paragraphs, sentences, words
 
 #: The rule-based constraint types (the paper's list), in the order they are computed.
 RULE_TYPES = (

@@ -8,41 +8,25 @@ Stages: ``augment`` writes one instruction per corpus segment with a prompted ba
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import click
 
 from btkit.hookspecs import hookimpl
-from btkit.io import iter_jsonl
 from btkit.methods import Method, Stage, StageInfo
 from btkit.options import MAX_WORDS, MIN_WORDS, PERCENT, SCORE, SHOTS
 from btkit.records import Record, failed_record
 
-from .. import curation
-from .parsing import parse_instruction
-from .segment import segment_corpus
+from btkit.kit import judges as curation
+from btkit.kit.instructions import parse_instruction
+from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples
+from btkit.kit.segment import segment_corpus
 
-from .._prompts import PROMPTS
+from ._prompts import PROMPTS
 
 AUGMENTED_SYSTEM = "Answer with knowledge from web search."
 SEED_SYSTEM = "Answer in the style of an AI Assistant."
-DEFAULT_SEED = Path(__file__).with_name("default_seed.jsonl")
 CURATE_MODES = curation.CURATE_MODES
-
-
-def load_seed(path: str | Path) -> list[dict[str, str]]:
-    """Seed pairs from JSONL (instruction, response); clear errors naming file, line and field."""
-    return [{"instruction": o["instruction"], "response": o["response"]} for _, o in iter_jsonl(path, ("instruction", "response"))]
-
-
-def pick_examples(seed: list[dict[str, str]], key: str, shots: int) -> list[dict[str, str]]:
-    """A deterministic, per-segment choice of few-shot examples, so prompts vary but reproduce."""
-    if not seed or shots <= 0:
-        return []
-    start = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % len(seed)
-    return [seed[(start + i) % len(seed)] for i in range(min(shots, len(seed)))]
 
 
 class AugmentStage(Stage):
@@ -93,8 +77,8 @@ class CurateStage(Stage):
     Modes (``curate_mode``): the paper's 5-point rubric, generated and parsed (``rubric``) or read
     from the digit distribution after ``Score: `` (``logprob``); or by likelihood, with no judging
     prompt (``pmi``, ``ifd``: how much the instruction makes the response more likely, see
-    :mod:`btkit_plugins.curation`). Thresholds and keep-top-P% are handled by
-    :class:`~btkit_plugins.curation.Curator`.
+    :mod:`btkit.kit.judges`). Thresholds and keep-top-P% are handled by
+    :class:`~btkit.kit.judges.Curator`.
     """
 
     kind = "curate"

@@ -40,7 +40,7 @@ from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.options import CONCURRENCY, PERCENT, SCORE
 
-from .curation import CURATE_MODES, Curator, rank_value, top_percent_cutoff
+from btkit.kit.judges import CURATE_MODES, Curator, rank_value, top_percent_cutoff
 
 NEGATIVE_KINDS = ("swapped", "truncated", "text_ref")
 
@@ -158,7 +158,7 @@ def precision_recall(kept: list[bool], labels: list[int]) -> tuple[float | None,
 
 def judges_pairs(method: Any, stage_name: str) -> bool:
     """Whether a method's stage scores an (instruction, response) pair the way eval-judge measures:
-    through the shared :class:`~btkit_plugins.curation.Curator` (a score per pair, a keep decision).
+    through the shared :class:`~btkit.kit.judges.Curator` (a score per pair, a keep decision).
 
     Other curate stages judge something else (Kun's ``judge`` and AIR's ``score`` the instruction
     alone, CRAB's ``verify`` constraints the input does not have, Kun's ``perplexity`` the text),
@@ -273,7 +273,7 @@ async def warm_up(backend: Any, curator: Any) -> str | None:
     ``Curator`` (Kun's judge, say) gets a one-token chat call: it loads the model, but a scoring
     copy that stage loads later is still timed. Returns the error if it failed: the items then
     record their own failures, nothing stops."""
-    from .curation import LIKELIHOOD_MODES
+    from btkit.kit.judges import LIKELIHOOD_MODES
 
     mode = curator.resolve_mode(backend) if curator is not None else "rubric"
     try:

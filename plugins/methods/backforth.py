@@ -1,6 +1,6 @@
 """Instruction back-and-forth translation (Nguyen et al. 2024, arXiv 2408.04614).
 
-Humpback's self-augmentation and self-curation (reused from :mod:`btkit_plugins.humpback`, under
+Humpback's self-augmentation and self-curation (reused from :mod:`btkit_plugins.methods.humpback`, under
 this method's name), then **rewrite**: an aligned model rewrites the response given the
 instruction and the original document, keeping the document's information and turning it into an
 assistant-style answer. The paper rewrites only the highest-scoring pairs, hence the default
@@ -23,7 +23,7 @@ from btkit.records import Record
 from ._prompts import PROMPTS
 from .humpback import METHOD as HUMPBACK
 from .humpback import AugmentStage, CurateStage
-from .humpback.segment import segment_corpus
+from btkit.kit.segment import segment_corpus
 
 _PREAMBLE = re.compile(
     r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:(?:here(?:'s| is) (?:the |my |a )?)?(?:rewritten |improved |revised )?(?:answer|response)(?: to the request)?|rewritten(?: answer| response)?)\s*(?:\*\*)?\s*[:\-–]\s*(?:\*\*)?\s*\n?",

@@ -35,12 +35,12 @@ from btkit.options import MAX_WORDS, MIN_WORDS, SHARE, SHOTS, FiniteFloatRange
 from btkit.records import Record
 
 from ._prompts import PROMPTS
-from .crab.text import rouge_tokens
-from .curation import invalid_logprobs
-from .crab.verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
-from .humpback import DEFAULT_SEED, load_seed, pick_examples
-from .humpback.parsing import parse_instruction
-from .humpback.segment import segment_corpus
+from btkit.kit.text import rouge_tokens
+from btkit.kit.judges import invalid_logprobs
+from btkit.kit.verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
+from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples
+from btkit.kit.instructions import parse_instruction
+from btkit.kit.segment import segment_corpus
 
 #: The paper's decoding for generation (label and answer models).
 KUN_SAMPLING = {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2}

@@ -35,8 +35,8 @@ from btkit.records import Record
 
 from .._prompts import PROMPTS
 from . import rules
-from .text import near_duplicate
-from .verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
+from btkit.kit.text import near_duplicate
+from btkit.kit.verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
 
 #: The paper's ten LLM-written constraint types (four global, six local), with what each asks for.
 LLM_TYPES: dict[str, str] = {

@@ -189,7 +189,7 @@ def _scripted(rest: str, options: dict[str, Any]) -> Backend:
         b = ScriptedBackend(replies=spec.get("replies", []), default=spec.get("default"), logprobs=lp, delay=float(spec.get("delay", 0)), name=rest,
                             multi_sample=bool(spec.get("multi_sample")))
         return b
-    raise BtkitError(f"no scripted backend named '{rest}' (register one with btkit_plugins.fake.script, or give a .json file)")
+    raise BtkitError(f"no scripted backend named '{rest}' (register one with btkit_plugins.testing.fake.script, or give a .json file)")
 
 
 @hookimpl

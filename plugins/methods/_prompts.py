@@ -10,7 +10,7 @@ def _find() -> Path:
     spec = importlib.util.find_spec("btkit_prompts")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parent.parent / "prompts"
+    return Path(__file__).resolve().parents[2] / "prompts"
 
 
 PROMPTS = _find()

@@ -27,11 +27,11 @@ from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import MAX_WORDS, MIN_WORDS, SHARE
 from btkit.records import Record
 
-from . import curation
+from btkit.kit import judges as curation
 from ._prompts import PROMPTS
-from .crab.text import near_duplicate
-from .humpback.parsing import parse_instruction
-from .humpback.segment import segment_corpus
+from btkit.kit.text import near_duplicate
+from btkit.kit.instructions import parse_instruction
+from btkit.kit.segment import segment_corpus
 
 SCORE_MODES = ("auto", "rubric", "logprob")
 TOP_SCORE = 5

@@ -57,7 +57,7 @@ from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS,
 from btkit.errors import BackendError, BtkitError, CapabilityError
 from btkit.hookspecs import hookimpl
 
-from .remote_http import (
+from btkit.kit.http import (
     RAW_LIMIT, RETRY_STATUSES, HttpClient, RemoteSettings, RetryableError, RetryBudget, Secret, _error_message,
     MalformedReply, call_with_retries, content_text, cost_usd, env_first, normalize_base_url, public_url, token_count,
     url_secrets,

@@ -19,7 +19,7 @@ from typing import Any
 from btkit.errors import BtkitError
 from btkit.methods import ParseError
 
-from ..curation import invalid_logprobs, parse_error_details
+from .judges import invalid_logprobs, parse_error_details
 
 VERDICT_MODES = ("auto", "logprob", "generate")
 

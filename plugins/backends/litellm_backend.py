@@ -46,7 +46,7 @@ from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, Backend, Completion
 from btkit.errors import BackendError, BtkitError, CapabilityError
 from btkit.hookspecs import hookimpl
 
-from .remote_http import (
+from btkit.kit.http import (
     RAW_LIMIT, RETRY_STATUSES, MalformedReply, RemoteSettings, RetryableError, RetryBudget, Secret, basic_auth,
     call_with_retries, content_text, env_first, env_secrets, normalize_base_url, parse_retry_after, public_url, token_count, url_secrets,
 )

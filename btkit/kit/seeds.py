@@ -1,0 +1,27 @@
+"""Seed pairs: loading them with clear errors, and choosing few-shot examples that reproduce.
+
+Humpback, Kun and any method that shows a model seed (instruction, response) pairs as few-shot
+turns share this. ``DEFAULT_SEED`` holds three hand-written pairs for runs given no ``--seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from btkit.io import iter_jsonl
+
+DEFAULT_SEED = Path(__file__).with_name("default_seed.jsonl")
+
+
+def load_seed(path: str | Path) -> list[dict[str, str]]:
+    """Seed pairs from JSONL (instruction, response); clear errors naming file, line and field."""
+    return [{"instruction": o["instruction"], "response": o["response"]} for _, o in iter_jsonl(path, ("instruction", "response"))]
+
+
+def pick_examples(seed: list[dict[str, str]], key: str, shots: int) -> list[dict[str, str]]:
+    """A deterministic, per-record choice of few-shot examples, so prompts vary but reproduce."""
+    if not seed or shots <= 0:
+        return []
+    start = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % len(seed)
+    return [seed[(start + i) % len(seed)] for i in range(min(shots, len(seed)))]

@@ -1,0 +1,1 @@
+"""Backends: where model calls go (llamacpp:, openai:/vllm:, litellm:)."""

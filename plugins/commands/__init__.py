@@ -1,0 +1,1 @@
+"""Commands that plugins add to the btkit CLI (eval-judge)."""

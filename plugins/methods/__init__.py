@@ -1,0 +1,1 @@
+"""Methods: the instruction-backtranslation family, one plugin each, templates in prompts/<method>/."""

@@ -1,0 +1,1 @@
+"""Test doubles (echo:, scripted:, det:) for tests and dry runs."""
