@@ -32,6 +32,12 @@ JSON_SCHEMA = "json_schema"  # structured output
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "repetition_penalty", "n")
 
 
+#: ``Completion.extra[CHOICES]`` of an ``n > 1`` reply (``MULTI_SAMPLE``): one ``{"text": str | None,
+#: "finish_reason": str | None}`` per sampled choice, in order; the completion's own ``text`` and
+#: ``finish_reason`` are choice 0's. Backends write it; stages read it through :func:`choices_of`.
+CHOICES = "choices"
+
+
 @dataclass
 class Completion:
     """What a chat call returned. ``finish_reason`` is kept: 'length' means truncated."""
@@ -41,7 +47,13 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Set by the engine (``StageContext.complete``), never by a backend: whether the reply came from
+    #: the cache, the lineage step that records the call, and, when a parser was given, the parsed
+    #: value or the :class:`btkit.methods.ParseError` that says why there is none.
     cached: bool = False
+    step: dict[str, Any] | None = None
+    parsed: Any = None
+    parse_error: Exception | None = None
 
     @property
     def ok(self) -> bool:
@@ -139,3 +151,11 @@ def public_url(url: str) -> str:
     if "@" not in p.netloc:
         return url
     return urllib.parse.urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[1], p.path, p.query, p.fragment))
+
+
+def choices_of(completion: Completion) -> list[dict[str, Any]]:
+    """The sampled choices of a reply (see :data:`CHOICES`); a reply of one choice as a list of one."""
+    choices = completion.extra.get(CHOICES)
+    if isinstance(choices, list) and choices:
+        return choices
+    return [{"text": completion.text, "finish_reason": completion.finish_reason}]

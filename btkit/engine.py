@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import __version__, journal, rundir
-from .backends import ATTEMPTS, MULTI_SAMPLE, Backend, Completion
+from .backends import ATTEMPTS, MULTI_SAMPLE, Backend, Completion, choices_of
 from .cache import Cache, NullCache, cache_key
 from .dedup import SeenSet
 from .errors import BackendError, BtkitError, InputError, Interrupted
@@ -197,13 +197,13 @@ class StageCtx:
         """Re-sample ``comp`` while it fails to parse (see :meth:`complete`); the seeds follow ``params['seed']``."""
         retries = int(self.stage.options.get("parse_retries") or 0) if retries is None else int(retries)
         attempt = 0
-        while comp.parse_error is not None and attempt < retries:  # type: ignore[attr-defined]
+        while comp.parse_error is not None and attempt < retries:
             attempt += 1
             retry_params = {k: v for k, v in params.items() if v is not None}
             retry_params["seed"] = retry_seed(retry_params.get("seed"), attempt)
             if retry_params.get("temperature") == 0:
                 retry_params["temperature"] = float(self.stage.options.get("parse_retry_temperature") or 0.7)
-            previous = comp.step["step"]  # type: ignore[attr-defined]
+            previous = comp.step["step"]
             comp = await self._complete_once(template, variables, retry_params, attempt=attempt, retry_of=previous)
             self._parse_into(comp, parse, accept_truncated)
         return comp
@@ -253,10 +253,8 @@ class StageCtx:
             raise
         except Exception as e:  # noqa: BLE001
             return [e] * n
-        choices = comp.extra.get("choices")
-        if not isinstance(choices, list) or not choices:  # the backend answered with one completion
-            choices = [{"text": comp.text, "finish_reason": comp.finish_reason}]
-        base = comp.step  # type: ignore[attr-defined]
+        choices = choices_of(comp)  # a backend may answer with one completion
+        base = comp.step
 
         async def finish(i: int, record: Record) -> Completion | Exception:
             if i >= len(choices) or not isinstance(choices[i], dict):
@@ -269,7 +267,7 @@ class StageCtx:
             record.lineage.append(step)
             choice = Completion(text=step["raw"], finish_reason=step["finish_reason"], prompt_tokens=comp.prompt_tokens if not i else 0,
                                 completion_tokens=comp.completion_tokens if not i else 0)
-            choice.cached, choice.step = comp.cached, step  # type: ignore[attr-defined]
+            choice.cached, choice.step = comp.cached, step
             self._parse_into(choice, parse)
             retry_params = {**params, "seed": int(params["seed"]) + i}
             return await self.for_record(record)._retry_parse(choice, template, variables, retry_params, parse, retries, False)
@@ -278,27 +276,27 @@ class StageCtx:
 
     @staticmethod
     def _parse_into(comp: Completion, parse: Callable[[str | None], Any], accept_truncated: bool = False) -> None:
-        comp.parsed, comp.parse_error = None, None  # type: ignore[attr-defined]
+        comp.parsed, comp.parse_error = None, None
         try:
             if comp.finish_reason == "length" and not accept_truncated:
                 raise ParseError("truncated", "the reply hit max_tokens")
             if comp.finish_reason == "content_filter":
                 raise ParseError("content_filter", "the provider filtered the reply")
             try:
-                comp.parsed = parse(comp.text)  # type: ignore[attr-defined]
+                comp.parsed = parse(comp.text)
             except ParseError as e:
                 if comp.finish_reason == "length":  # cut short and not readable: the cut is why
                     raise ParseError("truncated", f"the reply hit max_tokens ({e.reason})") from None
                 raise
             if comp.finish_reason == "length":
-                comp.step["accepted_truncated"] = True  # type: ignore[attr-defined]
+                comp.step["accepted_truncated"] = True
         except ParseError as e:
-            comp.parse_error = e  # type: ignore[attr-defined]
-            comp.step["parse_error"] = e.reason  # type: ignore[attr-defined]
+            comp.parse_error = e
+            comp.step["parse_error"] = e.reason
             if e.detail:
-                comp.step["parse_error_detail"] = e.detail[:500]  # type: ignore[attr-defined]
+                comp.step["parse_error_detail"] = e.detail[:500]
             return
-        comp.step["parsed"] = _jsonable_value(comp.parsed)  # type: ignore[attr-defined]
+        comp.step["parsed"] = _jsonable_value(comp.parsed)
 
     async def _complete_once(self, template: str, variables: dict[str, Any], params: dict[str, Any], **step_extra: Any) -> Completion:
         prompt = self.prompts.render(template, variables)
@@ -325,7 +323,7 @@ class StageCtx:
             raise
         comp = Completion.from_json(value)
         comp.cached = cached
-        comp.step = self._step(  # type: ignore[attr-defined]
+        comp.step = self._step(
             "chat", backend, template, prompt.template_hash,
             params=_recorded_params(params), raw=comp.text, finish_reason=comp.finish_reason,
             tokens=[comp.prompt_tokens, comp.completion_tokens], cached=cached,
@@ -1210,9 +1208,8 @@ def _has_text(value: dict[str, Any]) -> bool:
     For an ``n>1`` request, any choice with text: the request was paid for, and its empty choices
     are stored with the rest (each parses as ``empty_reply`` again; another seed is another request).
     """
-    choices = (value.get("extra") or {}).get("choices")
-    texts = [c.get("text") for c in choices if isinstance(c, dict)] if isinstance(choices, list) else [value.get("text")]
-    return any(t and t.strip() for t in texts)
+    texts = [c.get("text") for c in choices_of(Completion.from_json(value)) if isinstance(c, dict)]
+    return any(isinstance(t, str) and t.strip() for t in texts)
 
 
 def _jsonable_value(v: Any) -> Any:

@@ -29,17 +29,43 @@ class ParseError(ValueError):
 
 
 class StageContext(Protocol):
-    """What a stage may use while processing a record (implemented by the engine)."""
+    """What a stage may use while processing a record (implemented by the engine's ``StageCtx``).
+
+    Every model call goes through here: it is rendered from a template, cached by content, shared
+    with an identical call in flight, and recorded as a lineage step on ``record``.
+    """
 
     run: Any
     stage: "Stage"
     record: Record
 
-    async def complete(self, template: str, variables: dict[str, Any], **params: Any) -> Any: ...
+    async def complete(self, template: str, variables: dict[str, Any], *, parse: Callable[[str | None], Any] | None = None,
+                       retries: int | None = None, accept_truncated: bool = False, **params: Any) -> Any:
+        """A chat completion (:class:`btkit.backends.Completion`). With ``parse`` (text -> value, raising
+        :class:`ParseError`), the completion carries ``parsed`` or ``parse_error``; a failed parse is
+        re-sampled up to ``retries`` times (default: the stage's ``parse_retries``); a reply cut at
+        max tokens is a ``truncated`` failure unless ``accept_truncated``. A failed call raises
+        :class:`btkit.errors.BackendError`."""
+        ...
 
-    async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> dict[str, float]: ...
+    async def complete_choices(self, template: str, variables: dict[str, Any], records: list[Record], *,
+                               parse: Callable[[str | None], Any], retries: int | None = None, **params: Any) -> list[Any]:
+        """``len(records)`` sampled completions of one prompt, choice i's lineage on ``records[i]``: one
+        request with ``n`` where the backend samples several, else one request per record (seeds
+        ``seed + i``). A failed call comes back as its exception, so one failure never takes its siblings."""
+        ...
 
-    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]: ...
+    async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> dict[str, float]:
+        """Log-probabilities of ``candidates`` as the next token after the template's assistant prefix."""
+        ...
+
+    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]:
+        """Per-token logprobs of ``continuation`` after the rendered template (None: unconditional)."""
+        ...
+
+    def for_record(self, record: Record) -> "StageContext":
+        """The same stage's context for another record (e.g. one of several candidates)."""
+        ...
 
     def backend(self) -> Any: ...
 
