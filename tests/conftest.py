@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +42,31 @@ def server():
     srv = FaultServer().start()
     yield srv
     srv.stop()
+
+
+def render_text(prompt) -> str:
+    """A stable text form of a rendered prompt for golden files."""
+    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
+    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
+    return "\n\n".join(out) + "\n"
+
+
+@pytest.fixture
+def golden():
+    """``golden("kun/augment.txt", prompt)``: assert a rendered prompt equals its file under tests/golden/;
+    with ``BTKIT_UPDATE_GOLDEN=1`` the file is rewritten first (review the diff)."""
+    import os
+
+    def check(name: str, prompt) -> None:
+        got = render_text(prompt)
+        path = GOLDEN / name
+        if os.environ.get("BTKIT_UPDATE_GOLDEN"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(got, encoding="utf-8")
+        assert path.is_file(), f"no golden file {path}; create it with BTKIT_UPDATE_GOLDEN=1"
+        assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+
+    return check
 
 
 @pytest.fixture

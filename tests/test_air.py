@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,14 +16,7 @@ from btkit_plugins.methods.air import parse_constraint, parse_points
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 
-GOLDEN = Path(__file__).parent / "golden" / "air"
 DOC = "To list hidden files, run ls -a.\n\n1. Open a terminal.\n2. Type ls -a and press Enter.\n\nNames that start with a dot are hidden."
-
-
-def render_text(prompt) -> str:
-    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
-    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
-    return "\n\n".join(out) + "\n"
 
 
 CASES = {
@@ -42,14 +33,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_air_prompts(registry, case):
+def test_golden_air_prompts(registry, golden, case):
     name, variables = CASES[case]
-    got = render_text(PromptLibrary(registry.prompt_roots()).render(name, variables))
-    path = GOLDEN / f"{case}.txt"
-    if os.environ.get("BTKIT_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(got, encoding="utf-8")
-    assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+    golden(f"air/{case}.txt", PromptLibrary(registry.prompt_roots()).render(name, variables))
 
 
 @pytest.mark.parametrize("reply,score", [

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,25 +16,13 @@ from btkit_plugins.methods.backforth import parse_rewrite
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 
-GOLDEN = Path(__file__).parent / "golden" / "backforth"
 DOC = ("Posted by admin | 3 comments\n\nThe dpkg tool installs a single .deb file but does not fetch its dependencies. "
        "The apt tool resolves dependencies and downloads them for you.\n\nShare this on social media!")
 
 
-def render_text(prompt) -> str:
-    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
-    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
-    return "\n\n".join(out) + "\n"
-
-
-def test_golden_rewrite_prompt(registry):
+def test_golden_rewrite_prompt(registry, golden):
     variables = {"instruction": "What is the difference between dpkg and apt?", "text": DOC, "response": DOC}
-    got = render_text(PromptLibrary(registry.prompt_roots()).render("backforth/rewrite", variables))
-    path = GOLDEN / "rewrite.txt"
-    if os.environ.get("BTKIT_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(got, encoding="utf-8")
-    assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+    golden("backforth/rewrite.txt", PromptLibrary(registry.prompt_roots()).render("backforth/rewrite", variables))
 
 
 def test_rewrite_prompt_holds_instruction_and_original_document(registry):

@@ -4,11 +4,9 @@ prompts, forward/reverse examples on a scripted backend, any JSONL as input, and
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,16 +21,9 @@ from btkit.kit.verdict import parse_binary
 
 from conftest import EXAMPLES, read_jsonl, write_jsonl
 
-GOLDEN = Path(__file__).parent / "golden" / "crab"
 
 RESPONSE = ("Use `ls -a` to list hidden files. The -a flag shows entries whose names start with a dot.\n\n"
             "To see them with details, combine it with -l. Hidden files are ordinary files.")
-
-
-def render_text(prompt) -> str:
-    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
-    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
-    return "\n\n".join(out) + "\n"
 
 
 # -- golden prompts ---------------------------------------------------------------------------
@@ -51,14 +42,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_crab_prompts(registry, case):
+def test_golden_crab_prompts(registry, golden, case):
     name, variables = CASES[case]
-    got = render_text(PromptLibrary(registry.prompt_roots()).render(name, variables))
-    path = GOLDEN / f"{case}.txt"
-    if os.environ.get("BTKIT_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(got, encoding="utf-8")
-    assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+    golden(f"crab/{case}.txt", PromptLibrary(registry.prompt_roots()).render(name, variables))
 
 
 def test_constrain_prompt_names_all_ten_types(registry):

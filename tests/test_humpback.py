@@ -149,11 +149,26 @@ def test_rubric_mode_parses_or_counts_failures(cli, scripted, tmp_path):
     assert cands["d2#0"]["meta"]["score_error"] == "out_of_range"
     assert cands["d1#0"]["lineage"][-1]["raw"] == "Seems fine to me overall."
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["stages"]["humpback.curate"]["parse_failures"] == {"no_score": 1, "out_of_range": 1}
-    # the rubric prompt asks for reasoning then the score; the judge call is greedy
-    curate_call = [h for h in backend.history if "Score: <rating>" in h["messages"][-1]["content"]][0]
-    assert "Score: <rating>" in curate_call["messages"][-1]["content"]
-    assert curate_call["params"]["temperature"] == 0.0
+    curate = stats["stages"]["humpback.curate"]
+    assert curate["parse_failures"] == {"no_score": 1, "out_of_range": 1} and curate["parse_failures_total"] == 2
+    assert curate["calls"] == 3 and curate["in"] == 3 and curate["out"] == 1
+    assert curate["dropped"] == {"unparseable_score": 2}
+    # each failure is recorded on its candidate's curate step with its reason; the kept one has none
+    for cid, error in (("d0#0", None), ("d1#0", "no_score"), ("d2#0", "out_of_range")):
+        step = [s for s in cands[cid]["lineage"] if s["stage"] == "humpback.curate"]
+        assert len(step) == 1 and step[0]["template"] == "humpback/curate", cands[cid]["lineage"]
+        assert step[0].get("parse_error") == error
+    # exactly one judge call per candidate (found by the instruction it judges, not by the prompt's wording),
+    # each greedy, each asking for reasoning then the score
+    questions = [aug for aug, _ in table.values()]
+    assert [h["kind"] for h in backend.history] == ["chat"] * 6
+    judged = [[q for q in questions if q in h["messages"][-1]["content"]] for h in backend.history]
+    curate_calls = [h for h, qs in zip(backend.history, judged) if qs]
+    assert sorted(q for qs in judged for q in qs) == sorted(questions)
+    assert len(curate_calls) == 3
+    for call in curate_calls:
+        assert call["params"]["temperature"] == 0.0
+        assert call["messages"][-1]["content"].rstrip().endswith('write "Score: <rating>" in the last line.')
 
 
 def test_seed_pairs_are_the_reversed_few_shot_examples(cli, scripted, tmp_path):

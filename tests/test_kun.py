@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +16,8 @@ from btkit_plugins.methods.kun import (DEFAULT_REFERENCE_WORDS, KUN_SAMPLING, co
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 
-GOLDEN = Path(__file__).parent / "golden" / "kun"
 SEED = [{"instruction": "How do I list hidden files?", "response": "Use ls -a: the -a flag includes entries whose names start with a dot."}]
 TEXT = "The dpkg tool installs a single .deb file.\n\nThe apt tool resolves dependencies and downloads them."
-
-
-def render_text(prompt) -> str:
-    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
-    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
-    return "\n\n".join(out) + "\n"
 
 
 CASES = {
@@ -38,14 +29,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_kun_prompts(registry, case):
+def test_golden_kun_prompts(registry, golden, case):
     name, variables = CASES[case]
-    got = render_text(PromptLibrary(registry.prompt_roots()).render(name, variables))
-    path = GOLDEN / f"{case}.txt"
-    if os.environ.get("BTKIT_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(got, encoding="utf-8")
-    assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+    golden(f"kun/{case}.txt", PromptLibrary(registry.prompt_roots()).render(name, variables))
 
 
 def test_polish_grounds_the_answer_in_the_text(registry):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 
@@ -11,7 +9,6 @@ from btkit.prompts import PromptLibrary
 
 from conftest import write_jsonl
 
-GOLDEN = Path(__file__).parent / "golden"
 SEED = [
     {"instruction": "How do I list hidden files?", "response": "Use ls -a: the -a flag includes entries whose names start with a dot."},
     {"instruction": "What is a symlink?", "response": "A symbolic link is a file that points to another path."},
@@ -23,13 +20,6 @@ def library(registry, overrides=()):
     return PromptLibrary(registry.prompt_roots(), overrides)
 
 
-def render_text(prompt) -> str:
-    """A stable text form of a rendered prompt for golden files."""
-    out = [f"[{m['role']}]\n{m['content']}" for m in prompt.messages]
-    out.append(f"[assistant_prefix]\n{prompt.assistant_prefix!r}")
-    return "\n\n".join(out) + "\n"
-
-
 CASES = {
     "augment": ("humpback/augment", {"text": DOC, "examples": SEED}),
     "augment_zero_shot": ("humpback/augment", {"text": DOC, "examples": []}),
@@ -39,13 +29,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_humpback_prompts(registry, case):
+def test_golden_humpback_prompts(registry, golden, case):
     name, variables = CASES[case]
-    got = render_text(library(registry).render(name, variables))
-    path = GOLDEN / "humpback" / f"{case}.txt"
-    if os.environ.get("BTKIT_UPDATE_GOLDEN"):
-        path.write_text(got, encoding="utf-8")
-    assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
+    golden(f"humpback/{case}.txt", library(registry).render(name, variables))
 
 
 def test_augment_uses_seed_pairs_reversed_as_chat_turns(registry):
