@@ -192,13 +192,13 @@ def run_cmd() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins with their versions and hooks."""
+    """List installed plugins with their versions and hooks, and any that failed to load."""
     rows = _registry().plugin_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['name']:<16} {r['distribution']} {r['version']}  [{r['hooks']}]")
+        click.echo(f"{r['name']:<16} {r['distribution']} {r['version']}  " + (f"FAILED: {r['error']}" if r["status"] == "failed" else f"[{r['hooks']}]"))
 
 
 @cli.command()

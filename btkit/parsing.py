@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .methods import ParseError
 
@@ -87,13 +87,16 @@ def _conform(obj: dict[str, Any], keys: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def extract_json(text: str | None, keys: Mapping[str, Any] | Iterable[str] = ()) -> dict[str, Any]:
+def extract_json(text: str | None, keys: Mapping[str, Any] | Iterable[str] = (), *,
+                 prefer: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """The one JSON object in a model reply that has ``keys``, or :class:`ParseError`.
 
     ``keys`` is a list of required names, or a mapping name -> type (``str``, ``int``, ``float``,
     ``bool``, ``list``, ``dict``, a tuple of those, or ``Any``). Objects lacking the keys are
     ignored when another one has them (models like to echo an example first); if none fits, the
-    error describes the closest one.
+    error describes the closest one. ``prefer`` (object -> bool) sets objects aside the same way
+    where no key is required of all of them: when some objects satisfy it, only those count
+    (e.g. "has at least one key I know"); when none does, all do.
     """
     if text is None or not text.strip():
         raise ParseError("empty_reply")
@@ -104,6 +107,8 @@ def extract_json(text: str | None, keys: Mapping[str, Any] | Iterable[str] = ())
         if unclosed:
             raise ParseError("incomplete_json", "an object starts but never closes (truncated reply?)")
         raise ParseError("no_json", "no JSON object in the reply")
+    if prefer is not None:
+        objects = [o for o in objects if prefer(o)] or objects
     fitting, errors = [], []
     for obj in objects:
         try:

@@ -2,10 +2,29 @@
 
 First-party plugins (``btkit_plugins.*``) are found exactly like third-party ones; the core imports
 none of them. Registration happens through callbacks so the core owns validation and name clashes.
+
+Which plugins load:
+
+- ``BTKIT_LOAD_PLUGINS`` unset: every installed entry point in the ``btkit`` group.
+- ``BTKIT_LOAD_PLUGINS=humpback,llamacpp,quiz``: only those. Each comma-separated item is a plugin
+  (entry-point) name, or a distribution name that stands for all of its plugins, so
+  ``BTKIT_LOAD_PLUGINS=btkit`` is btkit's own plugins without any third-party one, and
+  ``BTKIT_LOAD_PLUGINS=btkit,quiz`` adds one. An item that names nothing installed is reported
+  with one ``warning:`` line on stderr and ignored.
+- ``BTKIT_LOAD_PLUGINS=`` (set but empty): no entry-point plugins at all, only those registered in
+  code (:meth:`Registry.register`); btkit then knows no method and no backend.
+
+A plugin whose module fails to import (or that declares a hook btkit does not have) does not stop
+btkit: it is skipped with one line on stderr, ``warning: plugin NAME (dist VERSION) failed to load:
+ErrorType: message; skipped``, every other plugin works, and ``btkit plugins`` lists it as failed
+(:attr:`Registry.failed`).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -15,9 +34,28 @@ import pluggy
 from . import hookspecs
 from .backends import Backend, split_spec
 from .errors import BtkitError
-from .methods import Method
+from .methods import STAGE_KINDS, Method
 
 ENTRY_POINT_GROUP = "btkit"
+#: Environment variable naming the plugins to load (see the module docstring).
+LOAD_PLUGINS_ENV = "BTKIT_LOAD_PLUGINS"
+
+
+def _normalize(name: str) -> str:
+    """Distribution and plugin names compare as packaging does: case and ``-``/``_``/``.`` ignored."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def load_plugins_setting(environ: Any = None) -> set[str] | None:
+    """The normalized names in ``BTKIT_LOAD_PLUGINS``; None when it is unset (load everything)."""
+    value = (os.environ if environ is None else environ).get(LOAD_PLUGINS_ENV)
+    if value is None:
+        return None
+    return {_normalize(item) for item in value.split(",") if item.strip()}
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -35,23 +73,40 @@ class Registry:
         self.pm = pluggy.PluginManager("btkit")
         self.pm.add_hookspecs(hookspecs)
         self.dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        #: Plugins that failed to load: name -> (distribution, version, "ErrorType: message").
+        self.failed: dict[str, tuple[str, str, str]] = {}
         if load_entry_points:
             self._load_entry_points()
         self._backends: dict[str, BackendFactory] | None = None
         self._methods: dict[str, Method] | None = None
 
     def _load_entry_points(self) -> None:
+        wanted = load_plugins_setting()
+        matched: set[str] = set()
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if self.pm.has_plugin(ep.name):
+            if self.pm.has_plugin(ep.name) or ep.name in self.failed:
                 continue
+            dist = ep.dist
+            dist_name, version = (dist.name, dist.version) if dist else ("?", "?")
+            if wanted is not None:
+                names = {_normalize(ep.name), _normalize(dist_name)} & wanted
+                if not names:
+                    continue
+                matched |= names
             try:
                 module = ep.load()
-            except Exception as e:  # a broken third-party plugin must not break btkit
-                raise BtkitError(f"plugin '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}") from e
-            self.pm.register(module, name=ep.name)
-            dist = ep.dist
-            self.dists[ep.name] = (dist.name if dist else "?", dist.version if dist else "?")
-        self.pm.check_pending()
+                self.pm.register(module, name=ep.name)
+                self.pm.check_pending()  # a hook btkit does not have: this plugin fails, not the others
+            except Exception as e:  # noqa: BLE001 (a broken plugin must not break btkit)
+                if self.pm.has_plugin(ep.name):
+                    self.pm.unregister(name=ep.name)
+                why = f"{type(e).__name__}: {e}"
+                self.failed[ep.name] = (dist_name, version, why)
+                _warn(f"plugin {ep.name} ({dist_name} {version}) failed to load: {why}; skipped")
+                continue
+            self.dists[ep.name] = (dist_name, version)
+        for name in sorted((wanted or set()) - matched):
+            _warn(f"{LOAD_PLUGINS_ENV} names '{name}', which is no installed btkit plugin or distribution; ignored")
 
     def register(self, plugin: Any, name: str | None = None) -> str:
         """Register a plugin object/module by hand (tests, embedding)."""
@@ -108,6 +163,10 @@ class Registry:
                         raise BtkitError(f"plugin '{_p}' registered {method!r}, which is not a btkit.methods.Method")
                     if method.name in found:
                         raise BtkitError(f"method '{method.name}' registered twice (second by plugin '{_p}')")
+                    for info in method.stages:
+                        if info.kind not in STAGE_KINDS:
+                            raise BtkitError(f"plugin '{_p}': method '{method.name}' stage '{info.name}' has kind '{info.kind}'; "
+                                             f"kinds: {', '.join(STAGE_KINDS)}")
                     method.version = method.version or self.dists.get(_p, ("", ""))[1]
                     found[method.name] = method
 
@@ -122,11 +181,15 @@ class Registry:
         return methods[name]
 
     def plugin_rows(self) -> list[dict[str, str]]:
+        """One row per plugin: loaded ones (``status`` ``loaded``, their hooks) and ones that failed
+        to load (``status`` ``failed``, the ``error``)."""
         rows = []
         for name, plugin in self.pm.list_name_plugin():
             dist, version = self.dists.get(name, ("(registered in code)", ""))
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-            rows.append({"name": name, "distribution": dist, "version": version, "hooks": ", ".join(hooks)})
+            rows.append({"name": name, "distribution": dist, "version": version, "status": "loaded", "hooks": ", ".join(hooks)})
+        for name, (dist, version, why) in self.failed.items():
+            rows.append({"name": name, "distribution": dist, "version": version, "status": "failed", "hooks": "", "error": why})
         return sorted(rows, key=lambda r: r["name"])
 
     def prompt_roots(self) -> list:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from btkit import hookspecs
 from btkit.errors import BtkitError
@@ -143,3 +147,145 @@ def test_record_hooks_observe_change_and_drop(registry, cli, scripted, tmp_path)
     assert ("humpback.curate", "b#0") in flt.seen and ("humpback.curate", "a#0") not in flt.seen
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["dropped_by_reason"] == {"humpback.augment:mentions_forbidden": 1}
+
+
+# -- which plugins load: a broken third-party plugin, BTKIT_LOAD_PLUGINS ------------------------------
+CONST_PLUGIN = '''
+from btkit.backends import Backend, Completion
+from btkit.hookspecs import hookimpl
+
+
+class Const(Backend):
+    def __init__(self, rest, options):
+        self.spec = "const:" + rest
+
+    async def chat(self, messages, params):
+        return Completion(text="What does the word list contain?", finish_reason="stop")
+
+
+@hookimpl
+def btkit_register_backends(register):
+    register("const", Const, description="always the same question")
+'''
+
+
+@pytest.fixture
+def throwaway_dists(tmp_path, monkeypatch):
+    """Two real distributions on sys.path, found by importlib.metadata like any installed one:
+    ``btkit-broken-plugin`` 0.3 (plugin ``broken``, whose module raises on import) and
+    ``btkit-const-plugin`` 1.0 (plugin ``const``, a backend that always asks the same question)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "btkit_broken_plugin.py").write_text('raise RuntimeError("boom at import")\n')
+    (site / "btkit_const_plugin.py").write_text(CONST_PLUGIN)
+    for dist, version, ep in (("btkit-broken-plugin", "0.3", "broken = btkit_broken_plugin"),
+                              ("btkit-const-plugin", "1.0", "const = btkit_const_plugin")):
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[btkit]\n{ep}\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("BTKIT_LOAD_PLUGINS", raising=False)
+    yield site
+    for mod in ("btkit_broken_plugin", "btkit_const_plugin"):
+        sys.modules.pop(mod, None)
+
+
+BROKEN_WARNING = "warning: plugin broken (btkit-broken-plugin 0.3) failed to load: RuntimeError: boom at import; skipped"
+
+
+def _fresh_registry(monkeypatch):
+    from btkit import plugins
+
+    reg = plugins.Registry()
+    monkeypatch.setattr(plugins, "_registry", reg)
+    return reg
+
+
+def test_a_plugin_that_fails_to_import_is_skipped_with_one_warning(throwaway_dists, monkeypatch, capsys, tmp_path):
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err.splitlines() == [BROKEN_WARNING]
+    assert {"const", "llamacpp"} <= set(reg.backends()) and {"humpback", "quiz"} <= set(reg.methods())
+    rows = {r["name"]: r for r in reg.plugin_rows()}
+    assert rows["broken"]["status"] == "failed" and rows["broken"]["error"] == "RuntimeError: boom at import"
+    assert rows["broken"]["distribution"] == "btkit-broken-plugin" and rows["broken"]["version"] == "0.3"
+    assert rows["const"]["status"] == "loaded" and rows["const"]["distribution"] == "btkit-const-plugin"
+
+    from btkit.cli import cli as btkit_cli
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": LONG}])
+    r = CliRunner().invoke(btkit_cli, ["run", "quiz", str(corpus), "-o", str(tmp_path / "out"), "--model", "const:", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert read_jsonl(tmp_path / "out" / "data.jsonl")[0]["instruction"] == "What does the word list contain?"
+    r = CliRunner().invoke(btkit_cli, ["plugins"], catch_exceptions=False)
+    assert r.exit_code == 0
+    line = next(l for l in r.output.splitlines() if l.startswith("broken "))
+    assert "btkit-broken-plugin 0.3" in line and "FAILED: RuntimeError: boom at import" in line
+    rows = {row["name"]: row for row in json.loads(CliRunner().invoke(btkit_cli, ["plugins", "--json"]).output)}
+    assert rows["broken"]["status"] == "failed" and rows["humpback"]["status"] == "loaded"
+
+
+def test_the_btkit_command_runs_with_a_broken_plugin_installed(throwaway_dists, tmp_path):
+    """The real command in a fresh process: the run works, stderr says once what was skipped."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": LONG}])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(throwaway_dists), os.environ.get("PYTHONPATH", "")])}
+    env.pop("BTKIT_LOAD_PLUGINS", None)
+    cmd = [sys.executable, "-c", "from btkit.cli import cli; cli()"]
+    r = subprocess.run([*cmd, "run", "quiz", str(corpus), "-o", str(tmp_path / "out"), "--model", "const:", "-q"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith("warning:")] == [BROKEN_WARNING]
+    assert read_jsonl(tmp_path / "out" / "data.jsonl")[0]["instruction"] == "What does the word list contain?"
+
+
+def test_a_plugin_with_an_unknown_hook_is_skipped_not_fatal(throwaway_dists, monkeypatch, capsys):
+    (throwaway_dists / "btkit_broken_plugin.py").write_text(
+        "from btkit.hookspecs import hookimpl\n\n@hookimpl\ndef btkit_no_such_hook():\n    pass\n")
+    reg = _fresh_registry(monkeypatch)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: plugin broken (btkit-broken-plugin 0.3) failed to load: PluginValidationError: ")
+    assert "btkit_no_such_hook" in err[0] and err[0].endswith("; skipped")
+    assert not reg.pm.has_plugin("broken") and "const" in reg.backends()
+
+
+def test_load_plugins_pins_which_plugins_load(throwaway_dists, monkeypatch, capsys):
+    monkeypatch.setenv("BTKIT_LOAD_PLUGINS", "humpback, const")
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err == ""  # the broken plugin is not even imported
+    assert {r["name"] for r in reg.plugin_rows()} == {"humpback", "const"}
+    assert set(reg.backends()) == {"const"} and set(reg.methods()) == {"humpback"}
+
+
+def test_load_plugins_takes_distribution_names(throwaway_dists, monkeypatch, capsys):
+    monkeypatch.setenv("BTKIT_LOAD_PLUGINS", "btkit,BTKIT_CONST_PLUGIN")
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err == ""
+    names = {r["name"] for r in reg.plugin_rows()}
+    assert {"humpback", "llamacpp", "fake", "const"} <= names and not names & {"broken", "quiz"}
+
+
+def test_load_plugins_empty_loads_none_and_unknown_names_are_reported(throwaway_dists, monkeypatch, capsys):
+    monkeypatch.setenv("BTKIT_LOAD_PLUGINS", "")
+    reg = _fresh_registry(monkeypatch)
+    assert reg.plugin_rows() == [] and capsys.readouterr().err == ""
+    with pytest.raises(BtkitError, match="known methods: none"):
+        reg.method("humpback")
+    reg.register(_Plugin(), name="mine")  # registration in code still works
+    assert "m1" in reg.methods()
+
+    monkeypatch.setenv("BTKIT_LOAD_PLUGINS", "humpback,nosuch")
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: BTKIT_LOAD_PLUGINS names 'nosuch', which is no installed btkit plugin or distribution; ignored"]
+    assert {r["name"] for r in reg.plugin_rows()} == {"humpback"}
+
+
+def test_a_stage_kind_outside_the_vocabulary_is_refused(registry):
+    class OddKind(_Plugin):
+        @hookimpl
+        def btkit_register_methods(self, register):
+            register(Method(name="odd", description="d", stages=[StageInfo("s", "augmentation", (), ())], default_stages=("s",)))
+
+    registry.register(OddKind(), name="odd")
+    with pytest.raises(BtkitError, match="stage 's' has kind 'augmentation'; kinds: prepare, augment, curate"):
+        registry.methods()

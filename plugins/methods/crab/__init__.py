@@ -18,7 +18,6 @@ is written: constraints that the response *already satisfies* are added to the i
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from typing import Any, Iterable, Iterator
@@ -31,6 +30,7 @@ from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE
+from btkit.parsing import extract_json
 from btkit.records import Record
 
 from .._prompts import PROMPTS
@@ -54,7 +54,6 @@ LLM_TYPES: dict[str, str] = {
 _NULLS = {"", "null", "none", "n/a", "na", "not applicable", "nil"}
 _KEY_ALIASES = {"multi_lingual": "multilingual", "item_listing_details": "item_listing", "desired_writing_style": "writing_style",
                 "paragraph": "paragraphs", "style": "writing_style", "output_format": "special_output_format"}
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 #: The prompt asks for 10-20 word constraints (the paper's wording); the parser accepts 3-40. The
 #: paper's pipeline (THU-KEG/Crab) keeps every non-NULL value the model returns and filters only by
 #: ROUGE-L and the LLM check, so the 10-20 words are guidance, not a filter; a precise 8-word
@@ -90,25 +89,23 @@ def _type_key(key: str) -> str:
 def parse_llm_constraints(text: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(constraints, rejected) from the model's JSON reply; ParseError when there is no JSON object.
 
+    The object is found by :func:`btkit.parsing.extract_json`: anywhere in the reply (code fence,
+    prose with braces around it); where the reply holds several, only those with a key naming a
+    constraint type count, and two different such objects are ``ambiguous_json``, never a guess.
     Null values are skipped; unknown types, non-strings and sentences outside 3..40 words are
     returned as rejected with a reason, never guessed into another type (length bounds: see
     :data:`MIN_CONSTRAINT_WORDS`).
     """
-    if text is None or not text.strip():
-        raise ParseError("empty_reply")
-    body = text.strip()
-    fence = _FENCE.search(body)
-    if fence:
-        body = fence.group(1)
-    start, end = body.find("{"), body.rfind("}")
-    if start < 0 or end <= start:
-        raise ParseError("no_json", "no JSON object in the reply")
     try:
-        obj = json.loads(body[start:end + 1])
-    except json.JSONDecodeError as e:
-        raise ParseError("invalid_json", e.msg) from None
-    if not isinstance(obj, dict):
-        raise ParseError("invalid_json", "not an object")
+        obj = extract_json(text, prefer=lambda o: any(_type_key(str(k)) in LLM_TYPES for k in o))
+    except ParseError as e:
+        if e.reason in ("no_json", "incomplete_json"):
+            # CRAB's reasons: braces that hold no valid object are invalid_json, no closed brace pair no_json
+            start = text.find("{") if text else -1
+            if start >= 0 and text.rfind("}") > start:
+                raise ParseError("invalid_json", "no valid JSON object between the braces") from None
+            raise ParseError("no_json", "no JSON object in the reply") from None
+        raise
     found, rejected = [], []
     for key, value in obj.items():
         kind = _type_key(str(key))
