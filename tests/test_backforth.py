@@ -115,20 +115,32 @@ def test_truncated_rewrite_is_dropped_with_its_reason(cli, scripted, tmp_path):
 def test_backforth_with_embedded_model(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "backforth", str(EXAMPLES / "corpus.jsonl"), "-o", str(out), "--limit", "2",
-           "--threshold", "1", "--shots", "1", "--max-tokens", "48", "-q"]
+           "--threshold", "1", "--shots", "1", "--max-tokens", "48",
+           # room for the instruction, so that candidates get past augmentation to curation and rewriting
+           "-S", "augment.max_tokens=128", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for name in ("data.jsonl", "candidates.jsonl", "stats.json"):
         assert (out / name).is_file()
     cands = read_jsonl(out / "candidates.jsonl")
     assert len({c["source_id"] for c in cands}) == 2
+    rewritten = 0
     for c in cands:
         assert (c["status"] == "kept") == (c["reason"] is None)
         if c["status"] == "dropped":
             assert c["dropped_at"].startswith("backforth.") and c["reason"]
-        if any(s["stage"] == "backforth.rewrite" for s in c["lineage"]):
+        stages = [s["stage"] for s in c["lineage"]]
+        if "backforth.curate" in stages:
+            # curated by next-token logprobs; threshold 1 passes every score, so curation leads to a rewrite
+            assert set(c["meta"]["score_dist"]) == {"1", "2", "3", "4", "5"} and "backforth.rewrite" in stages, stages
+        if "backforth.rewrite" in stages:
+            rewritten += 1
             assert c["fields"]["text"] and c["lineage"][-1]["template"] == "backforth/rewrite"
-    for row in read_jsonl(out / "data.jsonl"):
+            assert c["status"] == "kept" or c["dropped_at"] == "backforth.rewrite"
+    assert rewritten >= 1, [(c["id"], c.get("dropped_at"), c["reason"]) for c in cands]
+    rows = read_jsonl(out / "data.jsonl")
+    assert len(rows) == sum(c["status"] == "kept" for c in cands)
+    for row in rows:
         assert row["instruction"] and row["response"] and row["meta"]["original_response"]
     stats = json.loads((out / "stats.json").read_text())
     assert set(stats["stages"]) == {"backforth.augment", "backforth.curate", "backforth.rewrite"}
