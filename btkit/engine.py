@@ -137,7 +137,7 @@ class StageCtx:
             try:
                 value, _ = await asyncio.shield(pending)
             except BackendError as e:  # its failure, but no request of ours: counted as shared
-                shared = BackendError(str(e), raw=e.raw, retryable=e.retryable, attempts=0)
+                shared = BackendError(str(e), raw=e.raw, attempts=0)
                 shared.shared = True
                 raise shared from e
             return json.loads(json.dumps(value)), True, 0  # a copy, as a cache hit would be

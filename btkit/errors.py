@@ -37,10 +37,9 @@ class BackendError(Exception):
     already waiting on (no request of its own).
     """
 
-    def __init__(self, message: str, raw: str | None = None, retryable: bool = False, attempts: int = 1):
+    def __init__(self, message: str, raw: str | None = None, attempts: int = 1):
         super().__init__(message)
         self.raw = raw
-        self.retryable = retryable
         self.attempts = attempts
         self.shared = False
 

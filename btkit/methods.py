@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from .backends import SAMPLING_KEYS
 from .records import Record
 
+#: What a stage does (``StageInfo.kind``, ``Stage.kind``): ``btkit methods`` shows it, eval-judge takes
+#: ``curate`` stages; checked when a method registers.
 STAGE_KINDS = ("prepare", "augment", "curate", "rewrite", "constrain")
 
 
@@ -104,8 +107,8 @@ class Stage:
     def sampling(self, **defaults: Any) -> dict[str, Any]:
         """Sampling parameters: the method's defaults overridden by the stage's options."""
         params = dict(defaults)
-        for key in ("temperature", "top_p", "max_tokens", "seed", "stop", "repetition_penalty"):
-            if self.options.get(key) is not None:
+        for key in SAMPLING_KEYS:
+            if key != "n" and self.options.get(key) is not None:  # n is a call's shape (complete_choices), not a setting
                 params[key] = self.options[key]
         return params
 

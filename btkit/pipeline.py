@@ -42,7 +42,6 @@ from .options import CONCURRENCY, GENERAL_OPTIONS, LIMIT, MAX_TOKENS
 
 TOP_KEYS = ("name", "description", "input", "output", "model", "base_url", "backend_options", "options", "prompts",
             "concurrency", "limit", "cache", "stages")
-STAGE_KEYS = ("use", "model", "base_url", "prompts")
 
 
 class PipelineError(BtkitError):

@@ -545,12 +545,6 @@ class PromptLibrary:
         self.env = _make_env(jinja2.FileSystemLoader([str(p) for p in [*self.overrides, *self.roots]]))
         self._cache: dict[str, tuple[jinja2.Template, str, str]] = {}
 
-    def add_root(self, root: Path | str) -> None:
-        if Path(root) not in self.roots:
-            self.roots.append(Path(root))
-            self.env.loader = jinja2.FileSystemLoader([str(p) for p in [*self.overrides, *self.roots]])
-            self._cache.clear()
-
     def names(self) -> list[str]:
         """All template names, ``method/stage``, overrides included."""
         found: set[str] = set()

@@ -26,8 +26,6 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     dropped_at: str | None = None
     reason: str | None = None
-    #: Set by a method for records that skip all LLM stages (e.g. seed pairs mixed into the output).
-    final: bool = False
 
     @property
     def alive(self) -> bool:

@@ -93,7 +93,7 @@ class RetryableError(BackendError):
     """A failure worth another attempt; ``retry_after`` is the server's requested wait, if any."""
 
     def __init__(self, message: str, raw: str | None = None, retry_after: float | None = None):
-        super().__init__(message, raw=raw, retryable=True)
+        super().__init__(message, raw=raw)
         self.retry_after = retry_after
 
 

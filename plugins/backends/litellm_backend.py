@@ -54,7 +54,6 @@ from btkit.kit.http import (
 #: litellm providers that speak to an OpenAI-compatible endpoint, the only ones ``OPENAI_BASE_URL`` is for.
 OPENAI_BASE_URL_PROVIDERS = ("openai", "text-completion-openai")
 
-_SAMPLING = ("temperature", "top_p", "max_tokens", "seed", "stop", "n")
 _CONTROL = ("assistant_prefix", "json_schema", "json_schema_name", "repetition_penalty")
 
 

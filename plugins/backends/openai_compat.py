@@ -53,7 +53,7 @@ import math
 import time
 from typing import Any, Callable, TypeVar
 
-from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
+from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SAMPLING_KEYS, SCORE_CONTINUATION, Backend, Completion
 from btkit.errors import BackendError, BtkitError, CapabilityError
 from btkit.hookspecs import hookimpl
 
@@ -223,7 +223,7 @@ class OpenAICompatBackend(Backend):
         for key, value in params.items():
             if value is None or key in _CONTROL:
                 continue
-            if key in ("temperature", "top_p", "max_tokens", "seed", "stop", "n", "repetition_penalty"):
+            if key in SAMPLING_KEYS:
                 if key not in self.sampling_keys:
                     continue
                 if key == "stop" and not value:
