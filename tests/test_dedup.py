@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import tracemalloc
 
+import pytest
+
 from btkit.dedup import SeenSet
 
 
@@ -32,6 +34,7 @@ def _peak_bytes(n: int, memory_items: int) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_past_the_in_memory_part():
     small, large = _peak_bytes(20_000, 5_000), _peak_bytes(200_000, 5_000)
     assert large < small * 1.5, (small, large)  # ten times the keys

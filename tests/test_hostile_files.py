@@ -123,6 +123,7 @@ def _child_peak_rss_mb(cmd: list[str], cwd: Path | None = None) -> tuple[float, 
     return out["rss_kb"] / 1024, out
 
 
+@pytest.mark.slow
 def test_a_50mb_document_is_segmented_in_bounded_memory(tmp_path):
     """One 50 MB document on one JSON line: read once, cut into segments of at most --max-words
     (duplicated paragraphs are dropped as duplicates, counted), the rest sent to the model."""
@@ -146,6 +147,7 @@ def test_a_50mb_document_is_segmented_in_bounded_memory(tmp_path):
     assert rss < 1024, f"peak RSS {rss:.0f} MB for a 50 MB document"
 
 
+@pytest.mark.slow
 def test_many_tiny_lines_keep_memory_flat(tmp_path):
     """A million lines peak no higher than ten thousand: the engine streams (no per-unit state kept)."""
     peaks = {}

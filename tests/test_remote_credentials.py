@@ -26,6 +26,7 @@ BASIC = "Basic " + base64.b64encode(f"proxyuser:{PASSWORD}".encode()).decode()
 HAS_LITELLM = importlib.util.find_spec("litellm") is not None
 needs_litellm = pytest.mark.skipif(not HAS_LITELLM, reason="litellm is not installed (pip install 'btkit[remote]')")
 REMOTE = ["openai:fake-model", "vllm:fake-model", pytest.param("litellm:openai/fake-model", marks=needs_litellm)]
+REMOTE_LITELLM_SLOW = REMOTE[:2] + [pytest.param("litellm:openai/fake-model", marks=[needs_litellm, pytest.mark.slow])]
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def with_credentials(url: str) -> str:
 
 # -- 8: a password in the base URL ------------------------------------------------------------
 @pytest.mark.parametrize("given_as", ["--base-url", "OPENAI_BASE_URL"])
-@pytest.mark.parametrize("model", ["openai:fake-model", pytest.param("litellm:openai/fake-model", marks=needs_litellm)])
+@pytest.mark.parametrize("model", ["openai:fake-model", pytest.param("litellm:openai/fake-model", marks=[needs_litellm, pytest.mark.slow])])
 def test_a_password_in_the_base_url_is_used_and_recorded_nowhere(srv, tmp_path, isolated_cache, model, given_as):
     """run.json (fingerprint and command line), stats, lineage, failures, the cache and what the run
     prints hold the URL without ``user:password@``; the server gets the credentials as Basic auth."""
@@ -88,6 +89,7 @@ def test_a_password_in_the_base_url_is_used_and_recorded_nowhere(srv, tmp_path, 
     assert "rejected request with header Basic ***" in failures["echo400"]["raw"]
 
 
+@pytest.mark.slow
 def test_stage_base_url_with_a_password_is_recorded_without_it(srv, tmp_path, isolated_cache, monkeypatch):
     """A pipeline stage's own ``base_url`` lands in run.json's fingerprint and in ``--check``'s listing."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -121,7 +123,7 @@ def test_redacted_command_line_drops_userinfo_from_every_url():
 
 
 # -- 9: a key echoed inside a successful reply ------------------------------------------------
-@pytest.mark.parametrize("model", REMOTE)
+@pytest.mark.parametrize("model", REMOTE_LITELLM_SLOW)
 def test_a_key_echoed_in_a_successful_reply_never_reaches_cache_or_data(cli, srv, tmp_path, isolated_cache, monkeypatch, model):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "out"
@@ -158,6 +160,7 @@ def test_every_choice_of_an_n_request_is_redacted(srv, monkeypatch, model):
 
 
 # -- 12: who reads OPENAI_BASE_URL --------------------------------------------------------------
+@pytest.mark.slow
 @needs_litellm
 def test_a_litellm_anthropic_run_is_never_sent_to_openai_base_url(srv, tmp_path):
     """The CLI does not copy OPENAI_BASE_URL into backend options: litellm:anthropic/... goes to its

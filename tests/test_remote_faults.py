@@ -56,19 +56,22 @@ def assert_each_unit_once(out: Path, ids: list[str]) -> list[dict]:
     return cands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", BACKENDS)
 def test_transient_faults_are_retried_and_nothing_is_lost(cli, srv, tmp_path, model):
     markers = {
         "plain": "",
         "r429": "[[fault=http429 times=2 ra=1 id=r429]]",
         "r500": "[[fault=http500 times=3 id=r500]]",
-        "hang": "[[fault=hang times=1 hang_s=4 id=hang]]",
+        "hang": "[[fault=hang times=1 hang_s=10 id=hang]]",  # far past the timeout: times out once, whatever the load
         "drop": "[[fault=drop times=2 id=drop]]",
         "bad": "[[fault=badjson times=2 id=bad]]",
         "cur": "[[fault=http500 times=1 stage=curate id=cur]]",
     }
     out = tmp_path / "out"
-    r = run(cli, corpus(tmp_path / "c.jsonl", markers), out, srv, model, "-B", "timeout=1.5", "-B", "max_retries=4")
+    # a wide timeout: an ordinary request on a loaded machine never reaches it, so every retry counted below
+    # is one the fault caused (at 1.5 s a slow ordinary request could be retried too and change the counts)
+    r = run(cli, corpus(tmp_path / "c.jsonl", markers), out, srv, model, "-B", "timeout=4", "-B", "max_retries=4")
     assert r.exit_code == 0, r.output
     cands = assert_each_unit_once(out, list(markers))
     assert all(c["status"] == "kept" for c in cands), [(c["source_id"], c["reason"]) for c in cands]
@@ -88,6 +91,7 @@ def test_transient_faults_are_retried_and_nothing_is_lost(cli, srv, tmp_path, mo
     assert stats["requests_sent"] == len(chat_requests) and stats["retries"] == 2 + 3 + 1 + 2 + 2 + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", BACKENDS)
 def test_permanent_faults_drop_records_with_reason_and_raw_reply(cli, srv, tmp_path, model):
     markers = {
@@ -207,6 +211,7 @@ def test_retry_budget_caps_retries_across_the_run(cli, srv, tmp_path):
     assert len(errors) == len(ids) and sum("retry budget" in e for e in errors) >= len(ids) - 2
 
 
+@pytest.mark.slow
 def test_client_has_no_hidden_cap_below_engine_concurrency(cli, srv, tmp_path):
     """160 requests in flight, above aiohttp's default pool of 100 connections: the server holds each
     augment request until 160 are open at once (or 30 s passed), so a capped pool shows a lower peak."""
@@ -339,6 +344,7 @@ def test_openai_refuses_an_assistant_prefix_it_cannot_send(srv):
     assert srv.requests == []
 
 
+@pytest.mark.slow
 def test_api_key_given_as_backend_option_stays_out_of_the_run_directory(srv, tmp_path, isolated_cache, monkeypatch):
     """A real process: run.json records the command line, which here carries the key (-B api_key=...)."""
     import subprocess

@@ -43,6 +43,7 @@ def env_with(canary: str) -> dict[str, str]:
     return {**os.environ, "OPENAI_API_KEY": canary, "LITELLM_LOG": "DEBUG", "PYTHONUNBUFFERED": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("canary", CANARIES)
 def test_litellm_debug_logs_of_a_run_never_show_the_key(srv, tmp_path, isolated_cache, canary):
     markers = {"plain": "", "echo": "[[fault=echokey id=echo]]", "once": "[[fault=http500 times=1 id=once]]",
@@ -107,6 +108,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("canary", CANARIES)
 def test_backend_error_tracebacks_and_litellm_logs_never_show_the_key(srv, tmp_path, canary):
     proc = subprocess.run([sys.executable, "-c", TRACEBACK_SCRIPT, srv.base_url, canary], capture_output=True, text=True,

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from btkit.cache import cache_key
 from btkit.io import read_journal
@@ -120,6 +121,7 @@ def line_count(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path):
     corpus = make_corpus(tmp_path / "corpus.jsonl", docs=80)
 

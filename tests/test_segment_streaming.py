@@ -81,6 +81,7 @@ ATOMS = ["a", "bb", "ccc.", "dd!", "e?", "f.", "...", "end.", "  ", " ", "\t", "
          "\n   # x\n", "\n    # y\n", "\n####### seven\n"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("short_line", [segment._SHORT_LINE, 0])  # 0: every line read in place, as a huge one is
 def test_streaming_cuts_every_text_as_the_list_based_segmenter_did(monkeypatch, short_line):
     monkeypatch.setattr(segment, "_SHORT_LINE", short_line)
@@ -133,6 +134,7 @@ print(json.dumps({"baseline": baseline, "peak": run(big, out)}))
 """
 
 
+@pytest.mark.slow
 def test_a_20mb_one_line_document_is_segmented_in_bounded_memory(tmp_path):
     """Through the real command: a 20 MB document on one line, of short words (the worst case for
     a word list: 3.5 million small strings), once peaked at 32x its size. Reading the line costs

@@ -32,6 +32,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ONE_GB, ONE_GB))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("payload", sorted(HOSTILE))
 def test_hostile_template_stops_with_one_line_under_a_memory_limit(tmp_path, payload):
     prompts = tmp_path / "prompts" / "humpback"
@@ -104,6 +105,7 @@ def test_the_prompt_size_limit_is_stated_and_configurable(tmp_path):
     assert MAX_PROMPT_CHARS == 4_000_000
 
 
+@pytest.mark.slow
 def test_a_long_document_still_fits_in_the_shipped_templates(registry):
     """The budget grows with the variables: a 20 MB document renders (quoted once) in every
     template that shows it, although the fixed limit is 4 MB."""
