@@ -109,7 +109,9 @@ def test_unknown_hook_is_refused(registry):
         def btkit_no_such_hook(self):
             pass
 
-    with pytest.raises(Exception):
+    from pluggy import PluginValidationError
+
+    with pytest.raises(PluginValidationError, match="unknown hook 'btkit_no_such_hook'"):
         registry.register(Bad(), name="bad")
 
 

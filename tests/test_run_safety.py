@@ -60,6 +60,7 @@ class JitteredBackend(fake.ScriptedBackend):
         return await super().chat(messages, params)
 
 
+@pytest.mark.slow
 def test_waiting_for_out_of_order_replies_costs_no_cpu(cli, registry, tmp_path):
     backend = fake.script("jitter", JitteredBackend())
     data = corpus(tmp_path, 100)
@@ -93,6 +94,7 @@ def test_a_full_cache_loses_no_reply(cli, scripted, tmp_path, monkeypatch):
     assert r.output.count("warning: cache") == 1
 
 
+@pytest.mark.slow
 def test_damaged_cache_pages_lose_no_reply(cli, scripted, tmp_path):
     _, spec = scripted(default=reply)
     cache = tmp_path / "c.sqlite"
@@ -165,6 +167,7 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_directory_is_refused_and_the_lock_dies_with_the_first(tmp_path):
     model = det(tmp_path, 0.05)
     data, out = corpus(tmp_path, 40), tmp_path / "out"
@@ -337,6 +340,7 @@ def test_a_dead_endpoint_stops_the_run_naming_it(tmp_path, registry, cli, monkey
 
 
 # -- 7d: progress a user can read ------------------------------------------------------------------
+@pytest.mark.slow
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     model = det(tmp_path, 0.05)
     data, out = corpus(tmp_path, 30), tmp_path / "out"
@@ -400,6 +404,7 @@ def test_keep_top_holds_later_stages_until_the_cut_is_known(cli, scripted, tmp_p
     assert not [c for c in read_jsonl(out / "candidates.jsonl") if c.get("held")]
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_second_pass_resumes_without_paying_twice(tmp_path):
     (tmp_path / "det.json").write_text(json.dumps({"rules": [{"contains": "5-point scale", "reply": "Fine.\nScore: {digit}"},
                                                              {"contains": "Rewrite the document", "reply": "An answer about note {hash} in five words or more."}],
