@@ -309,7 +309,10 @@ def test_ctrl_c_during_a_llamacpp_call_exits_130_and_resumes(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(EXAMPLES / "corpus.jsonl"), "-o", str(out), "--limit", "3",
            "--cache", str(tmp_path / "c.sqlite")]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "BTKIT_STATUS_EVERY": "0"})
+    # A shell that starts a job in the background makes it ignore SIGINT, and Python keeps an ignored
+    # SIGINT ignored: give the child the default disposition a terminal's foreground job has.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "BTKIT_STATUS_EVERY": "0"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: (out / "run.json").exists(), 60)
     time.sleep(3)  # the model is loaded and decoding
     proc.send_signal(signal.SIGINT)
