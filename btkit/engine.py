@@ -918,7 +918,7 @@ class Run:
 
         def work() -> Iterator[tuple[int, Record, str, Any]]:
             next_done = next(done_units, None)
-            for seq, lines in _units_of(journal.iter_sorted(path, found)):
+            for seq, lines in journal.units_of(journal.iter_sorted(path, found)):
                 if not any(line.get("held") for line in lines):
                     continue
                 while next_done is not None and next_done[0] < seq:
@@ -944,7 +944,7 @@ class Run:
                 line["end_of_run"] = True
                 line["cut_before"] = self.stages[hold + 1].label  # it never reached the stages after the cut
 
-        self.bar.restart(self.progress, sum(1 for _, lines in _units_of(journal.iter_sorted(path, found))
+        self.bar.restart(self.progress, sum(1 for _, lines in journal.units_of(journal.iter_sorted(path, found))
                                             if any(line.get("held") for line in lines)) - done.units)
         await self._stream(work(), held_path, None, t0, decorate=mark_cut)
         held = journal.scan(held_path)
@@ -1303,20 +1303,6 @@ def _input_state(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None  # reading it names the problem
     return st.st_size, st.st_mtime_ns
-
-
-def _units_of(lines: Iterator[dict[str, Any]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Journal lines grouped by unit: ``(unit_seq, lines)``."""
-    seq, group = None, []
-    for line in lines:
-        s = int(line.get("unit_seq", -1))
-        if group and s != seq:
-            yield seq, group
-            group = []
-        seq = s
-        group.append(line)
-    if group:
-        yield seq, group
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -124,11 +124,21 @@ def rewrite(path: str | Path, lines: Iterable[dict[str, Any]], batch: int = 512)
     os.replace(tmp, path)
 
 
+def units_of(lines: Iterable[dict[str, Any]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Lines in journal order grouped by unit: ``(unit_seq, the unit's lines)``."""
+    seq, group = None, []
+    for line in lines:
+        s = int(line.get("unit_seq", -1))
+        if group and s != seq:
+            yield seq, group
+            group = []
+        seq = s
+        group.append(line)
+    if group:
+        yield seq, group
+
+
 def unit_headers(lines: Iterable[dict[str, Any]]) -> Iterator[tuple[int, str]]:
     """``(unit_seq, unit_hash)`` once per unit, from lines in journal order."""
-    current = None
-    for line in lines:
-        seq = int(line.get("unit_seq", -1))
-        if seq != current:
-            current = seq
-            yield seq, str(line.get("unit_hash", ""))
+    for seq, group in units_of(lines):
+        yield seq, str(group[0].get("unit_hash", ""))
