@@ -413,7 +413,7 @@ class Run:
             known = {s.name for s in method.stages}
             if spec.stage not in known:
                 raise BtkitError(f"method '{spec.method}' has no stage '{spec.stage}'; its stages: {', '.join(sorted(known))}")
-            self.stages.append(method.build_stage(spec.stage, {**config.options, **spec.options}))
+            self.stages.append(method.stage_with_defaults(spec.stage, {**config.options, **spec.options}))
         #: The run-wide templates; a stage with override folders of its own gets its own library.
         self.prompts = PromptLibrary(roots=registry.prompt_roots(), overrides=config.prompt_overrides)
         self._stage_prompts = {

@@ -166,6 +166,26 @@ class Method:
     prompts_dir: Path | None = None
     cli_options: list[Any] = field(default_factory=list)
     version: str = ""
+    #: Fields every unit has when it leaves :meth:`prepare` (``btkit run PIPELINE --check`` starts
+    #: from these when this method's stage comes first).
+    unit_fields: tuple[str, ...] = ("text",)
+
+    def option_defaults(self) -> dict[str, Any]:
+        """Each of ``cli_options``' default by option name: the one place a method's defaults are declared.
+
+        The engine lays these under a stage's options, so a stage built from a pipeline file (which
+        names only what it changes) sees the same values as ``btkit run METHOD``."""
+        out: dict[str, Any] = {}
+        for opt in self.cli_options:
+            name = getattr(opt, "name", None)
+            if name:
+                default = opt.default() if callable(opt.default) else opt.default
+                out[name] = list(default) if isinstance(default, tuple) else default
+        return out
+
+    def stage_with_defaults(self, name: str, options: dict[str, Any]) -> Stage:
+        """:meth:`build_stage` with :meth:`option_defaults` under ``options`` (what the engine calls)."""
+        return self.build_stage(name, {**self.option_defaults(), **options})
 
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         raise NotImplementedError
