@@ -11,7 +11,8 @@ import click
 
 from . import DEFAULT_MODEL, __version__
 from .errors import BtkitError
-from .options import CONCURRENCY, GENERAL_OPTIONS, LIMIT
+from .config import parse_key_value, parse_key_values  # noqa: F401  (re-exported for plugins' commands)
+from .options import CONCURRENCY, DEFAULT_CONCURRENCY, GENERAL_OPTIONS, LIMIT, MAX_TOKENS
 
 COMMON_RUN_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
@@ -22,7 +23,7 @@ COMMON_RUN_OPTIONS = [
     click.Option(["--id-field"], default="id", show_default=True, help="Input field holding a stable document id (line number if absent)."),
     click.Option(["--encoding-errors"], type=click.Choice(["strict", "replace"]), default="strict", show_default=True, help="Input bytes that are not UTF-8: stop with the line number, or replace them with U+FFFD (counted in stats.json)."),
     click.Option(["--prompts", "prompts_dir"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 templates overriding the built-in ones."),
-    click.Option(["--concurrency"], type=CONCURRENCY, default=8, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
+    click.Option(["--concurrency"], type=CONCURRENCY, default=DEFAULT_CONCURRENCY, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
     click.Option(["--temperature"], type=GENERAL_OPTIONS["temperature"], default=None, help="Sampling temperature for every stage (default: each method's own)."),
     click.Option(["--top-p"], type=GENERAL_OPTIONS["top_p"], default=None, help="Nucleus sampling for every stage."),
     click.Option(["--max-tokens"], type=GENERAL_OPTIONS["max_tokens"], default=None, help="Completion length cap for every stage."),
@@ -38,83 +39,40 @@ COMMON_RUN_OPTIONS = [
 ]
 
 
-def _registry():
+def _registry() -> Any:
     from .plugins import get_registry
 
     return get_registry()
 
 
-def _fail(e: BaseException) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(getattr(e, "exit_code", 2))
-
-
 def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """Build a one-method pipeline from CLI parameters and run it."""
-    from .engine import RunConfig, run_pipeline
+    """Build a one-method run from ``btkit run METHOD`` parameters and run it."""
+    from .config import method_stage_specs, parse_key_values, run_config
+    from .engine import run_pipeline
 
     registry = _registry()
     method = registry.method(method_name)
     sampling = {"temperature": params.pop("temperature"), "top_p": params.pop("top_p"),
                 "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed"),
                 "stop": list(params.pop("stop")) or None}
-    stages = stage_specs(registry, method, params.pop("stage_option"))
-    base_url = params.pop("base_url")  # OPENAI_BASE_URL is read by the backends that speak to such an endpoint, not here
-    backend_options = parse_key_values(params.pop("backend_option"), "--backend-option")
-    if base_url:
-        backend_options["base_url"] = base_url
-    config = RunConfig(
+    config = run_config(
+        method_stage_specs(registry, method, params.pop("stage_option")),
         input=input_path,
         out_dir=params.pop("out_dir"),
-        stages=stages,
-        model=params.pop("model") or DEFAULT_MODEL,
-        options={**params, **{k: v for k, v in sampling.items() if v is not None}},
-        backend_options=backend_options,
-        prompt_overrides=list(params.pop("prompts_dir")),
+        model=params.pop("model"),
+        # OPENAI_BASE_URL is read by the backends that speak to such an endpoint, not here
+        base_url=params.pop("base_url"),
+        backend_options=parse_key_values(params.pop("backend_option"), "--backend-option"),
+        prompt_overrides=params.pop("prompts_dir"),
         concurrency=params.pop("concurrency"),
         limit=params.pop("limit"),
         quiet=params.pop("quiet"),
         cache_path=params.pop("cache_path"),
         use_cache=not params.pop("no_cache"),
         overwrite=params.pop("overwrite"),
+        options={**params, **sampling},  # what is left: the method's own options and the input fields
     )
-    config.options = {k: v for k, v in config.options.items() if k not in ("prompts_dir", "concurrency", "limit", "quiet", "cache_path", "no_cache", "overwrite", "out_dir", "model", "base_url")}
     return run_pipeline(config, registry)
-
-
-def stage_specs(registry: Any, method: Any, items: tuple[str, ...]) -> list[Any]:
-    """The method's stages with ``-S STAGE.KEY=VALUE`` options, checked as a pipeline file's stage keys are
-    (sampling, parse retries, the method's own options, ``model``, ``base_url``, ``prompts``)."""
-    from .pipeline import _Checker
-
-    names = list(method.default_stages)  # the stages `btkit run METHOD` runs
-    raw: dict[str, dict[str, Any]] = {name: {"use": f"{method.name}.{name}"} for name in names}
-    for item in items:
-        dotted, value = parse_key_value(item, "--stage-option")
-        stage, sep, key = dotted.partition(".")
-        if not sep or not key or key == "use":
-            raise BtkitError(f"--stage-option expects STAGE.KEY=VALUE (e.g. curate.temperature=0), got '{item}'")
-        if stage not in raw:
-            raise BtkitError(f"--stage-option {item}: method '{method.name}' runs no stage '{stage}'; its stages: {', '.join(names)}")
-        raw[stage][key] = value
-    check = _Checker(Path("--stage-option"), registry)  # relative paths resolve against the working directory
-    return [check.stage(raw[name], i, where=name) for i, name in enumerate(names)]
-
-
-def parse_key_value(item: str, option: str) -> tuple[str, Any]:
-    """``KEY=VALUE``; a value that parses as JSON (number, true, list) is converted."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise BtkitError(f"{option} expects KEY=VALUE, got '{item}'")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
-def parse_key_values(items: tuple[str, ...], option: str) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs as a dict (see :func:`parse_key_value`)."""
-    return dict(parse_key_value(item, option) for item in items)
 
 
 def summarize(stats: dict[str, Any], out_dir: Path) -> str:
@@ -136,24 +94,58 @@ class RunGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name.endswith((".yaml", ".yml", ".toml")):
-            from .pipeline import pipeline_command  # noqa: F401  (pipeline files, see btkit/pipeline.py)
 
             return pipeline_command(name)
-        try:
-            method = _registry().method(name)
-        except BtkitError as e:
-            _fail(e)
+        method = _registry().method(name)
 
         def callback(corpus: Path, **params: Any) -> None:
             out_dir = params["out_dir"]
-            try:
-                stats = run_method(name, corpus, params)
-            except BtkitError as e:
-                _fail(e)
+            stats = run_method(name, corpus, params)
             click.echo(summarize(stats, out_dir), err=True)
 
         params = [click.Argument(["corpus"], type=click.Path(path_type=Path))] + list(COMMON_RUN_OPTIONS) + list(method.cli_options)
         return click.Command(name, params=params, callback=callback, help=f"{method.description} {method.paper}".strip())
+
+
+PIPELINE_OPTIONS = [
+    click.Option(["-o", "--out", "out_dir"], type=click.Path(file_okay=False, path_type=Path), default=None, help="Run directory (overrides the file's 'output')."),
+    click.Option(["--input"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Input JSONL (overrides the file's 'input')."),
+    click.Option(["--model"], default=None, help="Model spec for every stage (overrides the file's model lines)."),
+    click.Option(["--base-url"], default=None, help="Endpoint for remote backends, for every stage (default for openai:/vllm: OPENAI_BASE_URL)."),
+    click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
+    click.Option(["--max-tokens"], type=MAX_TOKENS, default=None, help="Completion length cap for every stage."),
+    click.Option(["--concurrency"], type=CONCURRENCY, default=None, help=f"Model calls in flight (default: the file's, else {DEFAULT_CONCURRENCY})."),
+    click.Option(["--prompts", "prompts"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 overrides (before the file's)."),
+    click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option for every backend."),
+    click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),
+    click.Option(["--cache", "cache_path"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file."),
+    click.Option(["--overwrite"], is_flag=True, help="Start over in a run directory that holds a run with other settings."),
+    click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
+    click.Option(["--check"], is_flag=True, help="Check the file (keys, values, and that each stage gets the fields it needs) and print the stages it would run; no model calls."),
+]
+
+
+def pipeline_command(name: str) -> click.Command:
+    """The command behind ``btkit run NAME.yaml|.yml|.toml`` (files: :mod:`btkit.pipeline`)."""
+
+    def callback(**params: Any) -> None:
+        from .config import parse_key_values
+        from .engine import run_pipeline
+        from .pipeline import describe, load_pipeline
+
+        registry = _registry()
+        overrides = dict(params)
+        overrides["backend_options"] = parse_key_values(overrides.pop("backend_option"), "--backend-option")
+        overrides["base_url"] = overrides.get("base_url") or None
+        config = load_pipeline(name, registry, overrides)
+        if params["check"]:
+            click.echo(describe(config))
+            return
+        stats = run_pipeline(config, registry)
+        click.echo(summarize(stats, config.out_dir), err=True)
+
+    return click.Command(name, params=list(PIPELINE_OPTIONS), callback=callback,
+                         help=f"Run the pipeline file {name} (stages, models and options as the file names them).")
 
 
 class PluginGroup(click.Group):
@@ -235,10 +227,7 @@ def prompts(ctx: click.Context, prompts_dir: tuple[Path, ...]) -> None:
     """List prompt templates (method/stage); `btkit prompts show NAME` prints one."""
     from .prompts import PromptLibrary
 
-    try:
-        ctx.obj = PromptLibrary(_registry().prompt_roots(), prompts_dir)
-    except BtkitError as e:
-        _fail(e)
+    ctx.obj = PromptLibrary(_registry().prompt_roots(), prompts_dir)
     if ctx.invoked_subcommand is None:
         for name in ctx.obj.names():
             click.echo(f"{name:<28} {ctx.obj.path(name)}")
@@ -249,10 +238,7 @@ def prompts(ctx: click.Context, prompts_dir: tuple[Path, ...]) -> None:
 @click.pass_obj
 def prompts_show(lib: Any, name: str) -> None:
     """Print one template's source."""
-    try:
-        click.echo(lib.source(name), nl=False)
-    except BtkitError as e:
-        _fail(e)
+    click.echo(lib.source(name), nl=False)
 
 
 @cli.group()
@@ -281,10 +267,7 @@ def cache_clear(cache_path: Path | None, yes: bool) -> None:
 
 
 def main() -> None:
-    try:
-        cli(standalone_mode=True)
-    except BtkitError as e:
-        _fail(e)
+    cli(standalone_mode=True)  # a BtkitError is a click exception: one ``error:`` line, exit 2
 
 
 if __name__ == "__main__":

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import IO, Any
 
-class BtkitError(Exception):
-    """An error caused by the user's input or setup; the CLI prints it as one line and exits 2."""
+import click
+
+
+class BtkitError(click.ClickException):
+    """An error caused by the user's input or setup: every command prints it as one ``error:`` line
+    and exits 2. A click exception, so a command (a plugin's too) just raises it."""
 
     exit_code = 2
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message))
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
 
 
 class Interrupted(BtkitError):

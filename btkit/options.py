@@ -1,7 +1,7 @@
 """Option types shared by the command line, pipeline files and ``-S STAGE.KEY=VALUE``.
 
 One definition per option, so a value is checked the same way wherever it is given: click uses
-these types for the flags, and :class:`btkit.pipeline._Checker` converts pipeline-file and ``-S``
+these types for the flags, and :class:`btkit.config.OptionChecker` converts pipeline-file and ``-S``
 values with the very same types. Every range is stated here, so a bad value stops the run with
 one line naming the option before any model call (a NaN temperature would otherwise be sent as
 ``NaN``, which is not JSON; a negative ``--candidates`` would drop every record).
@@ -50,6 +50,7 @@ GENERAL_OPTIONS: dict[str, click.ParamType] = {
 
 #: Run-wide settings given on the command line or at a pipeline file's top level.
 CONCURRENCY = click.IntRange(1)
+DEFAULT_CONCURRENCY = 8  # model calls in flight (local llama.cpp runs one at a time)
 LIMIT = click.IntRange(0)
 
 #: Method options several methods share.
@@ -60,4 +61,4 @@ SCORE = FiniteFloatRange()  # a score threshold; pmi scores may be negative
 PERCENT = FiniteFloatRange(0, 100, min_open=True)
 SHARE = FiniteFloatRange(0, 1)  # a ROUGE-L or repetition share
 
-__all__ = ["FiniteFloatRange", "GENERAL_OPTIONS", "CONCURRENCY", "LIMIT", "MAX_TOKENS", "SHOTS", "MIN_WORDS", "MAX_WORDS", "SCORE", "PERCENT", "SHARE"]
+__all__ = ["FiniteFloatRange", "GENERAL_OPTIONS", "CONCURRENCY", "DEFAULT_CONCURRENCY", "LIMIT", "MAX_TOKENS", "SHOTS", "MIN_WORDS", "MAX_WORDS", "SCORE", "PERCENT", "SHARE"]

@@ -30,25 +30,19 @@ the input (``prepare``) and the last stage's method shapes each ``data.jsonl`` l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import click
-
-from . import DEFAULT_MODEL
+from .config import ConfigError, OptionChecker, RunConfig, run_config
 from .errors import BtkitError
-from .options import CONCURRENCY, GENERAL_OPTIONS, LIMIT, MAX_TOKENS
+from .options import CONCURRENCY, LIMIT
 
 TOP_KEYS = ("name", "description", "input", "output", "model", "base_url", "backend_options", "options", "prompts",
             "concurrency", "limit", "cache", "stages")
 
 
-class PipelineError(BtkitError):
-    """A bad pipeline file: one line naming the file and the key."""
-
-    def __init__(self, path: Path, where: str, message: str):
-        super().__init__(f"{path}: {where}: {message}" if where else f"{path}: {message}")
+#: A bad pipeline file: one line naming the file and the key (the checker's error, as for ``-S``).
+PipelineError = ConfigError
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -111,146 +105,18 @@ def _read_yaml(path: Path, text: str) -> Any:
         raise PipelineError(path, where, f"not valid YAML ({problem})") from None
 
 
-# -- checking --------------------------------------------------------------------------------
-class _Checker:
-    """Validates and converts keys against what each method accepts; paths resolve against ``base``."""
-
-    def __init__(self, path: Path, registry: Any):
-        self.path = path
-        self.base = path.resolve().parent
-        self.registry = registry
-
-    def fail(self, where: str, message: str) -> PipelineError:
-        return PipelineError(self.path, where, message)
-
-    def resolve(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(where, f"expected a path, got {value!r}")
-        p = Path(value).expanduser()
-        return os.path.normpath(p if p.is_absolute() else self.base / p)
-
-    def string(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(where, f"expected a non-empty string, got {value!r}")
-        return value
-
-    def paths(self, value: Any, where: str) -> list[Path]:
-        items = value if isinstance(value, list) else [value]
-        return [Path(self.resolve(v, f"{where}[{i}]" if isinstance(value, list) else where)) for i, v in enumerate(items)]
-
-    def method_options(self, method: Any) -> dict[str, click.Option]:
-        """A method's options by the name of their long flag (``--seed`` -> ``seed``) and by their own name."""
-        found: dict[str, click.Option] = {}
-        for opt in method.cli_options:
-            if isinstance(opt, click.Option) and opt.name:
-                for flag in opt.opts:
-                    if flag.startswith("--"):
-                        found.setdefault(flag[2:].replace("-", "_"), opt)
-                found.setdefault(opt.name, opt)
-        return found
-
-    def convert(self, key: str, value: Any, where: str, option: click.Option | None, ptype: click.ParamType | None = None) -> Any:
-        """Check one option value with its CLI option's type (paths resolved first)."""
-        if value is None:
-            return None
-        ptype = ptype or (option.type if option is not None else click.STRING)
-        try:
-            if option is not None and option.is_flag:
-                if not isinstance(value, bool):
-                    raise self.fail(where, f"expected true or false, got {value!r}")
-                return value
-            if option is not None and option.multiple:
-                items = value if isinstance(value, list) else [value]
-                return [self.convert(key, v, f"{where}[{i}]", None, ptype) for i, v in enumerate(items)]
-            if isinstance(ptype, click.Path):
-                value = self.resolve(value, where)
-            if isinstance(ptype, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, (bool, str)):
-                raise self.fail(where, f"expected a number, got {value!r}")
-            if isinstance(ptype, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
-                raise self.fail(where, f"expected a whole number, got {value!r}")  # click would truncate 2.5 to 2
-            if isinstance(ptype, (click.types.StringParamType, click.Choice, click.Path)) and isinstance(value, (list, dict)):
-                raise self.fail(where, f"expected a single value, got {type(value).__name__}")
-            converted = ptype.convert(value, option, None)
-            return str(converted) if isinstance(converted, Path) else converted
-        except click.BadParameter as e:
-            raise self.fail(where, e.message) from None
-
-    def stage_option(self, key: str, value: Any, where: str, methods: list[Any]) -> tuple[str, Any]:
-        """Convert ``key`` for the first of ``methods`` that accepts it; fail naming what is known."""
-        name = key.replace("-", "_")
-        if name == "sample_seed":  # the sampling seed (CLI --sample-seed); a method's "seed" is its own option
-            return "seed", self.convert(name, value, where, None, click.INT)
-        if name in GENERAL_OPTIONS:
-            return name, self.convert(name, value, where, None, GENERAL_OPTIONS[name])
-        if name == "stop":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise self.fail(where, "expected a string or a list of strings")
-            return name, value
-        for method in methods:
-            opt = self.method_options(method).get(name)
-            if opt is not None:
-                return opt.name, self.convert(name, value, where, opt)
-        known = sorted(set(GENERAL_OPTIONS) | {"stop", "sample_seed"} | {n for m in methods for n, o in self.method_options(m).items() if _flag_name(n, o)})
-        raise self.fail(where, f"unknown key '{key}'; known: {', '.join(known)}")
-
-    def stage(self, raw: Any, i: int, where: str | None = None) -> Any:
-        """One stage mapping (``use: METHOD.STAGE`` and its keys) -> StageSpec; ``where`` names it in errors."""
-        from .engine import StageSpec
-
-        where = where or f"stages[{i}]"
-        if isinstance(raw, str):
-            raw = {"use": raw}
-        if not isinstance(raw, dict):
-            raise self.fail(where, f"expected a mapping with 'use: METHOD.STAGE', got {type(raw).__name__}")
-        use = raw.get("use")
-        if not isinstance(use, str) or "." not in use:
-            raise self.fail(f"{where}.use", f"expected METHOD.STAGE (e.g. humpback.augment), got {use!r}")
-        method_name, _, stage_name = use.partition(".")
-        try:
-            method = self.registry.method(method_name)
-        except BtkitError as e:
-            raise self.fail(f"{where}.use", str(e)) from None
-        stages = [s.name for s in method.stages]
-        if stage_name not in stages:
-            raise self.fail(f"{where}.use", f"method '{method_name}' has no stage '{stage_name}'; its stages: {', '.join(stages)}")
-        options: dict[str, Any] = {}
-        stage_prompts: list[Path] = []
-        for key, value in raw.items():
-            at = f"{where}.{key}"
-            if key == "use":
-                continue
-            if key in ("model", "base_url"):
-                options[key] = self.string(value, at)
-            elif key == "prompts":
-                stage_prompts.extend(self.paths(value, at))
-            else:
-                name, converted = self.stage_option(str(key), value, f"{where}.{key} ({use})", [method])
-                options[name] = converted
-        return StageSpec(method_name, stage_name, options, prompt_overrides=stage_prompts)
-
-
-def _flag_name(name: str, opt: click.Option) -> bool:
-    """Whether ``name`` is how a pipeline file should write ``opt``: its long flag, else its own name."""
-    flags = [f[2:].replace("-", "_") for f in opt.opts if f.startswith("--")]
-    return name in flags if flags else name == opt.name
-
-
-def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | None = None) -> Any:
-    """Read, check and turn a pipeline file into a :class:`btkit.engine.RunConfig`.
+def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read, check and turn a pipeline file into a :class:`btkit.config.RunConfig`.
 
     ``overrides`` (from the command line) may set ``out_dir``, ``input``, ``model`` (every stage's),
     ``base_url`` (every stage's), ``limit``, ``quiet``, ``overwrite``, ``concurrency``, ``max_tokens``
     (every stage's), ``cache_path``, ``no_cache``, ``backend_options`` and ``prompts`` (folders that
     come before the file's).
     """
-    from .engine import RunConfig
-
     path = Path(path)
     o = {k: v for k, v in (overrides or {}).items() if not (v is None or v is False or (isinstance(v, (tuple, list)) and not v))}
     data = read_pipeline_file(path)
-    check = _Checker(path, registry)
+    check = OptionChecker(path, registry)
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise check.fail(str(unknown[0]), f"unknown key; known keys: {', '.join(TOP_KEYS)}")
@@ -279,8 +145,6 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
         backend_options.update(data["backend_options"])
     backend_options.update(o.get("backend_options", {}))
     base_url = o.get("base_url") or (check.string(data["base_url"], "base_url") if data.get("base_url") is not None else None)
-    if base_url:
-        backend_options["base_url"] = base_url
 
     if "input" in o:
         input_path = Path(o["input"])
@@ -295,15 +159,7 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
     else:
         raise check.fail("output", "missing: name the run directory (or pass -o/--out)")
 
-    model = o.get("model") or (check.string(data["model"], "model") if data.get("model") is not None else DEFAULT_MODEL)
-    for spec in specs:
-        if o.get("model"):
-            spec.options["model"] = o["model"]
-        if o.get("base_url"):
-            spec.options["base_url"] = o["base_url"]
-        if "max_tokens" in o:
-            spec.options["max_tokens"] = o["max_tokens"]
-
+    model = o.get("model") or (check.string(data["model"], "model") if data.get("model") is not None else None)
     cache_path, use_cache = None, not o.get("no_cache")
     cache = data.get("cache")
     if cache is False:
@@ -313,21 +169,44 @@ def load_pipeline(path: str | Path, registry: Any, overrides: dict[str, Any] | N
     if o.get("cache_path"):
         cache_path = Path(o["cache_path"])
 
-    return RunConfig(
+    check_fields(path, specs, registry)
+    return run_config(
+        specs,
         input=input_path,
         out_dir=out_dir,
-        stages=specs,
         model=model,
+        # the command line's settings win over what a stage names itself
+        every_stage={"model": o.get("model"), "base_url": o.get("base_url"), "max_tokens": o.get("max_tokens")},
         options=run_options,
         backend_options=backend_options,
+        base_url=base_url,
         prompt_overrides=prompt_dirs,
-        concurrency=o["concurrency"] if "concurrency" in o else (check.convert("concurrency", data["concurrency"], "concurrency", None, CONCURRENCY) if data.get("concurrency") is not None else 8),
+        concurrency=o["concurrency"] if "concurrency" in o else (check.convert("concurrency", data["concurrency"], "concurrency", None, CONCURRENCY) if data.get("concurrency") is not None else None),
         limit=o["limit"] if "limit" in o else (check.convert("limit", data["limit"], "limit", None, LIMIT) if data.get("limit") is not None else None),
         quiet=bool(o.get("quiet")),
         cache_path=cache_path,
         use_cache=use_cache,
         overwrite=bool(o.get("overwrite")),
     )
+
+
+def check_fields(path: Path, specs: list[Any], registry: Any) -> None:
+    """Every stage's inputs exist before it runs: the first method's units carry ``Method.unit_fields``,
+    each stage adds its declared outputs (``StageInfo``). A chain that feeds a stage nothing it can use
+    (``kun.postfilter`` without a stage that writes a response) stops here, naming the stage and the
+    field, instead of failing once per record at run time."""
+    first = registry.method(specs[0].method)
+    have = {f: f"the units of {first.name} (its input)" for f in first.unit_fields}
+    for i, spec in enumerate(specs):
+        info = next(s for s in registry.method(spec.method).stages if s.name == spec.stage)
+        missing = [f for f in info.inputs if f not in have]
+        if missing:
+            known = ", ".join(f"{f} (from {src})" for f, src in have.items())
+            raise PipelineError(path, f"stages[{i}] ({spec.method}.{spec.stage})",
+                                f"needs field{'s' if len(missing) > 1 else ''} {', '.join(missing)} that no earlier stage produces; "
+                                f"available here: {known}")
+        for f in info.outputs:
+            have.setdefault(f, f"{spec.method}.{spec.stage}")
 
 
 def describe(config: Any) -> str:
@@ -343,48 +222,4 @@ def describe(config: Any) -> str:
     return "\n".join(lines)
 
 
-# -- command ---------------------------------------------------------------------------------
-PIPELINE_OPTIONS = [
-    click.Option(["-o", "--out", "out_dir"], type=click.Path(file_okay=False, path_type=Path), default=None, help="Run directory (overrides the file's 'output')."),
-    click.Option(["--input"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Input JSONL (overrides the file's 'input')."),
-    click.Option(["--model"], default=None, help="Model spec for every stage (overrides the file's model lines)."),
-    click.Option(["--base-url"], default=None, help="Endpoint for remote backends, for every stage (default for openai:/vllm: OPENAI_BASE_URL)."),
-    click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
-    click.Option(["--max-tokens"], type=MAX_TOKENS, default=None, help="Completion length cap for every stage."),
-    click.Option(["--concurrency"], type=CONCURRENCY, default=None, help="Model calls in flight."),
-    click.Option(["--prompts", "prompts"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 overrides (before the file's)."),
-    click.Option(["-B", "--backend-option", "backend_option"], multiple=True, metavar="KEY=VALUE", help="Backend option for every backend."),
-    click.Option(["--no-cache"], is_flag=True, help="Do not read or write the model-call cache."),
-    click.Option(["--cache", "cache_path"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file."),
-    click.Option(["--overwrite"], is_flag=True, help="Start over in a run directory that holds a run with other settings."),
-    click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
-    click.Option(["--check"], is_flag=True, help="Check the file and print the stages it would run; no model calls."),
-]
-
-
-def pipeline_command(name: str) -> click.Command:
-    """The click command behind ``btkit run NAME.yaml|.yml|.toml``."""
-
-    def callback(**params: Any) -> None:
-        from .cli import _fail, _registry, parse_key_values, summarize
-        from .engine import run_pipeline
-
-        try:
-            registry = _registry()
-            overrides = dict(params)
-            overrides["backend_options"] = parse_key_values(overrides.pop("backend_option"), "--backend-option")
-            overrides["base_url"] = overrides.get("base_url") or None
-            config = load_pipeline(name, registry, overrides)
-            if params["check"]:
-                click.echo(describe(config))
-                return
-            stats = run_pipeline(config, registry)
-        except BtkitError as e:
-            _fail(e)
-        click.echo(summarize(stats, config.out_dir), err=True)
-
-    return click.Command(name, params=list(PIPELINE_OPTIONS), callback=callback,
-                         help=f"Run the pipeline file {name} (stages, models and options as the file names them).")
-
-
-__all__ = ["load_pipeline", "pipeline_command", "read_pipeline_file", "PipelineError", "describe"]
+__all__ = ["load_pipeline", "read_pipeline_file", "PipelineError", "describe", "check_fields"]

@@ -9,12 +9,18 @@ lock to clean up. The file itself stays and holds the last holder's PID, named i
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from .backends import public_url
 from .errors import BtkitError
+from .io import atomic_write_json
 
 #: Files a run writes (``--overwrite`` moves these aside).
 RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json")
@@ -87,3 +93,79 @@ def move_aside(out: Path) -> Path | None:
     for name in present:
         shutil.move(str(out / name), str(backup / name))
     return backup
+
+
+class RunDirectory:
+    """An open run directory: locked for this run, its ``run.json`` (settings and active time) written first."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.lock: RunLock | None = None
+        #: Active seconds of the invocations before this one (from run.json).
+        self.elapsed_before = 0.0
+        self._run_json: dict[str, Any] = {}
+
+    def open(self, fingerprint: dict[str, Any], overwrite: bool = False, quiet: bool = False) -> None:
+        """Create and lock the directory; move an old run aside under ``--overwrite``; write run.json.
+
+        Nothing is deleted here: a run with other settings stops the run (``--overwrite`` moves its
+        files to ``previous-<time>/``), and a resumed run's ``data.jsonl`` is only replaced once its
+        finished units were checked against the input.
+        """
+        create(self.out)
+        self.lock = RunLock(self.out).acquire()
+        try:
+            self._write_run_json(fingerprint, overwrite, quiet)
+        except BaseException:
+            self.release()
+            raise
+
+    def _write_run_json(self, fp: dict[str, Any], overwrite: bool, quiet: bool) -> None:
+        run_json = self.out / "run.json"
+        old: dict[str, Any] = {}
+        if run_json.exists():
+            try:
+                old = json.loads(run_json.read_text(encoding="utf-8"))
+            except ValueError:
+                if not overwrite:
+                    raise BtkitError(f"{run_json}: damaged (not JSON); pass --overwrite to start over or use another -o") from None
+            if old.get("fingerprint") != fp and not overwrite:
+                changed = sorted(k for k in set(fp) | set(old.get("fingerprint") or {}) if (old.get("fingerprint") or {}).get(k) != fp.get(k))
+                raise BtkitError(
+                    f"{self.out} holds a run with different settings (changed: {', '.join(changed)}); "
+                    f"pass --overwrite to start over (old files move to {self.out}/previous-<time>/) or use another -o"
+                )
+        elif any((self.out / n).exists() for n in RUN_FILES) and not overwrite:
+            raise BtkitError(f"{self.out} holds run files but no run.json; pass --overwrite to move them aside or use another -o")
+        if overwrite:
+            backup = move_aside(self.out)
+            if backup is not None and not quiet:
+                print(f"--overwrite: the previous run's files moved to {backup}", file=sys.stderr)
+            old = {}
+        self.elapsed_before = float(old.get("elapsed_s") or 0.0)
+        self._run_json = {"fingerprint": fp, "command": redact_argv(sys.argv), "started": old.get("started", time.time()),
+                          "elapsed_s": self.elapsed_before}
+        # run.json first: a kill from here on leaves a directory that resumes.
+        atomic_write_json(run_json, self._run_json)
+
+    def save_elapsed(self, t0: float) -> None:
+        """Active time over every invocation, kept in run.json (stats' ``wall_time_s`` covers the whole run)."""
+        self._run_json["elapsed_s"] = round(self.elapsed_before + time.monotonic() - t0, 3)
+        atomic_write_json(self.out / "run.json", self._run_json)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line for run.json with credential-like values masked (``-B api_key=sk-...``) and
+    ``user:password@`` cut from every URL in it (``--base-url http://user:KEY@host/v1``)."""
+    masked = [re.sub(r"(?i)((?:key|token|secret|password)[\w-]*=).*", r"\1***", a) for a in argv]
+    return [re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda m: public_url(m.group(0)), a) for a in masked]
+
+
+def public_urls(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as run.json records them: ``user:password@`` cut from every string value that is a URL."""
+    return {k: public_url(v) if isinstance(v, str) else v for k, v in options.items()}

@@ -13,7 +13,7 @@ import sys
 import termios
 import time
 
-from btkit.engine import progress_text
+from btkit.progress import progress_text
 from btkit.hookspecs import hookimpl
 
 from conftest import ROOT, read_jsonl, words, write_jsonl

@@ -88,9 +88,9 @@ def test_options_are_converted_with_the_method_types(registry):
 
 
 def test_lists_and_sampling_seed(registry, tmp_path):
-    (tmp_path / "p.yaml").write_text("input: c.jsonl\noutput: out\nstages:\n  - use: kun.filter\n    reference_words: [the text, 根据]\n"
+    (tmp_path / "p.yaml").write_text("input: c.jsonl\noutput: out\nstages:\n  - kun.augment\n  - use: kun.filter\n    reference_words: [the text, 根据]\n"
                                      "  - use: kun.polish\n    sample_seed: 7\n    stop: END\n")
-    filt, polish = load_pipeline(tmp_path / "p.yaml", registry).stages
+    _, filt, polish = load_pipeline(tmp_path / "p.yaml", registry).stages
     assert filt.options == {"reference_words": ("the text", "根据")}
     assert polish.options == {"seed": 7, "stop": ["END"]}
 
@@ -435,3 +435,22 @@ def test_same_yaml_runs_against_a_remote_endpoint_by_changing_only_model_lines(o
     cands = read_jsonl(out / "candidates.jsonl")
     assert cands and all(s["model"] == remote for c in cands for s in c["lineage"])
     assert json.loads((out / "stats.json").read_text())["calls"] >= 1
+
+
+def test_a_stage_fed_no_field_it_needs_is_refused_before_any_call(cli, registry, tmp_path):
+    """kun.postfilter reads a response; without kun.polish before it, --check (and a run) stop with one
+    line naming the stage, the field and what is available, instead of failing once per record."""
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    (tmp_path / "p.yaml").write_text("input: c.jsonl\noutput: out\nstages:\n  - kun.augment\n  - kun.postfilter\n")
+    r = cli("run", tmp_path / "p.yaml", "--check")
+    assert r.exit_code == 2
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "p.yaml: stages[1] (kun.postfilter)" in line
+    assert "needs field response" in line and "instruction (from kun.augment)" in line and "text (from the units of kun" in line
+    assert not (tmp_path / "out").exists()
+    # with the stage that writes the response in between, the same file checks out
+    (tmp_path / "p.yaml").write_text("input: c.jsonl\noutput: out\nstages:\n  - kun.augment\n  - kun.polish\n  - kun.postfilter\n")
+    r = cli("run", tmp_path / "p.yaml", "--check")
+    assert r.exit_code == 0, r.output
+    assert "kun.postfilter" in r.output
+

@@ -114,7 +114,7 @@ def test_stage_base_url_with_a_password_is_recorded_without_it(srv, tmp_path, is
 
 
 def test_redacted_command_line_drops_userinfo_from_every_url():
-    from btkit.engine import redact_argv
+    from btkit.rundir import redact_argv
 
     argv = ["btkit", "--base-url", f"http://u:{PASSWORD}@h:1/v1", f"--base-url=https://u:{PASSWORD}@h/v1",
             "-S", f"augment.base_url=http://u:{PASSWORD}@h:2/v1", "-B", f"api_key={KEY}", "--model", "openai:x"]
