@@ -32,6 +32,11 @@ JSON_SCHEMA = "json_schema"  # structured output
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "repetition_penalty", "n")
 
 
+#: The frame ``Backend.score_continuation(None, ...)`` scores in: the reply to an empty user turn in the
+#: same chat frame (system prompt and role headers as the chat template writes them), so a conditional
+#: and an unconditional score differ by the instruction text alone (PMI, IFD). Every backend uses this.
+UNCONDITIONAL_MESSAGES: tuple[dict[str, str], ...] = ({"role": "user", "content": ""},)
+
 #: ``Completion.extra[CHOICES]`` of an ``n > 1`` reply (``MULTI_SAMPLE``): one ``{"text": str | None,
 #: "finish_reason": str | None}`` per sampled choice, in order; the completion's own ``text`` and
 #: ``finish_reason`` are choice 0's. Backends write it; stages read it through :func:`choices_of`.
@@ -118,9 +123,7 @@ class Backend:
     ) -> list[float]:
         """Per-token logprobs of ``continuation`` as the assistant's reply to ``messages``.
 
-        ``messages=None`` scores it unconditionally: as the reply to an empty user turn in the same
-        chat frame (system prompt and role headers as the chat template writes them), so a
-        conditional and an unconditional score differ by the instruction text alone (PMI, IFD).
+        ``messages=None`` scores it unconditionally, as the reply to :data:`UNCONDITIONAL_MESSAGES`.
         """
         self.require(SCORE_CONTINUATION, "likelihood scoring")
         raise NotImplementedError

@@ -6,9 +6,12 @@ import re
 
 from btkit.methods import ParseError
 
+from .text import is_refusal
+
+__all__ = ["parse_instruction"]
+
 _LABEL = re.compile(r"^\s*(?:#+\s*)?(?:\*\*|__)?\s*(?:request|instruction|question|user(?: request)?|prompt|query)(?:\s*\d+)?\s*(?:\*\*|__)?\s*[:\-–]\s*(?:\*\*|__)?\s*", re.IGNORECASE)
 _FENCE = re.compile(r"^```[\w-]*\n(.*?)\n?```\s*$", re.DOTALL)
-_REFUSAL = re.compile(r"^\s*(?:i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i apologi[sz]e|as an ai\b|i'?m unable|i am unable|unfortunately, i)", re.IGNORECASE)
 _STOP_AT = re.compile(r"\n\s*(?:#+\s*)?(?:\*\*)?\s*(?:answer|response)(?:\s*\d+)?\s*(?:\*\*)?\s*[:\n]", re.IGNORECASE)
 
 
@@ -31,7 +34,7 @@ def parse_instruction(text: str | None, document: str, max_words: int = 150, min
         s = s.replace("\ufffd", "").strip()
     if not s:
         raise ParseError("empty_reply")
-    if _REFUSAL.match(s):
+    if is_refusal(s):
         raise ParseError("refusal", s[:80])
     words = len(s.split())
     if words < min_words:

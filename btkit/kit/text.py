@@ -1,4 +1,4 @@
-"""Text measures shared by CRAB's rule constraints, its de-duplication and AIR's duplicate check.
+"""Text measures every method may use: words, sentences, paragraphs, ROUGE-L, near-duplicates, refusals.
 
 One definition of "word", "sentence" and "paragraph" is used both to *compute* a constraint from a
 response and to *verify* it, so a constraint computed from a text always holds on that text.
@@ -22,6 +22,17 @@ WORD_RE = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 _PARAGRAPH_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
 _ROUGE_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+")
+#: How a model's refusal starts ("I'm sorry", "I cannot", "As an AI"): checked at the start of a
+#: reply only, so an answer that quotes an apology later is not a refusal.
+REFUSAL_RE = re.compile(r"^\s*(?:i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i apologi[sz]e|as an ai\b|i'?m unable|i am unable|unfortunately, i)", re.IGNORECASE)
+
+__all__ = ["WORD_RE", "REFUSAL_RE", "words", "count_words", "paragraphs", "sentences", "rouge_tokens", "rouge_l",
+           "near_duplicate", "is_refusal"]
+
+
+def is_refusal(text: str) -> bool:
+    """Whether a generated reply opens with a refusal (see :data:`REFUSAL_RE`)."""
+    return bool(REFUSAL_RE.match(text))
 
 
 def words(text: str) -> list[str]:

@@ -29,14 +29,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from btkit.backends import CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
+from btkit.backends import CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
-#: The chat frame ``score_continuation(None, ...)`` scores in: the same chat template with an empty
-#: user turn, so a conditional and an unconditional score differ by the instruction text only.
-UNCONDITIONAL_MESSAGES = [{"role": "user", "content": ""}]
 #: Values of the ``score_weights`` backend option (auto: a 16-bit copy for small Q4_1 models).
 SCORE_WEIGHTS = ("auto", "same", "f16", "bf16", "q8_0")
 #: GGUF ``general.file_type`` values that batch slowly on CPU (measured: Q4_1, see module docstring).
@@ -301,7 +298,7 @@ class LlamaCppBackend(Backend):
                 kept = self._unconditional[continuation]
                 return ContinuationLogprobs(kept, kept.prompt_tokens)
             llm = self.llm()
-            prompt = self.prompt_tokens(messages if messages is not None else UNCONDITIONAL_MESSAGES)
+            prompt = self.prompt_tokens(messages if messages is not None else list(UNCONDITIONAL_MESSAGES))
             target = llm.tokenize(continuation.encode("utf-8"), add_bos=False, special=False)
             scorer = self.scoring_llm()
             if not target:

@@ -53,7 +53,7 @@ import math
 import time
 from typing import Any, Callable, TypeVar
 
-from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SAMPLING_KEYS, SCORE_CONTINUATION, Backend, Completion
+from btkit.backends import CHAT, JSON_SCHEMA, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SAMPLING_KEYS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError, CapabilityError
 from btkit.hookspecs import hookimpl
 
@@ -67,10 +67,6 @@ T = TypeVar("T")
 
 #: Params that shape the request body itself, never sent as extra fields.
 _CONTROL = ("assistant_prefix", "json_schema", "json_schema_name")
-
-#: What ``score_continuation(None, ...)`` scores after (the backend contract): the reply to an empty
-#: user turn in the same frame, so conditional and unconditional scores differ by the instruction only.
-UNCONDITIONAL_MESSAGES: tuple[dict[str, str], ...] = ({"role": "user", "content": ""},)
 
 #: Role names in :func:`text_frame`.
 ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
