@@ -183,7 +183,7 @@ def test_score_zero_is_a_score_not_a_failure(cli, scripted, tmp_path):
 
     backend, spec = scripted(default=reply)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "doc", "text": DOC + " " + words(30)}])
-    r = cli("run", "air", corpus, "-o", tmp_path / "out", "--model", spec, "--score-mode", "rubric", "-q")
+    r = cli("run", "air", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     [cand] = read_jsonl(tmp_path / "out" / "candidates.jsonl")
     assert cand["reason"] == "below_threshold" and cand["meta"]["score"] == 0
@@ -210,7 +210,7 @@ def score_script(score_replies):
 def run_score_only(cli, spec, tmp_path, *extra):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "doc", "text": DOC + " " + words(30)}])
     out = tmp_path / "out"
-    r = cli("run", "air", corpus, "-o", out, "--model", spec, "--score-mode", "rubric", "--threshold", "4",
+    r = cli("run", "air", corpus, "-o", out, "--model", spec, "--judge-mode", "rubric", "--threshold", "4",
             "--rounds", "1", "--min-constraints", "0", "-q", *extra)
     assert r.exit_code == 0, r.output
     return out
@@ -255,7 +255,7 @@ def test_logprobs_that_are_not_log_probabilities_are_a_counted_failure(cli, scri
     backend, spec = scripted(default=lambda m, p: INITIAL, logprobs=lp)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "doc", "text": DOC + " " + words(30)}])
     out = tmp_path / "out"
-    r = cli("run", "air", corpus, "-o", out, "--model", spec, "--score-mode", "logprob", "--threshold", "0", "-q")
+    r = cli("run", "air", corpus, "-o", out, "--model", spec, "--judge-mode", "logprob", "--threshold", "0", "-q")
     assert r.exit_code == 0, r.output
     [cand] = read_jsonl(out / "candidates.jsonl")
     assert cand["status"] == "dropped" and cand["dropped_at"] == "air.score" and cand["reason"] == "unparseable_score"

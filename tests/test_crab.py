@@ -30,8 +30,8 @@ RESPONSE = ("Use `ls -a` to list hidden files. The -a flag shows entries whose n
 TYPES = [{"name": k, "description": v} for k, v in LLM_TYPES.items()]
 CASES = {
     "constrain": ("crab/constrain", {"instruction": "How do I list hidden files?", "response": RESPONSE, "types": TYPES}),
-    "verify_generate": ("crab/verify", {"instruction": "How do I list hidden files?", "response": RESPONSE,
-                                        "constraint": "Explain the command in a friendly, practical tone for beginners.", "mode": "generate"}),
+    "verify_rubric": ("crab/verify", {"instruction": "How do I list hidden files?", "response": RESPONSE,
+                                      "constraint": "Explain the command in a friendly, practical tone for beginners.", "mode": "rubric"}),
     "verify_logprob": ("crab/verify", {"instruction": "How do I list hidden files?", "response": RESPONSE,
                                        "constraint": "Explain the command in a friendly, practical tone for beginners.", "mode": "logprob"}),
     "forward": ("crab/forward", {"instruction": "How do I list hidden files?", "response": RESPONSE,
@@ -212,7 +212,7 @@ def test_run_on_pairs_with_custom_fields_writes_forward_and_reverse(cli, scripte
                                                     {"qid": "q2", "q": "Empty one", "a": "   "}])
     out = tmp_path / "out"
     r = cli("run", "crab", pairs, "-o", out, "--model", spec, "--instruction-field", "q", "--response-field", "a",
-            "--id-field", "qid", "--verify-mode", "generate", "-q")
+            "--id-field", "qid", "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     data = read_jsonl(out / "data.jsonl")
     assert [d["meta"]["crab_example"] for d in data] == ["forward", "reverse"]
@@ -308,7 +308,7 @@ def test_forward_and_reverse_use_the_papers_counts_when_enough_constraints_exist
     backend, spec = scripted(default=ten_reply)
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "instruction": "How do I list hidden files?", "response": RESPONSE}
                                                for i in range(10)])
-    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     data = read_jsonl(tmp_path / "out" / "data.jsonl")
     cands = read_jsonl(tmp_path / "out" / "candidates.jsonl")
@@ -347,7 +347,7 @@ def test_constrain_sends_a_json_schema_to_a_backend_that_supports_it(cli, script
     backend, spec = scripted(default=crab_reply)
     backend.capabilities = backend.capabilities | {JSON_SCHEMA}
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
-    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     constrain = [h for h in backend.history if "Reply with one JSON object" in h["messages"][-1]["content"]]
     verify = [h for h in backend.history if "Reply with one word: Yes or No" in h["messages"][-1]["content"]]
@@ -365,7 +365,7 @@ def test_constrain_sends_a_json_schema_to_a_backend_that_supports_it(cli, script
 def test_constrain_sends_no_schema_to_a_backend_without_it(cli, scripted, tmp_path):
     backend, spec = scripted(default=crab_reply)
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
-    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     assert backend.history and not any("json_schema" in h["params"] or "json_schema_name" in h["params"] for h in backend.history)
 
@@ -396,7 +396,7 @@ def verify_reply(first_beginner_replies):
 def test_unparseable_check_is_resampled_with_parse_retries(cli, scripted, tmp_path):
     backend, spec = scripted(default=verify_reply(["Hard to tell."]))
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
-    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "--parse-retries", "1", "-q")
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "--parse-retries", "1", "-q")
     assert r.exit_code == 0, r.output
     fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
     # only the near-duplicate and the model's "No" are removed: the retried check verified its constraint
@@ -412,7 +412,7 @@ def test_unparseable_check_is_resampled_with_parse_retries(cli, scripted, tmp_pa
 def test_unparseable_check_without_retries_removes_the_constraint_with_its_reason(cli, scripted, tmp_path):
     backend, spec = scripted(default=verify_reply(["Hard to tell."]))
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
-    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "generate", "-q")
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
     removed = {c["text"]: c for c in fwd["meta"]["constraints_removed"]}
@@ -431,7 +431,7 @@ def test_nan_yes_no_logprobs_are_unverifiable_not_rejected(cli, scripted, tmp_pa
 
     backend, spec = scripted(default=crab_reply, logprobs=lp)
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "How do I list hidden files?", "response": RESPONSE}])
-    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--verify-mode", "logprob", "-q")
+    r = cli("run", "crab", pairs, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "logprob", "-q")
     assert r.exit_code == 0, r.output
     fwd = read_jsonl(tmp_path / "out" / "data.jsonl")[0]
     removed = {c["text"]: c for c in fwd["meta"]["constraints_removed"]}

@@ -52,7 +52,7 @@ def corpus(tmp_path, n=len(GAINS)):
 def test_pmi_mode_scores_with_known_logprobs_and_keeps_positive(cli, scripted, tmp_path):
     backend, spec = scripted(default=augment_reply, continuation_logprobs=continuation_logprobs)
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path), "-o", out, "--model", spec, "--curate-mode", "pmi", "-q")
+    r = cli("run", "humpback", corpus(tmp_path), "-o", out, "--model", spec, "--judge-mode", "pmi", "-q")
     assert r.exit_code == 0, r.output
     data = read_jsonl(out / "data.jsonl")
     assert sorted(d["meta"]["source_id"] for d in data) == ["d0", "d2", "d3", "d4"]  # default threshold 0: PMI >= 0
@@ -77,7 +77,7 @@ def test_pmi_mode_scores_with_known_logprobs_and_keeps_positive(cli, scripted, t
 def test_ifd_mode_score_is_one_minus_ifd_and_threshold_applies(cli, scripted, tmp_path):
     backend, spec = scripted(default=augment_reply, continuation_logprobs=continuation_logprobs)
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path), "-o", out, "--model", spec, "--curate-mode", "ifd", "--score-threshold", "0.3", "-q")
+    r = cli("run", "humpback", corpus(tmp_path), "-o", out, "--model", spec, "--judge-mode", "ifd", "--score-threshold", "0.3", "-q")
     assert r.exit_code == 0, r.output
     expected = {f"d{i}": 1 - (-(UNCOND + g)) / -UNCOND for i, g in enumerate(GAINS)}  # 1 - L(r|i)/L(r)
     cands = {c["source_id"]: c for c in read_jsonl(out / "candidates.jsonl")}
@@ -90,7 +90,7 @@ def test_ifd_mode_score_is_one_minus_ifd_and_threshold_applies(cli, scripted, tm
 def test_keep_top_keeps_the_top_scoring_pairs_and_resume_agrees(cli, scripted, tmp_path):
     backend, spec = scripted(default=augment_reply, continuation_logprobs=continuation_logprobs)
     out = tmp_path / "out"
-    args = ("run", "humpback", corpus(tmp_path), "-o", out, "--model", spec, "--curate-mode", "pmi", "--keep-top", "40", "-q")
+    args = ("run", "humpback", corpus(tmp_path), "-o", out, "--model", spec, "--judge-mode", "pmi", "--keep-top", "40", "-q")
     assert cli(*args).exit_code == 0
     data = read_jsonl(out / "data.jsonl")
     assert sorted(d["meta"]["source_id"] for d in data) == ["d2", "d4"]  # 40% of 5 = the 2 best PMIs (1.2, 0.8)
@@ -114,7 +114,7 @@ def test_keep_top_keeps_ties_at_the_cutoff(cli, scripted, tmp_path):
 
     backend, spec = scripted(default=augment_reply, continuation_logprobs=flat)
     out = tmp_path / "out"
-    assert cli("run", "humpback", corpus(tmp_path, 4), "-o", out, "--model", spec, "--curate-mode", "pmi", "--keep-top", "25", "-q").exit_code == 0
+    assert cli("run", "humpback", corpus(tmp_path, 4), "-o", out, "--model", spec, "--judge-mode", "pmi", "--keep-top", "25", "-q").exit_code == 0
     assert len(read_jsonl(out / "data.jsonl")) == 4
 
 
@@ -125,7 +125,7 @@ def test_unconditional_is_scored_once_per_response(cli, scripted, tmp_path):
 
     backend, spec = scripted(default=reply, continuation_logprobs=lambda m, c: [-1.5] * 4 if m else [-2.0] * 4)
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path, 2), "-o", out, "--model", spec, "--curate-mode", "pmi", "--candidates", "3", "--concurrency", "1", "-q")
+    r = cli("run", "humpback", corpus(tmp_path, 2), "-o", out, "--model", spec, "--judge-mode", "pmi", "--candidates", "3", "--concurrency", "1", "-q")
     assert r.exit_code == 0, r.output
     calls = [h for h in backend.history if h["kind"] == "score_continuation"]
     assert sum(h["messages"] is not None for h in calls) == 6
@@ -138,7 +138,7 @@ def test_pipeline_stage_option_selects_the_mode(cli, scripted, tmp_path):
     pipe = tmp_path / "p.yaml"
     pipe.write_text(
         f"input: {corpus(tmp_path)}\noutput: {tmp_path / 'out'}\nmodel: {spec}\n"
-        "stages:\n  - use: humpback.augment\n  - use: humpback.curate\n    curate_mode: pmi\n    keep_top: 60\n",
+        "stages:\n  - use: humpback.augment\n  - use: humpback.curate\n    judge_mode: pmi\n    keep_top: 60\n",
         encoding="utf-8",
     )
     r = cli("run", pipe, "-q")
@@ -149,15 +149,15 @@ def test_pipeline_stage_option_selects_the_mode(cli, scripted, tmp_path):
 def test_backend_without_likelihoods_stops_the_run_before_any_call(cli, scripted, tmp_path):
     backend, spec = scripted(default=augment_reply)
     backend.capabilities = frozenset({CHAT, NEXT_TOKEN_LOGPROBS})
-    r = cli("run", "humpback", corpus(tmp_path), "-o", tmp_path / "out", "--model", spec, "--curate-mode", "pmi", "-q")
+    r = cli("run", "humpback", corpus(tmp_path), "-o", tmp_path / "out", "--model", spec, "--judge-mode", "pmi", "-q")
     assert r.exit_code == 2
-    assert "cannot do 'score_continuation'" in r.output and "--curate-mode pmi" in r.output and "llamacpp:" in r.output
+    assert "cannot do 'score_continuation'" in r.output and "--judge-mode pmi" in r.output and "llamacpp:" in r.output
     assert backend.history == []
 
 
 def test_unknown_mode_and_bad_keep_top_are_refused(cli, scripted, tmp_path):
     backend, spec = scripted(default=augment_reply)
-    r = cli("run", "humpback", corpus(tmp_path), "-o", tmp_path / "o", "--model", spec, "--curate-mode", "pmx")
+    r = cli("run", "humpback", corpus(tmp_path), "-o", tmp_path / "o", "--model", spec, "--judge-mode", "pmx")
     assert r.exit_code == 2 and "pmx" in r.output
     r = cli("run", "humpback", corpus(tmp_path), "-o", tmp_path / "o", "--model", spec, "--keep-top", "0")
     assert r.exit_code == 2 and "keep-top" in r.output
@@ -166,7 +166,7 @@ def test_unknown_mode_and_bad_keep_top_are_refused(cli, scripted, tmp_path):
 @pytest.mark.model
 def test_pmi_run_on_the_embedded_model_keeps_the_top_scoring_pairs(cli, tmp_path):
     out = tmp_path / "out"
-    r = cli("run", "humpback", EXAMPLES / "corpus.jsonl", "-o", out, "--limit", "4", "--curate-mode", "pmi",
+    r = cli("run", "humpback", EXAMPLES / "corpus.jsonl", "-o", out, "--limit", "4", "--judge-mode", "pmi",
             "--keep-top", "50", "--max-tokens", "48", "-q")
     assert r.exit_code == 0, r.output
     scored = [c for c in read_jsonl(out / "candidates.jsonl") if c["meta"].get("curate_mode") == "pmi"]
@@ -209,7 +209,7 @@ def judge_calls(backend):
 def test_unparseable_rubric_reply_is_resampled_with_parse_retries(cli, scripted, tmp_path):
     backend, spec = scripted(default=rubric_judge(["It reads well, I like it.", "Clear and complete.\nScore: 5"]))
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "--parse-retries", "1", "-q")
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--judge-mode", "rubric", "--parse-retries", "1", "-q")
     assert r.exit_code == 0, r.output
     [row] = read_jsonl(out / "data.jsonl")
     assert row["meta"]["score"] == 5 and row["meta"]["curate_mode"] == "rubric"  # the retry's score
@@ -230,7 +230,7 @@ def test_unparseable_rubric_reply_is_resampled_with_parse_retries(cli, scripted,
 def test_unparseable_rubric_reply_is_not_retried_by_default(cli, scripted, tmp_path):
     backend, spec = scripted(default=rubric_judge(["It reads well, I like it.", "Clear and complete.\nScore: 5"]))
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "-q")
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     assert len(judge_calls(backend)) == 1
     [cand] = read_jsonl(out / "candidates.jsonl")
@@ -248,7 +248,7 @@ def test_rubric_retries_give_up_and_keep_the_real_reasons(cli, scripted, tmp_pat
     cut = Completion(text="The answer covers", finish_reason="length")
     backend, spec = scripted(default=rubric_judge([filtered, cut, "Score: 3-4"]))
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "--parse-retries", "2", "-q")
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--judge-mode", "rubric", "--parse-retries", "2", "-q")
     assert r.exit_code == 0, r.output
     [cand] = read_jsonl(out / "candidates.jsonl")
     assert cand["reason"] == "unparseable_score" and cand["meta"]["score_error"] == "range"  # the last attempt's reason
@@ -263,7 +263,7 @@ def test_content_filtered_judge_reply_is_not_an_empty_reply(cli, scripted, tmp_p
 
     backend, spec = scripted(default=rubric_judge([Completion(text="Score: 5", finish_reason="content_filter")]))
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--curate-mode", "rubric", "-q")
+    r = cli("run", "humpback", corpus(tmp_path, 1), "-o", out, "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     [cand] = read_jsonl(out / "candidates.jsonl")
     assert cand["meta"]["score_error"] == "content_filter" and cand["lineage"][-1]["parse_error"] == "content_filter"

@@ -120,7 +120,7 @@ def test_eval_judge_on_a_scripted_backend_reports_auc_precision_recall(cli, scri
 
     backend, spec = scripted(continuation_logprobs=logprobs)
     out = tmp_path / "r.json"
-    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--negatives", "swapped,text_ref", "--json", out)
+    r = cli("eval-judge", gold, "--judge-mode", "pmi", "--model", spec, "--negatives", "swapped,text_ref", "--json", out)
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["mode"] == "pmi" and rep["method_stage"] == "humpback.curate"
@@ -137,7 +137,7 @@ def test_eval_judge_on_a_scripted_backend_reports_auc_precision_recall(cli, scri
     assert len(backend.history) == 1 + 18 + 6 and rep["warmup_error"] is None and rep["warmup_s"] >= 0
     assert rep["items_from_cache"] == 0  # the unconditional shares make some calls cache hits, but no item is served whole
     # the same evaluation again: every item answered by the cache, and the report says so
-    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--negatives", "swapped,text_ref", "--json", out)
+    r = cli("eval-judge", gold, "--judge-mode", "pmi", "--model", spec, "--negatives", "swapped,text_ref", "--json", out)
     assert r.exit_code == 0, r.output
     again = json.loads(out.read_text())
     assert again["items_from_cache"] == 18 and again["model_calls"] == 0 and again["auc"] == 1.0
@@ -166,7 +166,7 @@ def test_eval_judge_clock_starts_after_the_model_is_loaded(cli, scripted, tmp_pa
 
     backend, spec = scripted(continuation_logprobs=logprobs)
     t_start = time.perf_counter()
-    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--json", "-")
+    r = cli("eval-judge", gold, "--judge-mode", "pmi", "--model", spec, "--json", "-")
     t_end = time.perf_counter()
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
@@ -182,7 +182,7 @@ def test_eval_judge_warm_up_failure_is_reported_not_fatal(cli, scripted, tmp_pat
 
     gold = write_jsonl(tmp_path / "gold.jsonl", pairs(3))
     backend, spec = scripted(replies=[BackendError("model still loading")], default="Looks right.\nScore: 5")
-    r = cli("eval-judge", gold, "--mode", "rubric", "--model", spec, "--json", "-")
+    r = cli("eval-judge", gold, "--judge-mode", "rubric", "--model", spec, "--json", "-")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["warmup_error"] == "BackendError: model still loading" and rep["scored_share"] == 1.0
@@ -192,7 +192,7 @@ def test_eval_judge_warm_up_failure_is_reported_not_fatal(cli, scripted, tmp_pat
 def test_eval_judge_counts_unscored_items_as_rejected(cli, scripted, tmp_path):
     gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
     backend, spec = scripted(default="I think this is a fine answer.")  # never writes 'Score: N'
-    r = cli("eval-judge", gold, "--mode", "rubric", "--model", spec, "--json", "-")
+    r = cli("eval-judge", gold, "--judge-mode", "rubric", "--model", spec, "--json", "-")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["scored"] == 0 and rep["scored_share"] == 0.0 and rep["auc"] == 0.5 and rep["auc_scored_only"] is None
@@ -202,7 +202,7 @@ def test_eval_judge_counts_unscored_items_as_rejected(cli, scripted, tmp_path):
 def test_eval_judge_keep_top(cli, scripted, tmp_path):
     gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
     backend, spec = scripted(continuation_logprobs=lambda m, c: [-1.0 - 0.01 * len(c)] * 2 if m else [-2.0] * 2)
-    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--keep-top", "25", "--json", "-")
+    r = cli("eval-judge", gold, "--judge-mode", "pmi", "--model", spec, "--keep-top", "25", "--json", "-")
     rep = json.loads(r.output)
     assert rep["keep_top"] == 25 and rep["kept"] == 4  # a quarter of 16 items
     assert rep["keep_top_cutoff"] == sorted((s["score"] for s in rep["item_scores"]), reverse=True)[3]
@@ -212,7 +212,7 @@ def test_eval_judge_compares_several_modes_in_one_table(cli, scripted, tmp_path)
     gold = write_jsonl(tmp_path / "gold.jsonl", pairs(3))
     backend, spec = scripted(continuation_logprobs=lambda m, c: [-1.0] * 2 if m else [-2.0] * 2)
     out = tmp_path / "r.json"
-    r = cli("eval-judge", gold, "--mode", "pmi", "--mode", "ifd", "--model", spec, "--json", out)
+    r = cli("eval-judge", gold, "--judge-mode", "pmi", "--judge-mode", "ifd", "--model", spec, "--json", out)
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert [m["mode"] for m in rep["modes"]] == ["pmi", "ifd"]
@@ -224,8 +224,8 @@ def test_eval_judge_refuses_a_backend_that_cannot_score_before_any_call(cli, scr
     gold = write_jsonl(tmp_path / "gold.jsonl", pairs(3))
     backend, spec = scripted(default="x")
     backend.capabilities = frozenset({CHAT})
-    r = cli("eval-judge", gold, "--mode", "ifd", "--model", spec)
-    assert r.exit_code == 2 and "cannot do 'score_continuation'" in r.output and "--curate-mode ifd" in r.output
+    r = cli("eval-judge", gold, "--judge-mode", "ifd", "--model", spec)
+    assert r.exit_code == 2 and "cannot do 'score_continuation'" in r.output and "--judge-mode ifd" in r.output
     assert backend.history == []
 
 
@@ -268,7 +268,7 @@ def test_eval_judge_evaluates_backforths_curate_stage(cli, scripted, tmp_path):
         return [-2.0 if own else -3.5] * 2
 
     backend, spec = scripted(continuation_logprobs=logprobs)
-    r = cli("eval-judge", gold, "--method", "backforth", "--mode", "pmi", "--negatives", "swapped", "--model", spec, "--json", "-")
+    r = cli("eval-judge", gold, "--method", "backforth", "--judge-mode", "pmi", "--negatives", "swapped", "--model", spec, "--json", "-")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["method_stage"] == "backforth.curate" and rep["scored_share"] == 1.0 and rep["auc"] == 1.0
@@ -279,7 +279,7 @@ def test_eval_judge_evaluates_backforths_curate_stage(cli, scripted, tmp_path):
 def test_eval_judge_refuses_options_out_of_range(cli, scripted, tmp_path, args):
     gold = write_jsonl(tmp_path / "gold.jsonl", pairs(4))
     backend, spec = scripted(continuation_logprobs=lambda m, c: [-1.0] * 2)
-    r = cli("eval-judge", gold, "--mode", "pmi", "--model", spec, "--json", "-", *args)
+    r = cli("eval-judge", gold, "--judge-mode", "pmi", "--model", spec, "--json", "-", *args)
     assert r.exit_code == 2 and f"Error: Invalid value for '{args[0]}'" in r.output
     assert backend.history == []
 
@@ -287,7 +287,7 @@ def test_eval_judge_refuses_options_out_of_range(cli, scripted, tmp_path, args):
 @pytest.mark.model
 def test_eval_judge_pmi_on_the_shipped_gold_set(cli, tmp_path):
     out = tmp_path / "pmi.json"
-    r = cli("eval-judge", GOLD, "--mode", "pmi", "--limit", "20", "--json", out)
+    r = cli("eval-judge", GOLD, "--judge-mode", "pmi", "--limit", "20", "--json", out)
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["pairs"] == 20 and rep["items"] == 80 and rep["scored_share"] == 1.0

@@ -141,7 +141,7 @@ def test_rubric_mode_parses_or_counts_failures(cli, scripted, tmp_path):
              words(1, 200): ("What is list three?", "Score: 91")}
     backend, spec = scripted(default=by_document(table))
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(3)])
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "rubric", "--concurrency", "1", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "--concurrency", "1", "-q")
     assert r.exit_code == 0, r.output
     cands = {c["id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
     assert cands["d0#0"]["status"] == "kept"

@@ -22,7 +22,7 @@ TEXT = "The dpkg tool installs a single .deb file.\n\nThe apt tool resolves depe
 
 CASES = {
     "augment": ("kun/augment", {"text": TEXT, "examples": SEED}),
-    "judge_generate": ("kun/judge", {"instruction": "How does apt differ from dpkg?", "mode": "generate"}),
+    "judge_rubric": ("kun/judge", {"instruction": "How does apt differ from dpkg?", "mode": "rubric"}),
     "judge_logprob": ("kun/judge", {"instruction": "How does apt differ from dpkg?", "mode": "logprob"}),
     "polish": ("kun/polish", {"instruction": "How does apt differ from dpkg?", "text": TEXT}),
 }
@@ -127,7 +127,7 @@ def test_run_counts_every_drop_by_reason(cli, scripted, tmp_path):
     backend, spec = scripted(default=kun_reply(table))
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(6)])
     out = tmp_path / "out"
-    r = cli("run", "kun", corpus, "-o", out, "--model", spec, "--judge-mode", "generate", "-q")
+    r = cli("run", "kun", corpus, "-o", out, "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     [row] = read_jsonl(out / "data.jsonl")
     assert row["instruction"] == "How does apt differ from dpkg when installing packages?"
@@ -197,12 +197,12 @@ def test_unparseable_verdict_is_resampled_with_parse_retries(cli, scripted, tmp_
 
     backend, spec = scripted(default=reply)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(60)}])
-    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "generate", "--parse-retries", "1", "-q")
+    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "--parse-retries", "1", "-q")
     assert r.exit_code == 0, r.output
     [row] = read_jsonl(tmp_path / "out" / "data.jsonl")
     judged = [s for s in row["meta"]["lineage"] if s["stage"] == "kun.judge"]
     assert [(s.get("attempt"), s.get("parse_error")) for s in judged] == [(None, "no_verdict"), (1, None)]
-    assert judged[1]["parsed"] == {"verdict": "good"} and row["meta"]["judge"] == {"verdict_mode": "generate"}
+    assert judged[1]["parsed"] == {"verdict": "good"} and row["meta"]["judge"] == {"verdict_mode": "rubric"}
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["parse_retries"] == 1 and stats["stages"]["kun.judge"]["parse_retries_recovered"] == 1
 
@@ -217,7 +217,7 @@ def test_truncated_or_filtered_verdicts_keep_their_reason(cli, scripted, tmp_pat
              words(1, 200): ("What does apt-get autoremove do on Debian?", Completion(text="The instruction is", finish_reason="length"), GOOD)}
     backend, spec = scripted(default=kun_reply(table))
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(3)])
-    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "generate", "-q")
+    r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     cands = {c["source_id"]: c for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
     judged = next(s for s in cands["d0"]["lineage"] if s["stage"] == "kun.judge")
@@ -283,7 +283,7 @@ def test_logprob_judge_on_a_backend_without_logprobs_stops_before_any_call(cli, 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(60)}])
     r = cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", "echo:What is this list about?", "--judge-mode", "logprob", "-q")
     assert r.exit_code == 2
-    assert "cannot do 'next_token_logprobs'" in r.output and "--judge-mode generate" in r.output
+    assert "cannot do 'next_token_logprobs'" in r.output and "--judge-mode rubric" in r.output
     assert not (tmp_path / "out" / "candidates.jsonl").exists()
 
 

@@ -31,6 +31,24 @@
 - ``top_percent_cutoff``: the score a record needs to be in the top P% of a run's scores.
 - :class:`Curator`: a curate stage's settings and decisions (mode, absolute threshold, keep the
   top P%), so every method's curate stage scores and keeps pairs the same way.
+- :class:`PairCurateStage`: the generic curate stage (score an (instruction, response) pair with a
+  :class:`Curator`, keep it above the threshold or in the top P%), for any method to configure with
+  its own templates; :func:`pair_curate_options` are its command-line options.
+
+One judging vocabulary (:data:`JUDGE_MODES`) names how every judging stage of every method reads
+its judge, set with ``--judge-mode``:
+
+- ``rubric``: the model replies and the reply is parsed (a score, or a yes/no label);
+- ``logprob``: the answer prefix is prefilled and the next-token distribution over the labels or
+  digits is read, one forward pass, nothing to parse;
+- ``pmi``, ``ifd``: no judging prompt, the pair is scored by likelihood (pair judges only);
+- ``auto``: decided by :func:`resolve_judge_mode`, the one place that chooses.
+
+Each judging stage derives from :class:`JudgingStage` and declares the modes it supports
+(``judge_modes``); an unsupported mode is refused when the stage is built, before any model call.
+The former names (``--curate-mode``, ``--verify-mode``, ``--score-mode``, eval-judge's ``--mode``
+and the value ``generate``) are read for one release with a deprecation warning
+(:func:`deprecated_alias`, :class:`JudgeModeType`).
 """
 
 from __future__ import annotations
@@ -39,10 +57,13 @@ import math
 import re
 from typing import Any, Callable, Iterable, Iterator
 
+import click
+
 from btkit.backends import NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
 from btkit.errors import BtkitError
-from btkit.methods import ParseError
-from btkit.records import journal_key
+from btkit.methods import ParseError, Stage
+from btkit.options import PERCENT, SCORE
+from btkit.records import Record, journal_key
 
 _NUM = r"(\d+(?:[.,]\d+)?)(?!\w|[.,]\d)"  # "1e1", "4x", "12abc" are not scores
 # "Score: 4", "**Score:** 4", "score = 4", "Score - 4/5", "Rating: 4 out of 5", "Score: [4]"
@@ -257,8 +278,166 @@ def top_percent_cutoff(scores: Iterable[float], percent: float) -> float | None:
     return ranked[k - 1]
 
 
-#: Every curate mode. auto: logprob when the backend can, else rubric.
-CURATE_MODES = ("auto", "rubric", "logprob") + LIKELIHOOD_MODES
+# -- the judging vocabulary -------------------------------------------------------------------
+#: How a judging stage reads its judge (``--judge-mode``), one vocabulary for every method.
+JUDGE_MODES = ("auto", "rubric", "logprob") + LIKELIHOOD_MODES
+#: What a judge that reads a label or a score from the model supports (yes/no verdicts, scores of an
+#: instruction alone): the likelihood modes need a response whose likelihood the instruction changes.
+LABEL_JUDGE_MODES = ("auto", "rubric", "logprob")
+#: Former values, read for one release with a warning.
+DEPRECATED_MODE_VALUES = {"generate": "rubric"}
+#: Kept for one release: the former name of :data:`JUDGE_MODES`.
+CURATE_MODES = JUDGE_MODES
+
+
+def warn_deprecated(message: str) -> None:
+    """``warning: MESSAGE`` on stderr, once per command invocation (every time outside one)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        seen = ctx.meta.setdefault("btkit.deprecation_warnings", set())
+        if message in seen:
+            return
+        seen.add(message)
+    click.echo(f"warning: {message}", err=True)
+
+
+def normalize_judge_mode(mode: str | None) -> str:
+    """``mode`` in the current vocabulary: None is ``auto``, a former value is its new name (with a warning)."""
+    mode = mode or "auto"
+    if mode in DEPRECATED_MODE_VALUES:
+        warn_deprecated(f"judge mode '{mode}' is deprecated; use '{DEPRECATED_MODE_VALUES[mode]}'")
+        mode = DEPRECATED_MODE_VALUES[mode]
+    return mode
+
+
+def check_judge_mode(mode: str | None, stage: str, supported: Iterable[str]) -> str:
+    """The mode a stage was asked for, refused in one line naming the stage when it cannot judge that way."""
+    mode = normalize_judge_mode(mode)
+    supported = tuple(supported)
+    if mode not in JUDGE_MODES:
+        raise BtkitError(f"--judge-mode '{mode}' unknown; choose one of {', '.join(JUDGE_MODES)}")
+    if mode not in supported:
+        raise BtkitError(f"stage {stage} cannot judge with --judge-mode {mode}; it supports {', '.join(supported)}")
+    return mode
+
+
+def resolve_judge_mode(requested: str, backend: Any, supported: Iterable[str] = JUDGE_MODES) -> tuple[str, str]:
+    """(mode, why) a stage judges with on ``backend``: an explicit mode as asked; ``auto`` decided here.
+
+    The one place ``auto`` is decided: logprob where the backend reads next-token logprobs (one
+    forward pass, nothing to parse), else rubric. Asking the backend may make a backend ask its
+    server once (``vllm:``), so stages call this from ``check_backend``, before the first call.
+    """
+    if requested != "auto":
+        return requested, f"--judge-mode {requested}"
+    if "logprob" in tuple(supported) and backend.supports(NEXT_TOKEN_LOGPROBS):
+        return "logprob", "auto: the backend reads next-token logprobs"
+    return "rubric", "auto: the backend reads no next-token logprobs"
+
+
+def require_judge_mode(mode: str, backend: Any, stage: str, supported: Iterable[str] = JUDGE_MODES,
+                       former_flag: str | None = None) -> None:
+    """Stop before the first call when ``backend`` cannot judge in ``mode`` (``auto`` is resolved now).
+
+    ``former_flag`` (e.g. ``--curate-mode``) is named next to ``--judge-mode`` for users of the
+    former name, for the deprecation release."""
+    needs = {"logprob": NEXT_TOKEN_LOGPROBS, "pmi": SCORE_CONTINUATION, "ifd": SCORE_CONTINUATION}.get(mode)
+    if needs is None:
+        resolve_judge_mode(mode, backend, supported)
+        return
+    formerly = f" (formerly {former_flag} {mode})" if former_flag else ""
+    backend.require(needs, f"--judge-mode {mode}{formerly} in stage {stage} (or use --judge-mode rubric)")
+
+
+def judge_mode_option(supported: Iterable[str], help: str) -> click.Option:
+    """The ``--judge-mode`` option of a method whose judging stage supports ``supported``.
+
+    Every method takes the whole vocabulary, so a mode its judge cannot use is refused by the
+    stage in one line that names the stage and what it supports."""
+    supported = tuple(supported)
+    return click.Option(["--judge-mode", "judge_mode"], type=JudgeModeType(), default="auto", show_default=True,
+                        help=f"{help} Supported here: {', '.join(supported)}.")
+
+
+class JudgeModeType(click.Choice):
+    """:data:`JUDGE_MODES` as a click type; the former value ``generate`` is read as ``rubric`` with a warning.
+
+    With ``former_flag``, the type of a deprecated alias (:func:`deprecated_alias`): a value given
+    under that name, on the command line, in a pipeline file or with ``-S``, warns once."""
+
+    def __init__(self, former_flag: str | None = None, new_flag: str = "--judge-mode"):
+        super().__init__(JUDGE_MODES)
+        self.former_flag = former_flag
+        self.new_flag = new_flag
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if self.former_flag and _given(param, ctx):
+            warn_deprecated(f"{self.former_flag} is deprecated; use {self.new_flag}")
+        if isinstance(value, str) and value.lower() in DEPRECATED_MODE_VALUES:
+            value = normalize_judge_mode(value.lower())
+        return super().convert(value, param, ctx)
+
+
+def _given(param: Any, ctx: Any) -> bool:
+    """Whether a value was written by the user (not an option's default): pipeline files and ``-S``
+    convert without a click context."""
+    if ctx is None or param is None or param.name is None:
+        return True
+    source = ctx.get_parameter_source(param.name)
+    return source not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
+def deprecated_alias(option: click.Option, former_flag: str) -> click.Option:
+    """A hidden option ``former_flag`` that sets ``option``'s value, warning once that it is deprecated.
+
+    On the command line its value goes to ``option``'s name, so the stage sees one option. A
+    pipeline file's key (``curate_mode:``) or ``-S`` finds this option by its flag and gives the
+    stage its own name, which the stage reads through :func:`judge_mode_from`; both warn the same
+    way, once per invocation."""
+    new_flag = next(f for f in option.opts if f.startswith("--"))
+    target = option.name
+
+    def move_value(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None and value != ():
+            ctx.params[target] = (tuple(ctx.params.get(target) or ()) + tuple(value)) if option.multiple else value
+        return value
+
+    return click.Option([former_flag], type=JudgeModeType(former_flag, new_flag), default=None, multiple=option.multiple,
+                        hidden=True, expose_value=False, callback=move_value, help=f"Deprecated: use {new_flag}.")
+
+
+def judge_mode_from(options: dict[str, Any], *former_keys: str) -> str | None:
+    """``judge_mode`` from a stage's options; a former key (``curate_mode``, from a pipeline file,
+    ``-S`` or a caller that builds stages itself) wins when given, with a deprecation warning."""
+    for key in former_keys:
+        if options.get(key) is not None:
+            warn_deprecated(f"--{key.replace('_', '-')} is deprecated; use --judge-mode")
+            return options[key]
+    return options.get("judge_mode")
+
+
+class JudgingStage(Stage):
+    """A stage that asks a judge: declares the modes it supports and checks its backend before any call.
+
+    Subclasses set ``judge_modes`` (a subset of :data:`JUDGE_MODES`, ``auto`` included) and, for
+    the deprecation release, ``former_flag``/``former_key`` (the stage's former option name)."""
+
+    kind = "curate"
+    judge_modes: tuple[str, ...] = LABEL_JUDGE_MODES
+    former_flag: str | None = None
+    former_key: str | None = None
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        former = (self.former_key,) if self.former_key else ()
+        self.judge_mode = check_judge_mode(judge_mode_from(options, *former), self.label, self.judge_modes)
+
+    def check_backend(self, backend: Any) -> None:
+        require_judge_mode(self.judge_mode, backend, self.label, self.judge_modes, self.former_flag)
+
+    def resolve_mode(self, backend: Any) -> str:
+        """The mode this stage judges with on ``backend`` (``auto`` decided by :func:`resolve_judge_mode`)."""
+        return resolve_judge_mode(self.judge_mode, backend, self.judge_modes)[0]
 
 
 def rank_value(meta: dict[str, Any]) -> float | None:
@@ -273,19 +452,18 @@ def rank_value(meta: dict[str, Any]) -> float | None:
 class Curator:
     """How a curate stage scores a pair and decides to keep it, from the stage's options.
 
-    Options: ``curate_mode`` (see :data:`CURATE_MODES`); ``threshold`` (1..5, rubric and logprob
-    modes, default 5); ``score_threshold`` (keep score >= X, any mode; pmi and ifd default to 0,
-    "the instruction helps"); ``keep_top`` (keep the top P% of the run's scored pairs, decided at the
-    end of the run over all of them; ties at the cutoff are kept). With ``keep_top`` only an explicit
-    ``score_threshold`` also applies. The score and its parts go to the record's meta.
+    Options (declared once, with their defaults, by :func:`pair_curate_options`): ``judge_mode``
+    (see :data:`JUDGE_MODES`); ``threshold`` (1..5, rubric and logprob modes); ``score_threshold``
+    (keep score >= X, any mode; pmi and ifd default to 0, "the instruction helps"); ``keep_top``
+    (keep the top P% of the run's scored pairs, decided at the end of the run over all of them; ties
+    at the cutoff are kept). With ``keep_top`` only an explicit ``score_threshold`` also applies.
+    The score and its parts go to the record's meta (``curate_mode``: the mode that scored it).
     """
 
-    def __init__(self, label: str, options: dict[str, Any], default_threshold: int = 5):
+    def __init__(self, label: str, options: dict[str, Any], mode: str | None = None):
         self.label = label
-        self.mode = options.get("curate_mode") or "auto"
-        if self.mode not in CURATE_MODES:
-            raise BtkitError(f"curate mode '{self.mode}' unknown; choose one of {', '.join(CURATE_MODES)}")
-        self.threshold = int(options["threshold"]) if options.get("threshold") is not None else default_threshold
+        self.mode = mode if mode is not None else check_judge_mode(judge_mode_from(options, "curate_mode"), label, JUDGE_MODES)
+        self.threshold = int(options["threshold"])
         self.score_threshold = float(options["score_threshold"]) if options.get("score_threshold") is not None else None
         self.keep_top = float(options["keep_top"]) if options.get("keep_top") is not None else None
         if self.keep_top is not None and not 0 < self.keep_top <= 100:
@@ -305,17 +483,10 @@ class Curator:
 
     def check_backend(self, backend: Any) -> None:
         """Fail before the first call when the backend cannot score this way."""
-        if self.likelihood:
-            backend.require(SCORE_CONTINUATION, f"--curate-mode {self.mode} in stage {self.label} (or use --curate-mode rubric)")
-        elif self.mode == "logprob":
-            backend.require(NEXT_TOKEN_LOGPROBS, f"--curate-mode logprob in stage {self.label} (or use --curate-mode rubric)")
-        else:  # auto: decided now, so a backend that must ask its server (vllm:) does so before the first call
-            self.resolve_mode(backend)
+        require_judge_mode(self.mode, backend, self.label, JUDGE_MODES, former_flag="--curate-mode")
 
     def resolve_mode(self, backend: Any) -> str:
-        if self.mode == "auto":
-            return "logprob" if backend.supports(NEXT_TOKEN_LOGPROBS) else "rubric"
-        return self.mode
+        return resolve_judge_mode(self.mode, backend, JUDGE_MODES)[0]
 
     async def score(self, ctx: Any, instruction: str, response: str, *, judge_template: str, likelihood_template: str,
                     params: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
@@ -366,3 +537,85 @@ class Curator:
                 if v is not None and v < cut:
                     drops[journal_key(line)] = ("below_keep_top", {"score": v, "keep_top": self.keep_top, "cutoff": cut})
         return drops
+
+
+class PairCurateStage(JudgingStage):
+    """Score an (instruction, response) pair with a :class:`Curator` and keep it if it scores well enough.
+
+    The generic curate stage of backtranslation methods (Humpback, Back-and-Forth, ...): a method
+    configures it with its templates, ``judge_template`` (the rubric; rendered with ``mode`` so
+    ``logprob`` prefills ``Score: ``) and ``likelihood_template`` (the instruction alone as the user
+    message, for pmi and ifd), and optionally ``system``, the system prompt a kept pair carries.
+    Thresholds and keep-top-P% are the Curator's; its options are :func:`pair_curate_options`.
+    """
+
+    kind = "curate"
+    judge_modes = JUDGE_MODES
+    former_flag = "--curate-mode"
+    former_key = "curate_mode"
+    judge_template: str = ""
+    likelihood_template: str = ""
+    system: str | None = None
+    #: Sampling for the rubric reply (the stage's options override it).
+    sampling_defaults: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256}
+
+    def __init__(self, method: str, name: str, options: dict[str, Any]):
+        super().__init__(method, name, options)
+        self.curator = Curator(self.label, options, mode=self.judge_mode)
+        self.mode = self.curator.mode
+        self.threshold = self.curator.threshold
+        if self.curator.likelihood:  # the instruction alone as the user message; the response is scored after it
+            self.templates = (self.likelihood_template,)
+            self.variables = ("instruction",)
+        else:
+            self.templates = (self.judge_template,)
+            self.variables = ("instruction", "response", "mode")
+
+    def check_backend(self, backend: Any) -> None:
+        self.curator.check_backend(backend)
+
+    @property
+    def cuts_at_end(self) -> bool:  # keep-top is decided over the whole run
+        return self.curator.keep_top is not None
+
+    def end_of_run(self, journal: Callable[[], Iterator[dict[str, Any]]]) -> dict[str, tuple[str, dict[str, Any]]]:
+        return self.curator.end_of_run(journal)
+
+    async def process(self, record: Record, ctx: Any) -> list[Record]:
+        score, details = await self.curator.score(
+            ctx, record.fields["instruction"], record.fields["response"],
+            judge_template=self.judge_template, likelihood_template=self.likelihood_template,
+            params=self.sampling(**self.sampling_defaults),
+        )
+        record.meta.update(details)
+        verdict = self.curator.verdict(score, details)
+        if verdict is not None:
+            reason, why = verdict
+            return [record.drop(self.label, reason, **why)]
+        if self.system is not None:
+            record.fields["system"] = self.system
+        return [record]
+
+
+JUDGE_MODE_HELP = ("rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; "
+                   "auto: logprob when the backend can, else rubric; pmi: mean log P(response|instruction) - mean log P(response); "
+                   "ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023). "
+                   "pmi and ifd need no judging prompt and work on small models.")
+
+
+def pair_curate_options(default_threshold: int = 5) -> list[click.Option]:
+    """The command-line options of a :class:`PairCurateStage`, each default declared here once.
+
+    ``--threshold`` (the rubric score to keep, ``default_threshold`` by default), ``--judge-mode``
+    (and its deprecated alias ``--curate-mode``), ``--score-threshold`` and ``--keep-top``."""
+    judge_mode = judge_mode_option(JUDGE_MODES, JUDGE_MODE_HELP)
+    return [
+        click.Option(["--threshold"], type=click.IntRange(1, 5), default=default_threshold, show_default=True,
+                     help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),
+        judge_mode,
+        deprecated_alias(judge_mode, "--curate-mode"),
+        click.Option(["--score-threshold"], type=SCORE, default=None,
+                     help="Keep pairs with score >= X, any mode (pmi/ifd default 0: the instruction makes the response more likely; overrides --threshold)."),
+        click.Option(["--keep-top"], type=PERCENT, default=None,
+                     help="Keep the top P percent of scored pairs (decided when the run ends, over all of them; ties at the cutoff kept). Replaces --threshold."),
+    ]

@@ -1,8 +1,9 @@
 """Binary judgments (yes/no, good/bad) shared by CRAB's constraint check and Kun's instruction judge.
 
-Two ways to get a verdict, as with Humpback's scores: ``logprob`` prefills the template's answer
+Two ways to get a verdict, the judge modes of :mod:`btkit.kit.judges` that a label judge supports
+(:data:`~btkit.kit.judges.LABEL_JUDGE_MODES`): ``logprob`` prefills the template's answer
 prefix and compares the next-token probabilities of the two labels (one forward pass, nothing to
-parse; small local models rarely format a reply well), ``generate`` lets the model reply and parses
+parse; small local models rarely format a reply well), ``rubric`` lets the model reply and parses
 the label strictly: a reply naming neither label, or both without a clear final answer, is a
 :class:`ParseError`, counted and recorded with the raw text, never guessed. The label comes
 first, so a reply cut at ``max_tokens`` after it still carries the verdict: it is parsed
@@ -16,30 +17,13 @@ import math
 import re
 from typing import Any
 
-from btkit.errors import BtkitError
 from btkit.methods import ParseError
 
-from .judges import invalid_logprobs, parse_error_details
+from . import judges
+from .judges import LABEL_JUDGE_MODES, invalid_logprobs, normalize_judge_mode, parse_error_details
 
-VERDICT_MODES = ("auto", "logprob", "generate")
-
-
-def check_mode(mode: str | None, option: str) -> str:
-    mode = mode or "auto"
-    if mode not in VERDICT_MODES:
-        raise BtkitError(f"{option} '{mode}' unknown; choose one of {', '.join(VERDICT_MODES)}")
-    return mode
-
-
-def require_logprobs(mode: str, backend: Any, why: str) -> None:
-    """Stop before the first call when ``logprob`` mode was asked of a backend that cannot do it.
-
-    In ``auto`` mode the backend is asked now, before the run's first call, so a backend that
-    must ask its server (``vllm:``) does so once, outside the event loop's hot path."""
-    if mode == "logprob":
-        backend.require("next_token_logprobs", why)
-    elif mode == "auto":
-        backend.supports("next_token_logprobs")
+#: Kept for one release: the modes a verdict supports are :data:`~btkit.kit.judges.LABEL_JUDGE_MODES`.
+VERDICT_MODES = LABEL_JUDGE_MODES
 
 
 def parse_binary(text: str | None, positive: str, negative: str) -> bool:
@@ -64,13 +48,13 @@ async def binary_verdict(ctx: Any, template: str, variables: dict[str, Any], pos
                          mode: str = "auto", params: dict[str, Any] | None = None) -> tuple[bool | None, dict[str, Any]]:
     """Ask ``template`` for a two-label verdict. Returns (verdict or None when unparseable, details).
 
-    ``generate`` parses through ``ctx.complete(parse=...)``, so ``--parse-retries`` re-samples an
+    ``mode`` is a judge mode (``auto`` decided by :func:`~btkit.kit.judges.resolve_judge_mode`).
+    ``rubric`` parses through ``ctx.complete(parse=...)``, so ``--parse-retries`` re-samples an
     unparseable reply and the reason is the engine's when the reply was cut or filtered
     ('truncated', 'content_filter'). ``logprob`` refuses values that are not log-probabilities
     (NaN, > 0: ``invalid_logprobs``) instead of turning them into a silent "no".
     """
-    if mode == "auto":
-        mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "generate"
+    mode = judges.resolve_judge_mode(normalize_judge_mode(mode), ctx.backend(), LABEL_JUDGE_MODES)[0]
     if mode == "logprob":
         lp = await ctx.next_token_logprobs(template, {**variables, "mode": "logprob"}, [positive, negative])
         lp_pos, lp_neg = float(lp.get(positive, -math.inf)), float(lp.get(negative, -math.inf))
@@ -85,7 +69,7 @@ async def binary_verdict(ctx: Any, template: str, variables: dict[str, Any], pos
     def parse(text: str | None) -> dict[str, str]:
         return {"verdict": positive if parse_binary(text, positive, negative) else negative}
 
-    comp = await ctx.complete(template, {**variables, "mode": "generate"}, parse=parse, accept_truncated=True, **(params or {}))
+    comp = await ctx.complete(template, {**variables, "mode": mode}, parse=parse, accept_truncated=True, **(params or {}))
     if comp.parse_error is not None:
         return None, {"verdict_mode": mode, **parse_error_details(comp.parse_error, "verdict")}
     return comp.parsed["verdict"] == positive, {"verdict_mode": mode}

@@ -40,7 +40,7 @@ from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.options import CONCURRENCY, PERCENT, SCORE
 
-from btkit.kit.judges import CURATE_MODES, Curator, rank_value, top_percent_cutoff
+from btkit.kit.judges import Curator, JudgeModeType, rank_value, top_percent_cutoff
 
 NEGATIVE_KINDS = ("swapped", "truncated", "text_ref")
 
@@ -168,7 +168,7 @@ def judges_pairs(method: Any, stage_name: str) -> bool:
     if info is None or info.kind != "curate":
         return False
     try:
-        stage = method.build_stage(stage_name, {})
+        stage = method.stage_with_defaults(stage_name, {})
     except BtkitError:  # a stage that needs options to be built is not one we can evaluate
         return False
     return isinstance(getattr(stage, "curator", None), Curator)
@@ -260,7 +260,7 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
             "cache_hits": sum(it.cached for it in items), "model_calls": sum(it.calls for it in items),
             "items_from_cache": sum(1 for it in items if it.cached and not it.calls),
             "threshold": curator.cutoff() if curator else None, "keep_top": keep_top, "keep_top_cutoff": cutoff,
-            "mode": getattr(curator, "mode", stage_options.get("curate_mode"))}
+            "mode": getattr(curator, "mode", stage_options.get("judge_mode"))}
 
 
 #: What the warm-up call sends: tiny, and never a cache entry (it goes to the backend directly).
@@ -268,7 +268,7 @@ WARMUP_MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
 async def warm_up(backend: Any, curator: Any) -> str | None:
-    """One tiny call of the kind the curate mode makes, so model loading (and llamacpp's one-off
+    """One tiny call of the kind the judge mode makes, so model loading (and llamacpp's one-off
     conversion of its scoring weights) is not timed as scoring. A stage without a shared
     ``Curator`` (Kun's judge, say) gets a one-token chat call: it loads the model, but a scoring
     copy that stage loads later is still timed. Returns the error if it failed: the items then
@@ -380,7 +380,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
 @click.argument("gold", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", default="humpback", show_default=True, help="Method whose pair-scoring curate stage is the judge (e.g. humpback, backforth).")
 @click.option("--stage", "stage_name", default=None, help="The stage to evaluate (default: the method's first stage that scores (instruction, response) pairs).")
-@click.option("--mode", "modes", type=click.Choice(CURATE_MODES), multiple=True, help="Curate mode; repeat to compare modes (default: auto, what a run would pick).")
+@click.option("--judge-mode", "modes", type=JudgeModeType(), multiple=True,
+              help="Judge mode (auto, rubric, logprob, pmi, ifd); repeat to compare modes (default: auto, what a run would pick).")
+@click.option("--mode", "former_modes", type=JudgeModeType("--mode", "--judge-mode"), multiple=True, hidden=True, help="Deprecated: use --judge-mode.")
 @click.option("--model", default=None, help="Model spec (default: the embedded SmolLM2-135M).")
 @click.option("--base-url", default=None, help="Endpoint for remote backends (default for openai:/vllm: OPENAI_BASE_URL).")
 @click.option("-B", "--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE", help="Backend option (e.g. -B n_ctx=8192).")
@@ -397,7 +399,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 @click.option("--no-cache", is_flag=True, help="Do not read or write the model-call cache (honest timings; the report counts items_from_cache).")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None, help="Write the report as JSON here ('-': stdout instead of the table).")
-def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: tuple[str, ...], model: str | None, base_url: str | None,
+def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: tuple[str, ...], former_modes: tuple[str, ...], model: str | None, base_url: str | None,
                        backend_option: tuple[str, ...], limit: int | None, negatives: str, seed: int, threshold: int | None,
                        score_threshold: float | None, keep_top: float | None, prompts_dir: tuple[Path, ...], concurrency: int,
                        no_cache: bool, cache_path: Path | None, json_out: Path | None) -> None:
@@ -409,6 +411,7 @@ def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: t
     from btkit.plugins import get_registry
 
     results = []
+    modes = modes + former_modes  # --mode: the former name of --judge-mode (warned when read)
     try:
         kinds = [k.strip() for k in negatives.split(",") if k.strip()]
         pairs = load_gold(gold, limit)
@@ -418,7 +421,7 @@ def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: t
         spec = model or DEFAULT_MODEL
         for mode in modes or ("auto",):
             items = build_items(pairs, seed, kinds)
-            options: dict[str, Any] = {"curate_mode": mode}
+            options: dict[str, Any] = {"judge_mode": mode}
             for key, value in (("threshold", threshold), ("score_threshold", score_threshold), ("keep_top", keep_top)):
                 if value is not None:
                     options[key] = value

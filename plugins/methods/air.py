@@ -28,12 +28,13 @@ from btkit.options import MAX_WORDS, MIN_WORDS, SHARE
 from btkit.records import Record
 
 from btkit.kit import judges as curation
-from ._prompts import PROMPTS
-from btkit.kit.text import near_duplicate
 from btkit.kit.instructions import parse_instruction
+from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, deprecated_alias, judge_mode_option
 from btkit.kit.segment import segment_corpus
+from btkit.kit.text import near_duplicate
 
-SCORE_MODES = ("auto", "rubric", "logprob")
+from ._prompts import PROMPTS
+
 TOP_SCORE = 5
 _CONSTRAINT_LINE = re.compile(r"^[\s>*#_-]*constraint[\s*_]*[:：]\s*(.*)$", re.IGNORECASE)
 _NONE = {"none", "no", "n/a", "na", "null", "nothing", "no constraint", "no constraints", "none needed", "no missing constraint"}
@@ -91,8 +92,7 @@ async def score_instruction(ctx: Any, instruction: str, mode: str, params: dict[
     counted failure (``invalid_logprobs``), never a score.
     """
     variables = {"instruction": instruction}
-    if mode == "auto":
-        mode = "logprob" if ctx.backend().supports("next_token_logprobs") else "rubric"
+    mode = curation.resolve_judge_mode(mode, ctx.backend(), LABEL_JUDGE_MODES)[0]
     if mode == "logprob":  # the additive scale starts at 0: an instruction can meet none of the criteria
         score, details = await curation.logprob_score(ctx, "air/score", variables, TOP_SCORE, bottom=0)
     else:
@@ -117,28 +117,23 @@ class AugmentStage(Stage):
         return [record]
 
 
-class ScoreStage(Stage):
-    """Keep instructions scoring at least the threshold (default 4) on the additive scale."""
+class ScoreStage(JudgingStage):
+    """Keep instructions scoring at least ``--threshold`` on the additive scale (a score of the
+    instruction alone: rubric or logprob, no likelihood modes)."""
 
     kind = "curate"
     templates = ("air/score",)
     variables = ("instruction", "mode")
+    judge_modes = LABEL_JUDGE_MODES
+    former_flag = "--score-mode"
+    former_key = "score_mode"
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.mode = options.get("score_mode") or "auto"
-        if self.mode not in SCORE_MODES:
-            raise BtkitError(f"score mode '{self.mode}' unknown; choose one of {', '.join(SCORE_MODES)}")
-        self.threshold = int(options["threshold"]) if options.get("threshold") is not None else 4
-
-    def check_backend(self, backend: Any) -> None:
-        if self.mode == "logprob":
-            backend.require("next_token_logprobs", f"--score-mode logprob in stage {self.label} (or use --score-mode rubric)")
-        elif self.mode == "auto":  # asked now, so vllm: checks its server once before the first call
-            backend.supports("next_token_logprobs")
+        self.threshold = int(options["threshold"])  # 0 keeps every scored instruction
 
     async def process(self, record: Record, ctx) -> list[Record]:
-        score, details = await score_instruction(ctx, record.fields["instruction"], self.mode, self.sampling(temperature=0.0, max_tokens=256))
+        score, details = await score_instruction(ctx, record.fields["instruction"], self.judge_mode, self.sampling(temperature=0.0, max_tokens=256))
         record.meta.update(details, threshold=self.threshold)
         if score is None:
             return [record.drop(self.label, "unparseable_score", error=details.get("score_error"))]
@@ -156,10 +151,10 @@ class RefineStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.rounds = int(options["rounds"]) if options.get("rounds") is not None else 5
-        self.min_constraints = int(options["min_constraints"]) if options.get("min_constraints") is not None else 1
-        self.dedup_threshold = float(options["dedup_threshold"]) if options.get("dedup_threshold") is not None else 0.6
-        self.merge = options.get("merge") or "llm"
+        self.rounds = int(options["rounds"])
+        self.min_constraints = int(options["min_constraints"])  # 0 keeps records that gained none
+        self.dedup_threshold = float(options["dedup_threshold"])
+        self.merge = options["merge"]
         if self.merge not in ("llm", "append"):
             raise BtkitError(f"merge '{self.merge}' unknown; choose llm or append")
 
@@ -225,14 +220,20 @@ class Air(Method):
         return out
 
 
+def _score_mode_options() -> list[click.Option]:
+    judge_mode = judge_mode_option(LABEL_JUDGE_MODES, "How the score stage reads AIR's judge: rubric generates and parses 'Score: N'; "
+                                   "logprob reads P(0..5) after 'Score: '; auto: logprob when the backend can.")
+    return [judge_mode, deprecated_alias(judge_mode, "--score-mode")]
+
+
 METHOD = Air(
     name="air",
     description="AIR: automatic iterative refinement; an instruction from the document, then constraints the model's answer misses, merged in round by round.",
     paper="Liu et al. 2025, AIR: Complex Instruction Generation via Automatic Iterative Refinement, arXiv:2502.17787",
     stages=[
         StageInfo("augment", "augment", ("text",), ("instruction", "response"), "write the single instruction that would lead to the document as the response"),
-        StageInfo("score", "curate", ("instruction",), ("score",), "additive 5-point score (basic task, answerable, no external document, clear intent, general topic); keep >= threshold"),
-        StageInfo("refine", "constrain", ("instruction", "response"), ("instruction", "constraints", "rounds"),
+        StageInfo("score", "curate", ("instruction",), (), "additive 5-point score (basic task, answerable, no external document, clear intent, general topic; meta.score); keep >= threshold"),
+        StageInfo("refine", "constrain", ("instruction", "response"), ("instruction", "initial_instruction", "constraints", "rounds"),
                   "rounds of: answer, judge vs the document for the most important missing constraint, skip duplicates, merge"),
     ],
     default_stages=("augment", "score", "refine"),
@@ -241,7 +242,7 @@ METHOD = Air(
         click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop documents (segments) shorter than this (0: keep all)."),
         click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
         click.Option(["--threshold"], type=click.IntRange(0, 5), default=4, show_default=True, help="Keep instructions scoring at least this on the additive 0-5 scale."),
-        click.Option(["--score-mode"], type=click.Choice(SCORE_MODES), default="auto", show_default=True, help="rubric: generate and parse 'Score: N'; logprob: read P(0..5) after 'Score: '; auto: logprob when the backend can."),
+        *_score_mode_options(),
         click.Option(["--rounds"], type=click.IntRange(1, 20), default=5, show_default=True, help="At most this many refinement rounds."),
         click.Option(["--min-constraints"], type=click.IntRange(0, 20), default=1, show_default=True, help="Drop records that gained fewer constraints than this."),
         click.Option(["--merge"], type=click.Choice(("llm", "append")), default="llm", show_default=True, help="llm: the model merges each constraint into the instruction; append: add it as a sentence."),

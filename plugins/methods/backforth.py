@@ -1,11 +1,16 @@
 """Instruction back-and-forth translation (Nguyen et al. 2024, arXiv 2408.04614).
 
-Humpback's self-augmentation and self-curation (reused from :mod:`btkit_plugins.methods.humpback`, under
-this method's name), then **rewrite**: an aligned model rewrites the response given the
+Humpback's self-augmentation and self-curation under this method's name, then **rewrite**: an aligned model rewrites the response given the
 instruction and the original document, keeping the document's information and turning it into an
 assistant-style answer. The paper rewrites only the highest-scoring pairs, hence the default
 curation threshold of 5. Each kept record keeps the original text (``meta.original_response`` in
 ``data.jsonl``, ``fields.text`` in ``candidates.jsonl``) next to the rewritten response.
+
+How it reuses Humpback without importing it: ``augment`` is the ``humpback`` method's own augment
+stage, asked of the plugin registry when the stage is built (a public API; this method's options,
+seed and shots included, are passed to it); ``curate`` is the kit's
+:class:`~btkit.kit.judges.PairCurateStage` with Humpback's templates (``humpback/curate``,
+``humpback/pmi``), which are public by name like every template.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import click
 
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
+from btkit.kit.judges import PairCurateStage, pair_curate_options
+from btkit.kit.segment import segment_corpus
 from btkit.methods import Method, ParseError, Stage, StageInfo
+from btkit.options import MAX_WORDS, MIN_WORDS, SHOTS
 from btkit.records import Record
 
 from ._prompts import PROMPTS
-from .humpback import METHOD as HUMPBACK
-from .humpback import AugmentStage, CurateStage
-from btkit.kit.segment import segment_corpus
+
+#: The system prompt of a kept pair: Humpback's tag for backtranslated data, which the paper keeps.
+AUGMENTED_SYSTEM = "Answer with knowledge from web search."
 
 _PREAMBLE = re.compile(
     r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:(?:here(?:'s| is) (?:the |my |a )?)?(?:rewritten |improved |revised )?(?:answer|response)(?: to the request)?|rewritten(?: answer| response)?)\s*(?:\*\*)?\s*[:\-–]\s*(?:\*\*)?\s*\n?",
@@ -56,7 +64,7 @@ class RewriteStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.min_words = int(options["min_rewrite_words"]) if options.get("min_rewrite_words") is not None else 5  # 0 means 0
+        self.min_words = int(options["min_rewrite_words"])  # 0 means 0
 
     async def process(self, record: Record, ctx) -> list[Record]:
         f = record.fields
@@ -74,13 +82,38 @@ class RewriteStage(Stage):
         return [record]
 
 
+class CurateStage(PairCurateStage):
+    """Humpback's curation: its 5-point rubric (or a likelihood mode) on the pair, through the kit's stage."""
+
+    judge_template = "humpback/curate"
+    likelihood_template = "humpback/pmi"
+    system = AUGMENTED_SYSTEM
+
+
+def humpback_augment_stage(method: str, name: str, options: dict[str, Any]) -> Stage:
+    """Humpback's backward instruction generation as this method's stage ``name``.
+
+    Asked of the plugin registry (the ``humpback`` method must be installed, as it is with btkit),
+    with Humpback's option defaults under ``options``; the stage is renamed to this method so its
+    label, drops and lineage say ``backforth.augment``."""
+    from btkit.plugins import get_registry
+
+    try:
+        humpback = get_registry().method("humpback")
+    except BtkitError as e:
+        raise BtkitError(f"{method}.{name} is Humpback's augment stage and needs the humpback method: {e}") from None
+    stage = humpback.stage_with_defaults("augment", options)
+    stage.method, stage.name = method, name
+    return stage
+
+
 class BackAndForth(Method):
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         return segment_corpus(rows, options, stage="backforth.segment")
 
     def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
         if name == "augment":
-            return AugmentStage(self.name, name, options)
+            return humpback_augment_stage(self.name, name, options)
         if name == "curate":
             return CurateStage(self.name, name, options)
         if name == "rewrite":
@@ -88,21 +121,26 @@ class BackAndForth(Method):
         raise BtkitError(f"backforth has no stage '{name}'")
 
 
-_NOT_SHARED = {"mix_seed"}  # backforth writes no seed pairs to its output
-
 METHOD = BackAndForth(
     name="backforth",
     description="Instruction back-and-forth translation: Humpback's augment and curate, then rewrite the response from the instruction and the original document.",
     paper="Nguyen et al. 2024, Better Alignment with Instruction Back-and-Forth Translation, arXiv:2408.04614",
     stages=[
         StageInfo("augment", "augment", ("text",), ("instruction", "response"), "Humpback's backward instruction generation (template humpback/augment)"),
-        StageInfo("curate", "curate", ("instruction", "response"), ("score", "system"), "Humpback's 5-point rubric, keep score >= threshold (template humpback/curate)"),
-        StageInfo("rewrite", "rewrite", ("instruction", "text", "response"), ("response", "original_response"),
-                  "rewrite the response as an assistant's answer grounded in the original document"),
+        StageInfo("curate", "curate", ("instruction", "response"), ("system",), "Humpback's 5-point rubric (or pmi/ifd; meta.score), keep score >= threshold (template humpback/curate)"),
+        StageInfo("rewrite", "rewrite", ("instruction", "response"), ("response", "text"),
+                  "rewrite the response as an assistant's answer grounded in the original document (text, else the response; "
+                  "the original response goes to meta.original_response)"),
     ],
     default_stages=("augment", "curate", "rewrite"),
     prompts_dir=PROMPTS,
-    cli_options=[o for o in HUMPBACK.cli_options if o.name not in _NOT_SHARED] + [
+    cli_options=[
+        click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
+        *pair_curate_options(default_threshold=5),
+        click.Option(["--shots"], type=SHOTS, default=3, show_default=True, help="Few-shot examples per augment prompt (0: none)."),
+        click.Option(["--candidates"], type=click.IntRange(1), default=1, show_default=True, help="Instructions generated per segment: one request with n=N where the backend samples several (vllm:, openai:, litellm:), else N requests with seeds seed+i. A failed candidate is dropped on its own."),
+        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop segments shorter than this (0: keep all)."),
+        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
         click.Option(["--min-rewrite-words"], type=click.IntRange(0), default=5, show_default=True, help="Drop rewritten answers shorter than this (0: keep any non-empty answer)."),
     ],
 )

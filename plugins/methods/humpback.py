@@ -14,7 +14,7 @@ import click
 
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, Stage, StageInfo
-from btkit.options import MAX_WORDS, MIN_WORDS, PERCENT, SCORE, SHOTS
+from btkit.options import MAX_WORDS, MIN_WORDS, SHOTS
 from btkit.records import Record, failed_record
 
 from btkit.kit import judges as curation
@@ -26,7 +26,6 @@ from ._prompts import PROMPTS
 
 AUGMENTED_SYSTEM = "Answer with knowledge from web search."
 SEED_SYSTEM = "Answer in the style of an AI Assistant."
-CURATE_MODES = curation.CURATE_MODES
 
 
 class AugmentStage(Stage):
@@ -40,9 +39,8 @@ class AugmentStage(Stage):
         super().__init__(method, name, options)
         seed_path = options.get("seed_file")
         self.seed = load_seed(seed_path) if seed_path else load_seed(DEFAULT_SEED)
-        self.shots = int(options["shots"]) if options.get("shots") is not None else 3  # 0 is zero-shot, not "not given"
-        self.candidates = int(options["candidates"]) if options.get("candidates") is not None else 1
-        self.max_instruction_words = int(options["max_instruction_words"]) if options.get("max_instruction_words") is not None else 150
+        self.shots = int(options["shots"])  # 0 is zero-shot
+        self.candidates = int(options["candidates"])
 
     async def process(self, record: Record, ctx) -> list[Record]:
         """One record per candidate instruction; a candidate whose call failed is its own dropped record.
@@ -55,7 +53,7 @@ class AugmentStage(Stage):
         examples = pick_examples(self.seed, record.id, self.shots)
         params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=128)
         variables = {"text": text, "examples": examples}
-        parse = lambda reply: {"instruction": parse_instruction(reply, text, max_words=self.max_instruction_words)}  # noqa: E731
+        parse = lambda reply: {"instruction": parse_instruction(reply, text)}  # noqa: E731
         if self.candidates == 1:  # the record itself, sampled as the user asked (no seed unless given)
             comp = await ctx.complete("humpback/augment", variables, parse=parse, **params)
             return [self._finish(record, comp)]
@@ -71,52 +69,19 @@ class AugmentStage(Stage):
         return rec
 
 
-class CurateStage(Stage):
+class CurateStage(curation.PairCurateStage):
     """(instruction, response) -> score; keep the pair if it scores well enough.
 
-    Modes (``curate_mode``): the paper's 5-point rubric, generated and parsed (``rubric``) or read
+    Modes (``--judge-mode``): the paper's 5-point rubric, generated and parsed (``rubric``) or read
     from the digit distribution after ``Score: `` (``logprob``); or by likelihood, with no judging
     prompt (``pmi``, ``ifd``: how much the instruction makes the response more likely, see
-    :mod:`btkit.kit.judges`). Thresholds and keep-top-P% are handled by
-    :class:`~btkit.kit.judges.Curator`.
+    :mod:`btkit.kit.judges`). Scoring, thresholds and keep-top-P% are the kit's
+    :class:`~btkit.kit.judges.PairCurateStage`; kept pairs carry the paper's source tag.
     """
 
-    kind = "curate"
-    templates = ("humpback/curate",)
-    variables = ("instruction", "response", "mode")
-
-    def __init__(self, method: str, name: str, options: dict[str, Any]):
-        super().__init__(method, name, options)
-        self.curator = curation.Curator(self.label, options)
-        self.mode = self.curator.mode
-        self.threshold = self.curator.threshold
-        if self.curator.likelihood:  # the instruction alone as the user message; the response is scored after it
-            self.templates = ("humpback/pmi",)
-            self.variables = ("instruction",)
-
-    def check_backend(self, backend: Any) -> None:
-        self.curator.check_backend(backend)
-
-    @property
-    def cuts_at_end(self) -> bool:  # keep-top is decided over the whole run
-        return self.curator.keep_top is not None
-
-    def end_of_run(self, journal):
-        return self.curator.end_of_run(journal)
-
-    async def process(self, record: Record, ctx) -> list[Record]:
-        score, details = await self.curator.score(
-            ctx, record.fields["instruction"], record.fields["response"],
-            judge_template="humpback/curate", likelihood_template="humpback/pmi",
-            params=self.sampling(temperature=0.0, max_tokens=256),
-        )
-        record.meta.update(details)
-        verdict = self.curator.verdict(score, details)
-        if verdict is not None:
-            reason, why = verdict
-            return [record.drop(self.label, reason, **why)]
-        record.fields["system"] = AUGMENTED_SYSTEM
-        return [record]
+    judge_template = "humpback/curate"
+    likelihood_template = "humpback/pmi"
+    system = AUGMENTED_SYSTEM
 
 
 class Humpback(Method):
@@ -143,21 +108,18 @@ METHOD = Humpback(
     paper="Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
     stages=[
         StageInfo("augment", "augment", ("text",), ("instruction", "response"), "write the instruction a segment answers (seed pairs reversed as few-shot examples)"),
-        StageInfo("curate", "curate", ("instruction", "response"), ("score", "system"), "score the pair (5-point rubric, or likelihood: pmi/ifd) and keep it above a threshold or in the top P%"),
+        StageInfo("curate", "curate", ("instruction", "response"), ("system",), "score the pair (5-point rubric, or likelihood: pmi/ifd; meta.score) and keep it above a threshold or in the top P%"),
     ],
     default_stages=("augment", "curate"),
     prompts_dir=PROMPTS,
     cli_options=[
         click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
-        click.Option(["--threshold"], type=click.IntRange(1, 5), default=5, show_default=True, help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),
-        click.Option(["--curate-mode"], type=click.Choice(CURATE_MODES), default="auto", show_default=True, help="rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; auto: logprob when the backend can; pmi: mean log P(response|instruction) - mean log P(response); ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023). pmi and ifd need no judging prompt and work on small models."),
-        click.Option(["--score-threshold"], type=SCORE, default=None, help="Keep pairs with score >= X, any mode (pmi/ifd default 0: the instruction makes the response more likely; overrides --threshold)."),
-        click.Option(["--keep-top"], type=PERCENT, default=None, help="Keep the top P percent of scored pairs (decided when the run ends, over all of them; ties at the cutoff kept). Replaces --threshold."),
+        *curation.pair_curate_options(default_threshold=5),
         click.Option(["--shots"], type=SHOTS, default=3, show_default=True, help="Few-shot examples per augment prompt (0: none)."),
         click.Option(["--candidates"], type=click.IntRange(1), default=1, show_default=True, help="Instructions generated per segment: one request with n=N where the backend samples several (vllm:, openai:, litellm:), else N requests with seeds seed+i. A failed candidate is dropped on its own."),
         click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop segments shorter than this (0: keep all)."),
         click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
-        click.Option(["--mix-seed"], is_flag=True, help="Also write the seed pairs to data.jsonl, tagged 'Answer in the style of an AI Assistant.' (the paper trains on seed + curated)."),
+        click.Option(["--mix-seed"], is_flag=True, default=False, help="Also write the seed pairs to data.jsonl, tagged 'Answer in the style of an AI Assistant.' (the paper trains on seed + curated)."),
     ],
 )
 

@@ -36,8 +36,8 @@ from btkit.records import Record
 
 from ._prompts import PROMPTS
 from btkit.kit.text import rouge_tokens
-from btkit.kit.judges import invalid_logprobs
-from btkit.kit.verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
+from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, invalid_logprobs, judge_mode_option
+from btkit.kit.verdict import binary_verdict
 from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples
 from btkit.kit.instructions import parse_instruction
 from btkit.kit.segment import segment_corpus
@@ -164,7 +164,7 @@ class PerplexityStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.max_perplexity = float(options["max_perplexity"]) if options.get("max_perplexity") is not None else None
+        self.max_perplexity = float(options["max_perplexity"]) if options.get("max_perplexity") is not None else None  # None: off
 
     def check_backend(self, backend: Any) -> None:
         if self.max_perplexity is not None:
@@ -198,7 +198,7 @@ class KunAugmentStage(Stage):
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
         self.seed = load_seed(options["seed_file"]) if options.get("seed_file") else load_seed(DEFAULT_SEED)
-        self.shots = int(options["shots"]) if options.get("shots") is not None else 3
+        self.shots = int(options["shots"])  # 0 is zero-shot
 
     async def process(self, record: Record, ctx) -> list[Record]:
         text = record.fields["text"]
@@ -226,23 +226,17 @@ class ReferenceFilterStage(Stage):
         return [record]
 
 
-class JudgeStage(Stage):
-    """The point model: good/bad on the instruction alone."""
+class JudgeStage(JudgingStage):
+    """The point model: good/bad on the instruction alone (a label judge: rubric or logprob)."""
 
     kind = "curate"
     templates = ("kun/judge",)
     variables = ("instruction", "mode")
-
-    def __init__(self, method: str, name: str, options: dict[str, Any]):
-        super().__init__(method, name, options)
-        self.mode = check_mode(options.get("judge_mode"), "judge mode")
-
-    def check_backend(self, backend: Any) -> None:
-        require_logprobs(self.mode, backend, f"--judge-mode logprob in stage {self.label} (or use --judge-mode generate)")
+    judge_modes = LABEL_JUDGE_MODES
 
     async def process(self, record: Record, ctx) -> list[Record]:
         verdict, details = await binary_verdict(ctx, "kun/judge", {"instruction": record.fields["instruction"]}, "good", "bad",
-                                                self.mode, self.sampling(temperature=0.0, max_tokens=8))
+                                                self.judge_mode, self.sampling(temperature=0.0, max_tokens=8))
         record.meta.update(judge=details)
         if verdict is None:
             return [record.drop(self.label, "unparseable_verdict", error=details.get("verdict_error"))]
@@ -276,8 +270,8 @@ class PostFilterStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.min_chars = int(options["min_response_chars"]) if options.get("min_response_chars") is not None else 20
-        self.max_repetition = float(options["max_repetition"]) if options.get("max_repetition") is not None else 0.3
+        self.min_chars = int(options["min_response_chars"])
+        self.max_repetition = float(options["max_repetition"])
 
     async def process(self, record: Record, ctx) -> list[Record]:
         found = postfilter_reason(record.fields["response"], self.min_chars, self.max_repetition)
@@ -304,11 +298,11 @@ METHOD = Kun(
     description="Kun: instruction back-translation with answer polishment; instruction filters, a good/bad instruction judge and response post-filters.",
     paper="Zheng et al. 2024, Kun: Answer Polishment for Chinese Self-Alignment with Instruction Back-Translation, arXiv:2401.06477",
     stages=[
-        StageInfo("perplexity", "curate", ("text",), ("perplexity",), "with --max-perplexity: drop texts the model finds too unlikely (off by default)"),
+        StageInfo("perplexity", "curate", ("text",), (), "with --max-perplexity: drop texts the model finds too unlikely (meta.perplexity; off by default)"),
         StageInfo("augment", "augment", ("text",), ("instruction",), "label model: write the instruction the text answers (seed pairs reversed as few-shot turns)"),
         StageInfo("filter", "curate", ("instruction",), (), "drop instructions that point at 'the text/article/passage' (English and Chinese word lists)"),
-        StageInfo("judge", "curate", ("instruction",), ("judge",), "point model: good/bad on the instruction alone (clarity, completeness, feasibility)"),
-        StageInfo("polish", "rewrite", ("instruction", "text"), ("response", "original_response"), "answer polishment: rewrite the text into the response, grounded in it"),
+        StageInfo("judge", "curate", ("instruction",), (), "point model: good/bad on the instruction alone (clarity, completeness, feasibility; meta.judge)"),
+        StageInfo("polish", "rewrite", ("instruction", "text"), ("response",), "answer polishment: rewrite the text into the response, grounded in it (the text also goes to meta.original_response)"),
         StageInfo("postfilter", "curate", ("response",), (), "drop self-reference, 'according to the text', apologies, too short (<20 chars), repetition"),
     ],
     default_stages=("perplexity", "augment", "filter", "judge", "polish", "postfilter"),
@@ -320,7 +314,8 @@ METHOD = Kun(
         click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
         click.Option(["--max-perplexity"], type=FiniteFloatRange(1), default=None, help="Drop texts whose perplexity under the model exceeds this (needs a backend that scores likelihood, e.g. llamacpp:). Default: no perplexity filter."),
         click.Option(["--reference-words"], type=WordList(), default=None, help="Comma-separated words/phrases that mark an instruction as pointing at 'the text' (replaces the built-in English and Chinese lists)."),
-        click.Option(["--judge-mode"], type=click.Choice(VERDICT_MODES), default="auto", show_default=True, help="logprob: compare P(good)/P(bad) in one forward pass; generate: parse a good/bad reply; auto: logprob when the backend can."),
+        judge_mode_option(LABEL_JUDGE_MODES, "How the judge stage reads the point model's good/bad verdict: logprob compares "
+                          "P(good)/P(bad) in one forward pass; rubric parses a good/bad reply; auto: logprob when the backend can."),
         click.Option(["--min-response-chars"], type=click.IntRange(0), default=20, show_default=True, help="Drop polished responses shorter than this many characters."),
         click.Option(["--max-repetition"], type=SHARE, default=0.3, show_default=True, help="Drop responses whose share of repeated word 4-grams exceeds this."),
     ],

@@ -36,7 +36,8 @@ from btkit.records import Record
 from .._prompts import PROMPTS
 from . import rules
 from btkit.kit.text import near_duplicate
-from btkit.kit.verdict import VERDICT_MODES, binary_verdict, check_mode, require_logprobs
+from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, deprecated_alias, judge_mode_option
+from btkit.kit.verdict import binary_verdict
 
 #: The paper's ten LLM-written constraint types (four global, six local), with what each asks for.
 LLM_TYPES: dict[str, str] = {
@@ -163,10 +164,6 @@ class CountRange(click.ParamType):
         return lo, hi
 
 
-def _count_range(value: Any, default: tuple[int, int]) -> tuple[int, int]:
-    return default if value is None else CountRange().convert(value, None, None)
-
-
 # -- stages ----------------------------------------------------------------------------------
 class ConstrainStage(Stage):
     """(instruction, response) -> constraints the response satisfies (rule-based + LLM-written)."""
@@ -177,8 +174,8 @@ class ConstrainStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.use_llm = options.get("llm_constraints", True) is not False
-        self.dedup_threshold = float(options.get("dedup_threshold") if options.get("dedup_threshold") is not None else 0.6)
+        self.use_llm = options["llm_constraints"] is not False
+        self.dedup_threshold = float(options["dedup_threshold"])
 
     async def process(self, record: Record, ctx) -> list[Record]:
         response = record.fields["response"]
@@ -206,26 +203,22 @@ class ConstrainStage(Stage):
         return [record]
 
 
-class VerifyStage(Stage):
-    """Re-check rule constraints by code and LLM constraints by the model; drop what fails."""
+class VerifyStage(JudgingStage):
+    """Re-check rule constraints by code and LLM constraints by the model (a yes/no judge); drop what fails."""
 
     kind = "curate"
     templates = ("crab/verify",)
     variables = ("instruction", "response", "constraint", "mode")
-
-    def __init__(self, method: str, name: str, options: dict[str, Any]):
-        super().__init__(method, name, options)
-        self.mode = check_mode(options.get("verify_mode"), "verify mode")
-
-    def check_backend(self, backend: Any) -> None:
-        require_logprobs(self.mode, backend, f"--verify-mode logprob in stage {self.label} (or use --verify-mode generate)")
+    judge_modes = LABEL_JUDGE_MODES
+    former_flag = "--verify-mode"
+    former_key = "verify_mode"
 
     async def _check(self, record: Record, ctx, c: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         response = record.fields["response"]
         if c["source"] == "rule":
             return ({**c, "verified": True}, None) if rules.check(c, response) else (c, "rule_violated")
         variables = {"instruction": record.fields["instruction"], "response": response, "constraint": c["text"]}
-        verdict, details = await binary_verdict(ctx, "crab/verify", variables, "Yes", "No", self.mode,
+        verdict, details = await binary_verdict(ctx, "crab/verify", variables, "Yes", "No", self.judge_mode,
                                                 self.sampling(temperature=0.0, max_tokens=8))
         c = {**c, **details}
         if verdict is None:
@@ -253,9 +246,9 @@ class ComposeStage(Stage):
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
-        self.forward_range = _count_range(options.get("forward_constraints"), (6, 8))
-        self.reverse_range = _count_range(options.get("reverse_constraints"), (3, 6))
-        self.reverse = options.get("reverse", True) is not False
+        self.forward_range = CountRange().convert(options["forward_constraints"], None, None)
+        self.reverse_range = CountRange().convert(options["reverse_constraints"], None, None)
+        self.reverse = options["reverse"] is not False
 
     def _example(self, ctx, record: Record, kind: str, count: tuple[int, int], rng: random.Random) -> Record:
         constraints = record.fields["constraints"]
@@ -324,6 +317,12 @@ class Crab(Method):
         return out
 
 
+def _verify_mode_options() -> list[click.Option]:
+    judge_mode = judge_mode_option(LABEL_JUDGE_MODES, "How the verify stage reads the model's Yes/No check: logprob compares "
+                                   "P(Yes)/P(No) in one forward pass; rubric parses a Yes/No reply; auto: logprob when the backend can.")
+    return [judge_mode, deprecated_alias(judge_mode, "--verify-mode")]
+
+
 METHOD = Crab(
     name="crab",
     description="CRAB: constraint back-translation; adds constraints an existing response already satisfies (rule-based, verified by code; LLM-written, verified by the model).",
@@ -333,10 +332,12 @@ METHOD = Crab(
                   "rule constraints computed from the response + LLM constraints of ten types (JSON); ROUGE-L > 0.6 duplicates removed"),
         StageInfo("verify", "curate", ("instruction", "response", "constraints"), ("constraints",),
                   "rule constraints re-checked by code, LLM constraints by a yes/no model check; drop records left with none"),
-        StageInfo("compose", "constrain", ("instruction", "response", "constraints"), ("instruction", "response"),
+        StageInfo("compose", "constrain", ("instruction", "response", "constraints"),
+                  ("instruction", "response", "constraints", "base_instruction", "base_response"),
                   "forward example (instruction + 6-8 constraints -> response) and reverse example (-> 3-6 constraints)"),
     ],
     default_stages=("constrain", "verify", "compose"),
+    unit_fields=("instruction", "response"),  # prepare reads pairs (--instruction-field/--response-field)
     prompts_dir=PROMPTS,
     cli_options=[
         click.Option(["--instruction-field"], default="instruction", show_default=True, help="Input field holding the instruction."),
@@ -345,7 +346,7 @@ METHOD = Crab(
         click.Option(["--reverse-constraints"], type=CountRange(), default="3-6", show_default=True, help="Constraints per reverse example."),
         click.Option(["--reverse/--no-reverse"], default=True, show_default=True, help="Also write reverse examples (instruction + response -> constraints)."),
         click.Option(["--llm-constraints/--no-llm-constraints"], default=True, show_default=True, help="Ask the model for constraints of the ten LLM types (off: rule-based only, no model calls)."),
-        click.Option(["--verify-mode"], type=click.Choice(VERDICT_MODES), default="auto", show_default=True, help="logprob: compare P(Yes)/P(No) in one forward pass; generate: parse a Yes/No reply; auto: logprob when the backend can."),
+        *_verify_mode_options(),
         click.Option(["--dedup-threshold"], type=SHARE, default=0.6, show_default=True, help="Remove a constraint whose ROUGE-L with an earlier one exceeds this."),
     ],
 )
