@@ -25,7 +25,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from btkit.cli import cli
-from btkit_plugins.testing import fake
+from btkit.plugins import get_registry
+from btkit.testing.backends import DOUBLES_PLUGIN, Doubles, ScriptedBackend
 
 VOCAB = "river stone cloud market engine garden letter window signal harbor forest lantern copper meadow quartz ribbon".split()
 
@@ -34,7 +35,7 @@ def reply(messages, params) -> str:
     return "Reasoning: fine.\nScore: 5" if "Score" in messages[-1]["content"] else "What does this passage explain?"
 
 
-class DelayedBackend(fake.ScriptedBackend):
+class DelayedBackend(ScriptedBackend):
     """Replies after ``low``..``high`` seconds (seeded), on the event loop (no threads)."""
 
     def __init__(self, low: float, high: float):
@@ -63,8 +64,14 @@ def _count_wakeups() -> None:
     base.BaseEventLoop._run_once = counted
 
 
-def run_once(name: str, backend: fake.ScriptedBackend, docs: int, concurrency: int) -> tuple[float, float]:
-    fake.script(name, backend)
+DOUBLES = Doubles()  # the test doubles are no production backends: this process registers them itself
+
+
+def run_once(name: str, backend: ScriptedBackend, docs: int, concurrency: int) -> tuple[float, float]:
+    registry = get_registry()
+    if not registry.pm.has_plugin(DOUBLES_PLUGIN):
+        registry.register(DOUBLES, name=DOUBLES_PLUGIN)
+    DOUBLES.script(name, backend)
     with tempfile.TemporaryDirectory() as d:
         rng = random.Random(7)
         corpus = Path(d) / "c.jsonl"

@@ -18,10 +18,22 @@ A plugin whose module fails to import (or that declares a hook btkit does not ha
 btkit: it is skipped with one line on stderr, ``warning: plugin NAME (dist VERSION) failed to load:
 ErrorType: message; skipped``, every other plugin works, and ``btkit plugins`` lists it as failed
 (:attr:`Registry.failed`).
+
+Plugins outside the entry points:
+
+- ``BTKIT_EXTRA_PLUGINS=module.path[,other.module]``: those modules are imported and registered in
+  addition to the entry-point plugins, whatever ``BTKIT_LOAD_PLUGINS`` says (naming a module is
+  already a choice). This is how a process gets plugins that no installed distribution declares:
+  btkit's test doubles (``btkit.testing.backends``: ``echo:``, ``scripted:FILE.json``,
+  ``det:FILE.json``) in a ``btkit run`` child process of a test, or a plugin under development
+  before it has a package. Each is listed by ``btkit plugins`` with the distribution
+  ``(BTKIT_EXTRA_PLUGINS)``; one that fails to import is reported and skipped like a broken entry
+  point: ``warning: plugin MODULE (BTKIT_EXTRA_PLUGINS) failed to load: ErrorType: message; skipped``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -39,6 +51,10 @@ from .methods import STAGE_KINDS, Method
 ENTRY_POINT_GROUP = "btkit"
 #: Environment variable naming the plugins to load (see the module docstring).
 LOAD_PLUGINS_ENV = "BTKIT_LOAD_PLUGINS"
+#: Environment variable naming modules to register besides the entry points (see the module docstring).
+EXTRA_PLUGINS_ENV = "BTKIT_EXTRA_PLUGINS"
+#: What ``btkit plugins`` shows as the distribution of a plugin named by ``BTKIT_EXTRA_PLUGINS``.
+EXTRA_PLUGINS_ORIGIN = f"({EXTRA_PLUGINS_ENV})"
 
 
 def _normalize(name: str) -> str:
@@ -52,6 +68,12 @@ def load_plugins_setting(environ: Any = None) -> set[str] | None:
     if value is None:
         return None
     return {_normalize(item) for item in value.split(",") if item.strip()}
+
+
+def extra_plugins_setting(environ: Any = None) -> list[str]:
+    """The module paths in ``BTKIT_EXTRA_PLUGINS``, in order, each once; empty when it is unset."""
+    value = (os.environ if environ is None else environ).get(EXTRA_PLUGINS_ENV, "")
+    return list(dict.fromkeys(item.strip() for item in value.split(",") if item.strip()))
 
 
 def _warn(message: str) -> None:
@@ -77,6 +99,7 @@ class Registry:
         self.failed: dict[str, tuple[str, str, str]] = {}
         if load_entry_points:
             self._load_entry_points()
+            self._load_extra_plugins()
         self._backends: dict[str, BackendFactory] | None = None
         self._methods: dict[str, Method] | None = None
 
@@ -107,6 +130,26 @@ class Registry:
             self.dists[ep.name] = (dist_name, version)
         for name in sorted((wanted or set()) - matched):
             _warn(f"{LOAD_PLUGINS_ENV} names '{name}', which is no installed btkit plugin or distribution; ignored")
+
+    def _load_extra_plugins(self) -> None:
+        """Import and register the modules named by ``BTKIT_EXTRA_PLUGINS`` (entry points or not)."""
+        for path in extra_plugins_setting():
+            if self.pm.has_plugin(path) or path in self.failed:
+                continue
+            try:
+                module = importlib.import_module(path)
+                if self.pm.is_registered(module):  # also an entry point, already loaded under its own name
+                    continue
+                self.pm.register(module, name=path)
+                self.pm.check_pending()
+            except Exception as e:  # noqa: BLE001 (a broken plugin must not break btkit)
+                if self.pm.has_plugin(path):
+                    self.pm.unregister(name=path)
+                why = f"{type(e).__name__}: {e}"
+                self.failed[path] = (EXTRA_PLUGINS_ORIGIN, "", why)
+                _warn(f"plugin {path} {EXTRA_PLUGINS_ORIGIN} failed to load: {why}; skipped")
+                continue
+            self.dists[path] = (EXTRA_PLUGINS_ORIGIN, "")
 
     def register(self, plugin: Any, name: str | None = None) -> str:
         """Register a plugin object/module by hand (tests, embedding)."""

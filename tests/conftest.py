@@ -1,25 +1,21 @@
-"""Shared fixtures: an isolated cache per test, a fresh plugin registry, scripted backends, the CLI."""
+"""btkit's own fixtures. The generic ones (an isolated cache per test, a fresh plugin registry, scripted
+backends, the CLI) come from the pytest plugin btkit ships for plugin authors, enabled here the way
+any third-party suite enables it; what only btkit's tests need (golden files, the fault server, the
+embedded model, ``words``) stays here."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Iterable
 
 import pytest
-from click.testing import CliRunner
+
+from btkit.testing import read_jsonl, write_jsonl  # noqa: F401 (test modules import them from here)
+
+pytest_plugins = ["btkit.testing.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 GOLDEN = Path(__file__).resolve().parent / "golden"
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own model-call cache, so tests never see each other's completions."""
-    d = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("BTKIT_CACHE_DIR", str(d))
-    return d / "cache.sqlite"
 
 
 @pytest.fixture(scope="module")
@@ -67,54 +63,6 @@ def golden():
         assert got == path.read_text(encoding="utf-8"), f"rendered prompt changed; review and regenerate with BTKIT_UPDATE_GOLDEN=1 ({path})"
 
     return check
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """A fresh registry loaded from entry points, also used by the CLI for this test."""
-    from btkit import plugins
-
-    reg = plugins.Registry()
-    monkeypatch.setattr(plugins, "_registry", reg)
-    return reg
-
-
-@pytest.fixture
-def scripted(registry):
-    """``scripted(replies=[...], ...)`` -> (backend, spec) usable as ``--model spec``."""
-    from btkit_plugins.testing import fake
-
-    made = []
-
-    def make(name: str = "t", **kwargs: Any):
-        backend = fake.script(f"{name}{len(made)}", fake.ScriptedBackend(**kwargs))
-        made.append(backend)
-        return backend, backend.spec
-
-    yield make
-    for b in made:
-        fake.SCRIPTS.pop(b.spec.split(":", 1)[1], None)
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
-
-
-@pytest.fixture
-def cli(registry):
-    """Invoke ``btkit ...`` in process; returns click's Result (exit_code, output, stderr)."""
-    from btkit.cli import cli as btkit_cli
-
-    def invoke(*args: Any):
-        runner = CliRunner()
-        return runner.invoke(btkit_cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 def words(n: int, start: int = 0) -> str:

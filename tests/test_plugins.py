@@ -1,4 +1,5 @@
-"""The plugin system: entry-point discovery, registration by callback, record hooks, an out-of-tree plugin."""
+"""The plugin system: entry-point discovery, registration by callback, record hooks, an out-of-tree plugin,
+BTKIT_LOAD_PLUGINS and BTKIT_EXTRA_PLUGINS, and the test doubles kept out of production."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from btkit import hookspecs
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, StageInfo
+from btkit.plugins import EXTRA_PLUGINS_ENV
+from btkit.testing.backends import DOUBLES_PLUGIN, ScriptedBackend
 
 from conftest import ROOT, read_jsonl, write_jsonl
 
@@ -24,11 +27,68 @@ LONG = " ".join(f"word{i}" for i in range(60))
 
 def test_first_party_plugins_come_from_entry_points(registry):
     names = {r["name"]: r for r in registry.plugin_rows()}
-    for name in ("llamacpp", "fake", "humpback"):
+    for name in ("llamacpp", "openai", "humpback", "eval_judge"):
         assert names[name]["distribution"] == "btkit"
         assert names[name]["version"]
     assert "humpback" in registry.methods()
-    assert {"llamacpp", "echo", "scripted"} <= set(registry.backends())
+    backends = registry.backends()
+    assert backends["llamacpp"].plugin == "llamacpp"
+    assert {backends[p].plugin for p in ("echo", "scripted", "det")} == {DOUBLES_PLUGIN}  # this test's doubles
+
+
+# -- the test doubles are no production backends ------------------------------------------------------
+def test_no_entry_point_is_a_test_double():
+    from importlib import metadata
+
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="btkit") if ep.dist and ep.dist.name == "btkit"}
+    assert {"humpback", "llamacpp"} <= set(eps)
+    assert not [v for v in eps.values() if "testing" in v], eps
+
+
+def _btkit(*args: str, **env: str | None) -> subprocess.CompletedProcess:
+    """The real ``btkit`` in a fresh process, with ``env`` changed (None: unset)."""
+    child = {**os.environ}
+    for key, value in env.items():
+        if value is None:
+            child.pop(key, None)
+        else:
+            child[key] = value
+    return subprocess.run([sys.executable, "-m", "btkit.cli", *args], env=child, capture_output=True, text=True, timeout=120)
+
+
+def test_btkit_backends_lists_no_test_double_in_a_normal_install():
+    r = _btkit("backends", BTKIT_EXTRA_PLUGINS=None, BTKIT_LOAD_PLUGINS=None)
+    assert r.returncode == 0, r.stderr
+    prefixes = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+    assert {"llamacpp:", "openai:", "vllm:"} <= prefixes
+    assert not prefixes & {"echo:", "scripted:", "det:"}, r.stdout
+
+    r = _btkit("backends", BTKIT_EXTRA_PLUGINS=DOUBLES_PLUGIN, BTKIT_LOAD_PLUGINS=None)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    assert {"llamacpp:", "echo:", "scripted:", "det:"} <= set(lines)
+    assert lines["echo:"].endswith(f"(plugin {DOUBLES_PLUGIN})")
+
+
+def test_the_pytest_plugin_names_the_doubles_for_child_processes(tmp_path):
+    assert DOUBLES_PLUGIN in os.environ[EXTRA_PLUGINS_ENV].split(",")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": LONG}])
+    r = _btkit("run", "humpback", str(corpus), "-o", str(tmp_path / "out"), "--model", "echo:What do the words list?",
+               "--curate-mode", "rubric", "-q")
+    assert r.returncode == 0, r.stderr  # echo: exists in the child
+    assert [c["fields"]["instruction"] for c in read_jsonl(tmp_path / "out" / "candidates.jsonl")] == ["What do the words list?"]
+
+
+def test_scripts_belong_to_one_registry(registry, doubles):
+    """A script added in one test is not in another registry: no module-global table of scripts."""
+    from btkit.plugins import Registry
+
+    backend = doubles.script("mine", ScriptedBackend(default="hello"))
+    assert registry.make_backend("scripted:mine") is backend and backend.spec == "scripted:mine"
+    other = Registry()  # loads btkit.testing.backends from BTKIT_EXTRA_PLUGINS: its own, empty doubles
+    assert other.backends()["scripted"].plugin == DOUBLES_PLUGIN
+    with pytest.raises(BtkitError, match="no scripted backend named 'mine'"):
+        other.make_backend("scripted:mine")
 
 
 def test_core_imports_no_plugin():
@@ -188,6 +248,7 @@ def throwaway_dists(tmp_path, monkeypatch):
         (info / "entry_points.txt").write_text(f"[btkit]\n{ep}\n")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("BTKIT_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv(EXTRA_PLUGINS_ENV, raising=False)  # entry points only, unless a test names extras
     yield site
     for mod in ("btkit_broken_plugin", "btkit_const_plugin"):
         sys.modules.pop(mod, None)
@@ -263,7 +324,7 @@ def test_load_plugins_takes_distribution_names(throwaway_dists, monkeypatch, cap
     reg = _fresh_registry(monkeypatch)
     assert capsys.readouterr().err == ""
     names = {r["name"] for r in reg.plugin_rows()}
-    assert {"humpback", "llamacpp", "fake", "const"} <= names and not names & {"broken", "quiz"}
+    assert {"humpback", "llamacpp", "eval_judge", "const"} <= names and not names & {"broken", "quiz"}
 
 
 def test_load_plugins_empty_loads_none_and_unknown_names_are_reported(throwaway_dists, monkeypatch, capsys):
@@ -280,6 +341,46 @@ def test_load_plugins_empty_loads_none_and_unknown_names_are_reported(throwaway_
     assert capsys.readouterr().err.splitlines() == [
         "warning: BTKIT_LOAD_PLUGINS names 'nosuch', which is no installed btkit plugin or distribution; ignored"]
     assert {r["name"] for r in reg.plugin_rows()} == {"humpback"}
+
+
+# -- BTKIT_EXTRA_PLUGINS: modules registered besides the entry points -----------------------------------
+def test_extra_plugins_load_whatever_load_plugins_says(throwaway_dists, monkeypatch, capsys):
+    monkeypatch.setenv("BTKIT_LOAD_PLUGINS", "humpback")
+    monkeypatch.setenv(EXTRA_PLUGINS_ENV, f" btkit_const_plugin,{DOUBLES_PLUGIN}, btkit_const_plugin ")
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err == ""
+    rows = {r["name"]: r for r in reg.plugin_rows()}
+    assert set(rows) == {"humpback", "btkit_const_plugin", DOUBLES_PLUGIN}
+    assert rows["btkit_const_plugin"]["distribution"] == "(BTKIT_EXTRA_PLUGINS)" and rows["btkit_const_plugin"]["status"] == "loaded"
+    assert set(reg.backends()) == {"const", "echo", "scripted", "det"}
+
+
+def test_an_extra_module_that_is_also_an_entry_point_loads_once(throwaway_dists, monkeypatch, capsys):
+    monkeypatch.setenv(EXTRA_PLUGINS_ENV, "btkit_const_plugin")
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err.splitlines() == [BROKEN_WARNING]
+    names = {r["name"] for r in reg.plugin_rows()}
+    assert "const" in names and "btkit_const_plugin" not in names
+    assert reg.backends()["const"].plugin == "const"  # registered once: no "registered twice"
+
+
+def test_an_extra_plugin_that_fails_is_skipped_with_one_warning(throwaway_dists, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("BTKIT_LOAD_PLUGINS", "quiz")
+    monkeypatch.setenv(EXTRA_PLUGINS_ENV, f"btkit_broken_plugin,no_such_module_here,{DOUBLES_PLUGIN}")
+    reg = _fresh_registry(monkeypatch)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: plugin btkit_broken_plugin (BTKIT_EXTRA_PLUGINS) failed to load: RuntimeError: boom at import; skipped",
+        "warning: plugin no_such_module_here (BTKIT_EXTRA_PLUGINS) failed to load: "
+        "ModuleNotFoundError: No module named 'no_such_module_here'; skipped",
+    ]
+    rows = {r["name"]: r for r in reg.plugin_rows()}
+    assert rows["no_such_module_here"]["status"] == "failed" and rows["no_such_module_here"]["distribution"] == "(BTKIT_EXTRA_PLUGINS)"
+    from btkit.cli import cli as btkit_cli
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": LONG}])
+    r = CliRunner().invoke(btkit_cli, ["run", "quiz", str(corpus), "-o", str(tmp_path / "out"), "--model", "echo:Is it a list?", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output  # every other plugin works
+    assert read_jsonl(tmp_path / "out" / "data.jsonl")[0]["instruction"] == "Is it a list?"
 
 
 def test_a_stage_kind_outside_the_vocabulary_is_refused(registry):

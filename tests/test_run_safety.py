@@ -18,7 +18,7 @@ import pytest
 
 from btkit.cache import Cache
 from btkit.errors import BackendError
-from btkit_plugins.testing import fake
+from btkit.testing.backends import ScriptedBackend
 
 from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 
@@ -46,7 +46,7 @@ def error_line(result) -> str:
 
 
 # -- 0: the run loop waits, it does not spin ---------------------------------------------------
-class JitteredBackend(fake.ScriptedBackend):
+class JitteredBackend(ScriptedBackend):
     """Replies after 50-400 ms, so later units routinely finish before the head of the window."""
 
     def __init__(self):
@@ -61,8 +61,8 @@ class JitteredBackend(fake.ScriptedBackend):
 
 
 @pytest.mark.slow
-def test_waiting_for_out_of_order_replies_costs_no_cpu(cli, registry, tmp_path):
-    backend = fake.script("jitter", JitteredBackend())
+def test_waiting_for_out_of_order_replies_costs_no_cpu(cli, doubles, tmp_path):
+    backend = doubles.script("jitter", JitteredBackend())
     data = corpus(tmp_path, 100)
     wall0, cpu0 = time.monotonic(), time.process_time()
     r = humpback(cli, data, tmp_path / "out", backend.spec, "--concurrency", "8")

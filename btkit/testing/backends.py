@@ -1,16 +1,24 @@
-"""Fake backends for tests and dry runs: ``echo:`` and ``scripted:NAME``.
+"""Test doubles: backends that answer without a model, for tests and dry runs.
+
+They are not production backends (``btkit backends`` does not list them): a test registers a
+:class:`Doubles` on its registry (the ``registry`` fixture of :mod:`btkit.testing.pytest_plugin`
+does), and a process loads this module with ``BTKIT_EXTRA_PLUGINS=btkit.testing.backends`` (the
+pytest plugin sets it for the whole session, so ``btkit`` child processes of a test have them).
 
 - ``echo:`` replies with the last user message (or ``echo:TEXT`` with TEXT), handy to see prompts.
-- ``scripted:NAME`` uses the :class:`ScriptedBackend` registered under NAME with :func:`script`:
+- ``scripted:NAME`` is the :class:`ScriptedBackend` added under NAME with :meth:`Doubles.script`:
   a queue of replies (strings, :class:`Completion` objects, exceptions to raise, or callables of
   ``(messages, params)``) and a ``history`` of every request, for asserting what was sent.
   With ``multi_sample=True`` it declares ``MULTI_SAMPLE`` and answers a request with ``n > 1`` as
   the OpenAI-compatible backends do (``extra["choices"]``): a reply that is a list gives the
   choices, anything else takes ``n`` replies from the queue, one per choice.
-  ``scripted:FILE.json`` loads ``{"replies": [...], "logprobs": {...}, "multi_sample": false}`` from a file instead, so a
-  subprocess (e.g. a ``btkit run`` killed for real in a test) can use a script too.
+  ``scripted:FILE.json`` loads ``{"replies": [...], "logprobs": {...}, "multi_sample": false}`` from
+  a file instead, so a subprocess (e.g. a ``btkit run`` killed for real in a test) can use a script too.
 - ``det:FILE.json`` replies with a pure function of the request, so a request sent again (after a
   kill) gets the same answer: see :class:`DeterministicBackend`.
+
+Named scripts belong to one :class:`Doubles` instance, never to the module: each test's registry
+has its own, so no script outlives its test.
 """
 
 from __future__ import annotations
@@ -25,8 +33,6 @@ from typing import Any, Callable
 from btkit.backends import CHAT, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
-
-SCRIPTS: dict[str, "ScriptedBackend"] = {}
 
 
 class ScriptedBackend(Backend):
@@ -172,28 +178,46 @@ class DeterministicBackend(Backend):
         return {c: (-0.05 if i == pick else -4.0) for i, c in enumerate(candidates)}
 
 
-def script(name: str, backend: ScriptedBackend) -> ScriptedBackend:
-    """Make ``scripted:NAME`` resolve to ``backend``."""
-    backend.spec = f"scripted:{name}"
-    SCRIPTS[name] = backend
-    return backend
+class Doubles:
+    """The test doubles as one plugin object; :attr:`scripts` are its named ``scripted:`` backends.
+
+    Register an instance on a registry (``registry.register(Doubles(), name=DOUBLES_PLUGIN)``), then
+    :meth:`script` makes ``scripted:NAME`` resolve to a backend built in the test.
+    """
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, ScriptedBackend] = {}
+
+    def script(self, name: str, backend: ScriptedBackend) -> ScriptedBackend:
+        """Make ``scripted:NAME`` resolve to ``backend`` (its spec becomes ``scripted:NAME``)."""
+        backend.spec = f"scripted:{name}"
+        self.scripts[name] = backend
+        return backend
+
+    def make_scripted(self, rest: str, options: dict[str, Any]) -> Backend:
+        """The factory of ``scripted:``: a named script of this instance, else a ``.json`` script file."""
+        if rest in self.scripts:
+            return self.scripts[rest]
+        path = Path(rest)
+        if path.suffix == ".json" and path.is_file():
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            return ScriptedBackend(replies=spec.get("replies", []), default=spec.get("default"), logprobs=spec.get("logprobs"),
+                                   delay=float(spec.get("delay", 0)), name=rest, multi_sample=bool(spec.get("multi_sample")))
+        raise BtkitError(f"no scripted backend named '{rest}' (add one with btkit.testing.backends.Doubles.script, or give a .json file)")
+
+    @hookimpl
+    def btkit_register_backends(self, register: Callable[..., None]) -> None:
+        register("echo", EchoBackend, description="test double: replies with the prompt (or echo:TEXT)")
+        register("scripted", self.make_scripted, description="test double: scripted replies with a request history (scripted:FILE.json)")
+        register("det", DeterministicBackend, description="test double: replies are a function of the request (det:FILE.json)")
 
 
-def _scripted(rest: str, options: dict[str, Any]) -> Backend:
-    if rest in SCRIPTS:
-        return SCRIPTS[rest]
-    path = Path(rest)
-    if path.suffix == ".json" and path.is_file():
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        lp = spec.get("logprobs")
-        b = ScriptedBackend(replies=spec.get("replies", []), default=spec.get("default"), logprobs=lp, delay=float(spec.get("delay", 0)), name=rest,
-                            multi_sample=bool(spec.get("multi_sample")))
-        return b
-    raise BtkitError(f"no scripted backend named '{rest}' (register one with btkit_plugins.testing.fake.script, or give a .json file)")
+#: The name the doubles are registered under: this module's path, as ``BTKIT_EXTRA_PLUGINS`` names it.
+DOUBLES_PLUGIN = __name__
 
 
 @hookimpl
-def btkit_register_backends(register):
-    register("echo", EchoBackend, description="test backend: replies with the prompt (or echo:TEXT)")
-    register("scripted", _scripted, description="test backend: scripted replies with a request history")
-    register("det", DeterministicBackend, description="test backend: replies are a function of the request (det:FILE.json)")
+def btkit_register_backends(register: Callable[..., None]) -> None:
+    """This module as a plugin (``BTKIT_EXTRA_PLUGINS=btkit.testing.backends``): a fresh, empty
+    :class:`Doubles` each time, so ``scripted:`` takes only ``.json`` files here."""
+    Doubles().btkit_register_backends(register)

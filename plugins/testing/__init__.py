@@ -1,1 +1,0 @@
-"""Test doubles (echo:, scripted:, det:) for tests and dry runs."""
