@@ -20,7 +20,7 @@ from btkit.methods import Method, StageInfo
 from btkit.plugins import EXTRA_PLUGINS_ENV
 from btkit.testing.backends import DOUBLES_PLUGIN, ScriptedBackend
 
-from conftest import ROOT, read_jsonl, write_jsonl
+from conftest import EXAMPLES, ROOT, read_jsonl, write_jsonl
 
 LONG = " ".join(f"word{i}" for i in range(60))
 
@@ -381,6 +381,20 @@ def test_an_extra_plugin_that_fails_is_skipped_with_one_warning(throwaway_dists,
     r = CliRunner().invoke(btkit_cli, ["run", "quiz", str(corpus), "-o", str(tmp_path / "out"), "--model", "echo:Is it a list?", "-q"], catch_exceptions=False)
     assert r.exit_code == 0, r.output  # every other plugin works
     assert read_jsonl(tmp_path / "out" / "data.jsonl")[0]["instruction"] == "Is it a list?"
+
+
+# -- the out-of-tree example's own tests, run as its authors would run them -----------------------------
+def test_the_example_plugins_own_tests_pass():
+    """examples/btkit-plugin-example/tests use the shipped pytest plugin like any third-party suite. They
+    run in their own pytest process, from the example's folder: its own rootdir and conftest, nothing of
+    btkit's tests/conftest.py, and BTKIT_EXTRA_PLUGINS left for the shipped plugin to set."""
+    example = EXAMPLES / "btkit-plugin-example"
+    env = {k: v for k, v in os.environ.items() if k not in (EXTRA_PLUGINS_ENV, "BTKIT_LOAD_PLUGINS", "PYTEST_ADDOPTS")}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=example, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "deselected" not in summary, summary
 
 
 def test_a_stage_kind_outside_the_vocabulary_is_refused(registry):

@@ -1,63 +1,43 @@
-"""An example third-party btkit plugin, installed separately from btkit.
+"""An example third-party btkit plugin, installed separately from btkit and importing only ``btkit.*``.
 
-It adds a method, ``quiz`` (one stage: write a quiz question a passage answers), with its own
-templates shipped inside this package, and a record filter (``btkit_after_stage``) that drops
-questions which do not end with a question mark. Nothing in btkit itself was edited to add it.
+The hooks below are the whole plugin; the entry point ``quiz = "btkit_example_plugin"`` in
+pyproject.toml makes btkit find them. They add
+
+- a method, ``quiz`` (:mod:`.quiz`): one stage that writes a quiz question each passage answers,
+  with its template shipped inside this package (``prompts/quiz/ask.j2``, overridable with
+  ``--prompts DIR`` like any other);
+- a backend, ``cloze:`` (:mod:`.cloze`): a rule that writes fill-in-the-blank questions, so the
+  method runs without a model (``btkit run quiz CORPUS -o OUT --model cloze:``);
+- a record filter (``btkit_after_stage``): quiz questions that do not end with a question mark are
+  dropped as ``not_a_question``.
+
+Nothing in btkit itself was edited to add them. The tests (``tests/``) use the pytest plugin btkit
+ships for plugin authors.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable
 
 from btkit.hookspecs import hookimpl
-from btkit.methods import Method, Stage, StageInfo
-from btkit.records import Record
 
-PROMPTS = Path(__file__).parent / "prompts"
-
-
-class AskStage(Stage):
-    kind = "augment"
-    templates = ("quiz/ask",)
-    variables = ("text",)
-
-    async def process(self, record: Record, ctx: Any) -> list[Record]:
-        comp = await ctx.complete("quiz/ask", {"text": record.fields["text"]}, **self.sampling(temperature=0.7, max_tokens=64))
-        if not comp.ok:
-            comp.step["parse_error"] = "empty_or_truncated"
-            return [record.drop(self.label, "no_question")]
-        question = comp.text.strip().splitlines()[0].strip()
-        comp.step["parsed"] = {"instruction": question}
-        record.fields.update(instruction=question, response=record.fields["text"])
-        return [record]
-
-
-class Quiz(Method):
-    def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
-        field = options.get("text_field", "text")
-        for n, row in enumerate(rows, start=1):
-            doc_id = str(row.get(options.get("id_field", "id")) or f"line{n}")
-            yield Record(id=doc_id, source_id=doc_id, fields={"text": row[field]})
-
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        return AskStage(self.name, name, options)
+from .cloze import ClozeBackend
+from .quiz import quiz_method
 
 
 @hookimpl
-def btkit_register_methods(register):
-    register(Quiz(
-        name="quiz",
-        description="Example plugin: write a quiz question each passage answers.",
-        stages=[StageInfo("ask", "augment", ("text",), ("instruction", "response"), "write a quiz question")],
-        default_stages=("ask",),
-        prompts_dir=PROMPTS,
-    ))
+def btkit_register_methods(register: Callable[..., None]) -> None:
+    register(quiz_method())
 
 
 @hookimpl
-def btkit_after_stage(record, stage, run):
-    """A filter: drop quiz questions that are not questions."""
+def btkit_register_backends(register: Callable[..., None]) -> None:
+    register("cloze", ClozeBackend, description="example plugin: a rule writes fill-in-the-blank questions, no model (cloze:MIN_LENGTH)")
+
+
+@hookimpl
+def btkit_after_stage(record: Any, stage: Any, run: Any) -> str | None:
+    """A filter: drop quiz questions that are not questions (the reason is counted in stats.json)."""
     if stage.method == "quiz" and not record.fields.get("instruction", "").rstrip().endswith("?"):
         return "not_a_question"
     return None
