@@ -384,6 +384,23 @@ def test_an_extra_plugin_that_fails_is_skipped_with_one_warning(throwaway_dists,
 
 
 # -- the out-of-tree example's own tests, run as its authors would run them -----------------------------
+def test_the_example_plugin_imports_only_btkit_and_the_standard_library():
+    """What a third party can rely on: btkit's public modules, never btkit_plugins (first-party internals)."""
+    import ast
+
+    package = EXAMPLES / "btkit-plugin-example" / "btkit_example_plugin"
+    found = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {(path.name, alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.add((path.name, node.module or ""))
+    assert ("cloze.py", "btkit.backends") in found and ("quiz.py", "btkit.methods") in found
+    outside = [(f, m) for f, m in found if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "btkit"]
+    assert not outside, outside
+
+
 def test_the_example_plugins_own_tests_pass():
     """examples/btkit-plugin-example/tests use the shipped pytest plugin like any third-party suite. They
     run in their own pytest process, from the example's folder: its own rootdir and conftest, nothing of
