@@ -162,3 +162,7 @@ def choices_of(completion: Completion) -> list[dict[str, Any]]:
     if isinstance(choices, list) and choices:
         return choices
     return [{"text": completion.text, "finish_reason": completion.finish_reason}]
+
+
+__all__ = ["ATTEMPTS", "CHAT", "NEXT_TOKEN_LOGPROBS", "SCORE_CONTINUATION", "MULTI_SAMPLE", "JSON_SCHEMA", "SAMPLING_KEYS",
+           "UNCONDITIONAL_MESSAGES", "CHOICES", "Completion", "Backend", "split_spec", "public_url", "choices_of"]

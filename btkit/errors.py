@@ -57,3 +57,6 @@ class BackendError(Exception):
 
 class CapabilityError(BtkitError):
     """The chosen backend cannot do what a stage needs (e.g. logprobs)."""
+
+
+__all__ = ["BtkitError", "Interrupted", "InputError", "TemplateError", "BackendError", "CapabilityError"]

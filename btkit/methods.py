@@ -211,3 +211,6 @@ class Method:
                 "lineage": record.lineage,
             },
         }
+
+
+__all__ = ["STAGE_KINDS", "ParseError", "StageContext", "Stage", "StageInfo", "Method"]

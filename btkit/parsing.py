@@ -122,3 +122,6 @@ def extract_json(text: str | None, keys: Mapping[str, Any] | Iterable[str] = (),
     if len(distinct) > 1:
         raise ParseError("ambiguous_json", f"{len(distinct)} different objects with {', '.join(keys) or 'content'}")
     return fitting[0]
+
+
+__all__ = ["json_objects", "extract_json"]

@@ -103,3 +103,6 @@ def failed_record(record: Record, stage_label: str, error: Exception) -> Record:
         return record.drop(stage_label, "backend_error", error=str(error), raw=error.raw)
     tb = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=5))
     return record.drop(stage_label, "stage_error", error=f"{type(error).__name__}: {error}", traceback=tb)
+
+
+__all__ = ["Record", "ExtraUnit", "journal_key", "failed_record"]

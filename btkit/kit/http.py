@@ -447,3 +447,8 @@ def env_first(*names: str) -> str | None:
         if os.environ.get(n):
             return os.environ[n]
     return None
+
+
+__all__ = ["RETRY_STATUSES", "RAW_LIMIT", "SECRET_ENV_SUFFIXES", "RemoteSettings", "RetryableError", "RetryBudget", "call_with_retries",
+           "parse_retry_after", "normalize_base_url", "url_secrets", "basic_auth", "MalformedReply", "content_text", "token_count",
+           "env_secrets", "env_first", "Secret", "HttpClient", "price_table", "cost_usd"]

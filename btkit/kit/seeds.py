@@ -25,3 +25,6 @@ def pick_examples(seed: list[dict[str, str]], key: str, shots: int) -> list[dict
         return []
     start = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % len(seed)
     return [seed[(start + i) % len(seed)] for i in range(min(shots, len(seed)))]
+
+
+__all__ = ["DEFAULT_SEED", "load_seed", "pick_examples"]

@@ -175,3 +175,6 @@ def segment_corpus(rows: Iterable[dict[str, Any]], options: dict[str, Any], stag
             if i < 0:
                 shown = text[: max_words * CHARS_PER_WORD].strip()  # header marks, if any; never megabytes of blanks
                 yield Record(id=f"{doc_id}#0", source_id=doc_id, fields={"text": shown}).drop(stage, "empty_text", chars=len(text))
+
+
+__all__ = ["CHARS_PER_WORD", "iter_segments", "segments", "fingerprint", "segment_corpus"]
