@@ -300,3 +300,13 @@ def test_air_with_embedded_model(tmp_path):
         assert row["meta"]["initial_instruction"] and row["response"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["records"] == len(cands) == stats["kept"] + stats["dropped"]
+
+
+def test_zero_valued_options_stay_zero_and_defaults_come_from_the_options(registry):
+    air = registry.method("air")
+    assert air.stage_with_defaults("score", {"threshold": 0}).threshold == 0
+    refine = air.stage_with_defaults("refine", {"min_constraints": 0, "dedup_threshold": 0})
+    assert (refine.min_constraints, refine.dedup_threshold) == (0, 0.0)
+    defaults = air.stage_with_defaults("refine", {})
+    assert (defaults.rounds, defaults.min_constraints, defaults.merge) == (5, 1, "llm")
+    assert air.stage_with_defaults("score", {}).threshold == 4

@@ -145,3 +145,15 @@ def test_backforth_with_embedded_model(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert set(stats["stages"]) == {"backforth.augment", "backforth.curate", "backforth.rewrite"}
     assert stats["records"] == len(cands) == stats["kept"] + stats["dropped"]
+
+
+def test_augment_is_humpbacks_stage_under_this_methods_name_and_zero_options_stay_zero(registry):
+    """backforth.augment comes from the humpback method through the registry (no import of its module)."""
+    backforth = registry.method("backforth")
+    augment = backforth.stage_with_defaults("augment", {"shots": 0})
+    assert augment.label == "backforth.augment" and augment.templates == ("humpback/augment",)
+    assert augment.shots == 0  # zero-shot, not the default 3
+    assert backforth.stage_with_defaults("augment", {}).shots == 3  # the click option's default
+    assert backforth.stage_with_defaults("rewrite", {"min_rewrite_words": 0}).min_words == 0
+    source = (EXAMPLES.parent / "plugins" / "methods" / "backforth.py").read_text(encoding="utf-8")
+    assert "from .humpback" not in source and "methods.humpback" not in source

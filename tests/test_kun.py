@@ -308,3 +308,12 @@ def test_no_perplexity_call_by_default(cli, scripted, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(60)}])
     assert cli("run", "kun", corpus, "-o", tmp_path / "out", "--model", spec, "-q").exit_code == 0
     assert not any(h["kind"] == "score_continuation" for h in backend.history)
+
+
+def test_zero_valued_options_stay_zero_and_defaults_come_from_the_options(registry):
+    kun = registry.method("kun")
+    post = kun.stage_with_defaults("postfilter", {"min_response_chars": 0, "max_repetition": 0})
+    assert (post.min_chars, post.max_repetition) == (0, 0.0)
+    assert kun.stage_with_defaults("augment", {"shots": 0}).shots == 0
+    defaults = kun.stage_with_defaults("postfilter", {})
+    assert (defaults.min_chars, defaults.max_repetition) == (20, 0.3)

@@ -1,9 +1,11 @@
 """The plugin author's kit: what methods and backends share, public and documented.
 
-- :mod:`btkit.kit.judges`: scoring (instruction, response) pairs with one mode vocabulary (rubric,
-  logprob, pmi, ifd; ``auto`` picks logprob where the backend can), score parsing, keep rules
-  (threshold, keep-top), and the :class:`~btkit.kit.judges.Curator` every curate stage uses.
-- :mod:`btkit.kit.verdict`: yes/no verdicts, read from logprobs or a generated label.
+- :mod:`btkit.kit.judges`: the one judge-mode vocabulary every judging stage and ``--judge-mode``
+  use (``JUDGE_MODES``: auto, rubric, logprob, pmi, ifd; ``auto`` decided by ``resolve_judge_mode``
+  alone), :class:`~btkit.kit.judges.JudgingStage` (a stage that declares the modes it supports),
+  score parsing, keep rules (threshold, keep-top), the :class:`~btkit.kit.judges.Curator` and the
+  generic :class:`~btkit.kit.judges.PairCurateStage` with its options.
+- :mod:`btkit.kit.verdict`: yes/no verdicts in the rubric or logprob judge mode.
 - :mod:`btkit.kit.segment`: splitting documents into segments in bounded memory, with de-duplication.
 - :mod:`btkit.kit.instructions`: cleaning a generated instruction (labels, quotes, fences, copies).
 - :mod:`btkit.kit.seeds`: seed pairs and reproducible few-shot choices.

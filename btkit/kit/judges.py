@@ -65,6 +65,15 @@ from btkit.methods import ParseError, Stage
 from btkit.options import PERCENT, SCORE
 from btkit.records import Record, journal_key
 
+__all__ = [
+    "JUDGE_MODES", "LABEL_JUDGE_MODES", "LIKELIHOOD_MODES",
+    "resolve_judge_mode", "check_judge_mode", "normalize_judge_mode", "require_judge_mode",
+    "judge_mode_option", "deprecated_alias", "JudgeModeType",
+    "JudgingStage", "PairCurateStage", "pair_curate_options", "Curator", "rank_value", "top_percent_cutoff",
+    "parse_score", "parse_error_details", "rubric_score", "logprob_score", "likelihood_score", "likelihood_parts",
+    "invalid_logprobs", "LOGPROB_SLACK",
+]
+
 _NUM = r"(\d+(?:[.,]\d+)?)(?!\w|[.,]\d)"  # "1e1", "4x", "12abc" are not scores
 # "Score: 4", "**Score:** 4", "score = 4", "Score - 4/5", "Rating: 4 out of 5", "Score: [4]"
 _SCORE_RE = re.compile(
@@ -285,12 +294,10 @@ JUDGE_MODES = ("auto", "rubric", "logprob") + LIKELIHOOD_MODES
 #: instruction alone): the likelihood modes need a response whose likelihood the instruction changes.
 LABEL_JUDGE_MODES = ("auto", "rubric", "logprob")
 #: Former values, read for one release with a warning.
-DEPRECATED_MODE_VALUES = {"generate": "rubric"}
-#: Kept for one release: the former name of :data:`JUDGE_MODES`.
-CURATE_MODES = JUDGE_MODES
+_DEPRECATED_MODE_VALUES = {"generate": "rubric"}
 
 
-def warn_deprecated(message: str) -> None:
+def _warn_deprecated(message: str) -> None:
     """``warning: MESSAGE`` on stderr, once per command invocation (every time outside one)."""
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
@@ -304,9 +311,9 @@ def warn_deprecated(message: str) -> None:
 def normalize_judge_mode(mode: str | None) -> str:
     """``mode`` in the current vocabulary: None is ``auto``, a former value is its new name (with a warning)."""
     mode = mode or "auto"
-    if mode in DEPRECATED_MODE_VALUES:
-        warn_deprecated(f"judge mode '{mode}' is deprecated; use '{DEPRECATED_MODE_VALUES[mode]}'")
-        mode = DEPRECATED_MODE_VALUES[mode]
+    if mode in _DEPRECATED_MODE_VALUES:
+        _warn_deprecated(f"judge mode '{mode}' is deprecated; use '{_DEPRECATED_MODE_VALUES[mode]}'")
+        mode = _DEPRECATED_MODE_VALUES[mode]
     return mode
 
 
@@ -372,8 +379,8 @@ class JudgeModeType(click.Choice):
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         if self.former_flag and _given(param, ctx):
-            warn_deprecated(f"{self.former_flag} is deprecated; use {self.new_flag}")
-        if isinstance(value, str) and value.lower() in DEPRECATED_MODE_VALUES:
+            _warn_deprecated(f"{self.former_flag} is deprecated; use {self.new_flag}")
+        if isinstance(value, str) and value.lower() in _DEPRECATED_MODE_VALUES:
             value = normalize_judge_mode(value.lower())
         return super().convert(value, param, ctx)
 
@@ -392,7 +399,7 @@ def deprecated_alias(option: click.Option, former_flag: str) -> click.Option:
 
     On the command line its value goes to ``option``'s name, so the stage sees one option. A
     pipeline file's key (``curate_mode:``) or ``-S`` finds this option by its flag and gives the
-    stage its own name, which the stage reads through :func:`judge_mode_from`; both warn the same
+    stage its own name, which the stage reads through :func:`_judge_mode_from`; both warn the same
     way, once per invocation."""
     new_flag = next(f for f in option.opts if f.startswith("--"))
     target = option.name
@@ -406,12 +413,12 @@ def deprecated_alias(option: click.Option, former_flag: str) -> click.Option:
                         hidden=True, expose_value=False, callback=move_value, help=f"Deprecated: use {new_flag}.")
 
 
-def judge_mode_from(options: dict[str, Any], *former_keys: str) -> str | None:
+def _judge_mode_from(options: dict[str, Any], *former_keys: str) -> str | None:
     """``judge_mode`` from a stage's options; a former key (``curate_mode``, from a pipeline file,
     ``-S`` or a caller that builds stages itself) wins when given, with a deprecation warning."""
     for key in former_keys:
         if options.get(key) is not None:
-            warn_deprecated(f"--{key.replace('_', '-')} is deprecated; use --judge-mode")
+            _warn_deprecated(f"--{key.replace('_', '-')} is deprecated; use --judge-mode")
             return options[key]
     return options.get("judge_mode")
 
@@ -430,7 +437,7 @@ class JudgingStage(Stage):
     def __init__(self, method: str, name: str, options: dict[str, Any]):
         super().__init__(method, name, options)
         former = (self.former_key,) if self.former_key else ()
-        self.judge_mode = check_judge_mode(judge_mode_from(options, *former), self.label, self.judge_modes)
+        self.judge_mode = check_judge_mode(_judge_mode_from(options, *former), self.label, self.judge_modes)
 
     def check_backend(self, backend: Any) -> None:
         require_judge_mode(self.judge_mode, backend, self.label, self.judge_modes, self.former_flag)
@@ -462,7 +469,7 @@ class Curator:
 
     def __init__(self, label: str, options: dict[str, Any], mode: str | None = None):
         self.label = label
-        self.mode = mode if mode is not None else check_judge_mode(judge_mode_from(options, "curate_mode"), label, JUDGE_MODES)
+        self.mode = mode if mode is not None else check_judge_mode(_judge_mode_from(options, "curate_mode"), label, JUDGE_MODES)
         self.threshold = int(options["threshold"])
         self.score_threshold = float(options["score_threshold"]) if options.get("score_threshold") is not None else None
         self.keep_top = float(options["keep_top"]) if options.get("keep_top") is not None else None
@@ -597,7 +604,7 @@ class PairCurateStage(JudgingStage):
         return [record]
 
 
-JUDGE_MODE_HELP = ("rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; "
+_PAIR_JUDGE_MODE_HELP = ("rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; "
                    "auto: logprob when the backend can, else rubric; pmi: mean log P(response|instruction) - mean log P(response); "
                    "ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023). "
                    "pmi and ifd need no judging prompt and work on small models.")
@@ -608,7 +615,7 @@ def pair_curate_options(default_threshold: int = 5) -> list[click.Option]:
 
     ``--threshold`` (the rubric score to keep, ``default_threshold`` by default), ``--judge-mode``
     (and its deprecated alias ``--curate-mode``), ``--score-threshold`` and ``--keep-top``."""
-    judge_mode = judge_mode_option(JUDGE_MODES, JUDGE_MODE_HELP)
+    judge_mode = judge_mode_option(JUDGE_MODES, _PAIR_JUDGE_MODE_HELP)
     return [
         click.Option(["--threshold"], type=click.IntRange(1, 5), default=default_threshold, show_default=True,
                      help="Keep pairs scoring at least K (5 = the paper's A5, 4 = A4)."),

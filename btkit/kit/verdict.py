@@ -22,8 +22,7 @@ from btkit.methods import ParseError
 from . import judges
 from .judges import LABEL_JUDGE_MODES, invalid_logprobs, normalize_judge_mode, parse_error_details
 
-#: Kept for one release: the modes a verdict supports are :data:`~btkit.kit.judges.LABEL_JUDGE_MODES`.
-VERDICT_MODES = LABEL_JUDGE_MODES
+__all__ = ["binary_verdict", "parse_binary"]
 
 
 def parse_binary(text: str | None, positive: str, negative: str) -> bool:

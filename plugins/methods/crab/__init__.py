@@ -282,13 +282,11 @@ class ComposeStage(Stage):
 # -- method ----------------------------------------------------------------------------------
 class Crab(Method):
     def required_fields(self, options: dict[str, Any]) -> dict[str, str]:
-        return {options.get("instruction_field") or "instruction": "--instruction-field",
-                options.get("response_field") or "response": "--response-field"}
+        return {options["instruction_field"]: "--instruction-field", options["response_field"]: "--response-field"}
 
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         """Input pairs -> records; ids from the id field, btkit's meta.id, or the line number."""
-        ifield = options.get("instruction_field") or "instruction"
-        rfield = options.get("response_field") or "response"
+        ifield, rfield = options["instruction_field"], options["response_field"]
         id_field = options.get("id_field") or "id"
         with SeenSet() as seen:  # ids stay unique in flat memory
             for n, row in enumerate(rows, start=1):
