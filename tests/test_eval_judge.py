@@ -299,3 +299,26 @@ def test_eval_judge_pmi_on_the_shipped_gold_set(cli, tmp_path):
     # most tied to its question), so the overall AUC (0.66) is not the thing to pin here.
     by_kind = rep["auc_by_negative"]
     assert by_kind["swapped"] > 0.7 and by_kind["text_ref"] > 0.8, by_kind
+
+
+def test_eval_judge_runs_the_stage_through_the_engine_failures_and_hooks_included(cli, scripted, registry, tmp_path):
+    """A failed call loses its item (counted as backend_error, as in a run); an after-stage hook applies."""
+    from btkit.errors import BackendError
+    from btkit.hookspecs import hookimpl
+
+    class RejectQuestionOne:
+        @hookimpl
+        def btkit_after_stage(self, record, stage, run):
+            return "hook_rejected" if record.fields["instruction"].startswith("Question 1:") else None
+
+    registry.register(RejectQuestionOne(), name="reject-question-one")
+    gold = write_jsonl(tmp_path / "gold.jsonl", pairs(3))
+    backend, spec = scripted(replies=["warm", BackendError("boom")], default="Fine.\nScore: 5")
+    r = cli("eval-judge", gold, "--judge-mode", "rubric", "--negatives", "swapped", "--model", spec, "--json", "-")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["errors"] == {"backend_error": 1} and rep["scored"] == rep["items"] - 1
+    kept = {s["id"]: s["kept"] for s in rep["item_scores"]}
+    assert rep["items"] == 6 and kept["gold:p1"] is False  # the hook drops both items asking question 1
+    # every item scores 5: kept unless the hook dropped it (two items) or its call failed (one, maybe one of those two)
+    assert sum(kept.values()) in (rep["items"] - 3, rep["items"] - 2)

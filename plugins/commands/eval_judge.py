@@ -10,8 +10,9 @@ precision/recall 0.44/0.09), so it must be measurable on the model you will run 
 - ``text_ref``: each response with an instruction that points at "the text" instead of standing
   alone ("Summarize the text above."), the backtranslation failure Kun filters for.
 
-Every item goes through the method's own curate stage with the engine's :class:`StageCtx` and
-cache, exactly as in ``btkit run``. Only a stage that scores (instruction, response) pairs can be
+Every item goes through the method's own curate stage with the engine (``Run.process_unit``: its
+cache, hooks and failure handling), exactly as in ``btkit run``; ``--judge-mode`` (repeatable)
+compares judge modes on the same items. Only a stage that scores (instruction, response) pairs can be
 measured this way (humpback.curate, backforth.curate: :func:`judges_pairs`); Kun's, CRAB's and
 AIR's judges look at the instruction, the text or constraints alone, and are refused with one
 line naming the stages that can be evaluated. The report gives ROC AUC (unscored items count as
@@ -204,30 +205,26 @@ def load_gold(path: Path, limit: int | None) -> list[dict[str, str]]:
 async def score_items(items: list[Item], *, registry: Any, gold: Path, method: str, stage_name: str | None, model: str,
                       stage_options: dict[str, Any], backend_options: dict[str, Any], prompt_overrides: list[Path],
                       cache_path: Path | None, use_cache: bool, concurrency: int) -> dict[str, Any]:
-    """Score every item through the method's curate stage, as ``btkit run`` would; fills the items."""
+    """Score every item through the method's curate stage with the engine (``Run.process_unit``), so
+    hooks, caching and failure handling are those of ``btkit run``; fills the items."""
     import asyncio
 
-    from btkit.engine import Run, RunConfig, StageCtx, StageSpec
-    from btkit.errors import BackendError
+    from btkit.config import StageSpec, run_config
+    from btkit.engine import Run
     from btkit.records import Record
 
     name = judge_stage(registry, method, stage_name)
-    config = RunConfig(input=gold, out_dir=Path("."), stages=[StageSpec(method, name, stage_options)], model=model,
-                       backend_options=backend_options, prompt_overrides=prompt_overrides, concurrency=concurrency,
-                       quiet=True, cache_path=cache_path, use_cache=use_cache)
+    config = run_config([StageSpec(method, name, stage_options)], input=gold, out_dir=Path("."), model=model,
+                        backend_options=backend_options, prompt_overrides=prompt_overrides, concurrency=concurrency,
+                        quiet=True, cache_path=cache_path, use_cache=use_cache)
     run = Run(config, registry)
     stage = run.stages[0]
-    run.check_templates()
+    run.check()  # templates, and a backend that cannot score this way, fail here before any call
     backend = run.backend_for(stage)
-    stage.check_backend(backend)  # a backend that cannot score this way fails here, before any call
 
     async def one(item: Item) -> None:
         record = Record(id=item.id, source_id=item.gold_id, fields={"instruction": item.instruction, "response": item.response})
-        try:
-            outs = await stage.process(record, StageCtx(run, stage, record))
-        except BackendError as e:
-            item.error = f"backend_error: {e}"
-            return
+        outs = await run.process_unit(record)
         out = outs[0] if outs else record
         item.meta = {k: v for k, v in out.meta.items() if k != "drop_details"}
         item.kept = out.alive
@@ -235,7 +232,9 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
         item.cached = sum(1 for st in steps if st.get("cached"))
         item.calls = len(steps) - item.cached
         item.score = rank_value(out.meta)
-        if item.score is None:
+        if out.reason in ("backend_error", "stage_error"):  # a failed call loses this item, as in a run
+            item.error = f"{out.reason}: {(out.meta.get('drop_details') or {}).get('error', '')}"
+        elif item.score is None:
             item.error = out.meta.get("score_error") or out.reason
 
     try:
@@ -246,9 +245,7 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
         await asyncio.gather(*(one(it) for it in items))
         wall = time.perf_counter() - t0
     finally:
-        for b in run._backends.values():
-            await b.aclose()
-        run.cache.close()
+        await run.aclose()
     curator = getattr(stage, "curator", None)
     keep_top = getattr(curator, "keep_top", None)
     cutoff = None
