@@ -303,7 +303,7 @@ METHOD = Kun(
         StageInfo("filter", "curate", ("instruction",), (), "drop instructions that point at 'the text/article/passage' (English and Chinese word lists)"),
         StageInfo("judge", "curate", ("instruction",), (), "point model: good/bad on the instruction alone (clarity, completeness, feasibility; meta.judge)"),
         StageInfo("polish", "rewrite", ("instruction", "text"), ("response",), "answer polishment: rewrite the text into the response, grounded in it (the text also goes to meta.original_response)"),
-        StageInfo("postfilter", "curate", ("response",), (), "drop self-reference, 'according to the text', apologies, too short (<20 chars), repetition"),
+        StageInfo("postfilter", "curate", ("response",), (), "drop self-reference, 'according to the text', apologies, too short (--min-response-chars), repetition (--max-repetition)"),
     ],
     default_stages=("perplexity", "augment", "filter", "judge", "polish", "postfilter"),
     prompts_dir=PROMPTS,
