@@ -80,7 +80,7 @@ def run_once(name: str, backend: ScriptedBackend, docs: int, concurrency: int) -
             for i in range(docs)))
         wall, cpu = time.monotonic(), time.process_time()
         result = CliRunner().invoke(cli, ["run", "humpback", str(corpus), "-o", str(Path(d) / "out"), "--model", backend.spec,
-                                          "--curate-mode", "rubric", "--threshold", "1", "--no-cache", "-q",
+                                          "--judge-mode", "rubric", "--threshold", "1", "--no-cache", "-q",
                                           "--concurrency", str(concurrency)])
         if result.exit_code != 0:
             sys.exit(f"{name}: run failed: {result.output}")

@@ -56,7 +56,7 @@ def corpus(tmp_path):
 
 
 def run(cli, corpus, out, spec, *extra):
-    r = cli("run", "humpback", corpus, "-o", out, "--model", spec, "-q", "--curate-mode", "logprob", *extra)
+    r = cli("run", "humpback", corpus, "-o", out, "--model", spec, "-q", "--judge-mode", "logprob", *extra)
     assert r.exit_code == 0, r.output
     return r
 
@@ -106,7 +106,7 @@ def test_changing_threshold_or_parser_reruns_with_zero_model_calls(cli, scripted
 def test_changing_the_score_parser_reruns_with_zero_model_calls(cli, scripted, corpus, tmp_path, monkeypatch):
     judge = "The answer is complete.\nScore: 4"
     backend, spec = scripted(default=lambda m, p: judge if "Score:" in m[-1]["content"] else augment_reply(m, p))
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "a", "--model", spec, "-q", "--curate-mode", "rubric", "--threshold", "5")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "a", "--model", spec, "-q", "--judge-mode", "rubric", "--threshold", "5")
     assert r.exit_code == 0, r.output
     first = len(backend.history)
     assert first == 8 and read_jsonl(tmp_path / "a" / "data.jsonl") == []
@@ -114,7 +114,7 @@ def test_changing_the_score_parser_reruns_with_zero_model_calls(cli, scripted, c
     from btkit.kit import judges as curation
 
     monkeypatch.setattr(curation, "parse_score", lambda text, *scale: 5)  # a (very) lenient new parser
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "b", "--model", spec, "-q", "--curate-mode", "rubric", "--threshold", "5")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "b", "--model", spec, "-q", "--judge-mode", "rubric", "--threshold", "5")
     assert r.exit_code == 0, r.output
     assert len(backend.history) == first
     assert len(read_jsonl(tmp_path / "b" / "data.jsonl")) == 4

@@ -56,7 +56,7 @@ def _run_on_a_terminal(tmp_path, *extra: str) -> str:
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
     env = {**os.environ, "BTKIT_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus), "-o", str(out),
-                             "--model", "echo:What do the listed words mean?", "--curate-mode", "rubric", *extra],
+                             "--model", "echo:What do the listed words mean?", "--judge-mode", "rubric", *extra],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, cwd=ROOT, env=env)
     os.close(secondary)
     seen = b""
@@ -85,7 +85,7 @@ def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path, cli):
     assert "units" in shown and "kept=" in shown and "tokens=" in shown and "unit/s" in shown
     assert "kept=" not in _run_on_a_terminal(tmp_path, "--quiet")
     corpus = write_jsonl(tmp_path / "c2.jsonl", [{"id": "d", "text": words(60)}])
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", "echo:What is it?", "--curate-mode", "rubric")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", "echo:What is it?", "--judge-mode", "rubric")
     assert r.exit_code == 0 and "kept=" not in r.output  # not a terminal: only the summary line
     assert r.output.startswith("done: ")
 

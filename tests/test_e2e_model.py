@@ -22,7 +22,7 @@ def test_humpback_on_examples_with_embedded_model(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(EXAMPLES / "corpus.jsonl"), "-o", str(out),
            "--seed", str(EXAMPLES / "seed.jsonl"), "--limit", "5", "--shots", "2", "--max-tokens", "64",
-           "--candidates", "2", "--sample-seed", "1", "--curate-mode", "logprob", "--keep-top", "50", "--quiet"]
+           "--candidates", "2", "--sample-seed", "1", "--judge-mode", "logprob", "--keep-top", "50", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for name in ("data.jsonl", "candidates.jsonl", "stats.json", "failures.jsonl", "run.json"):
@@ -74,7 +74,7 @@ def test_rubric_mode_on_real_model_counts_unparseable_scores(cli, tmp_path):
     """The 135M model rarely writes 'Score: N': every pair is either scored or counted as unparseable."""
     corpus = write_jsonl(tmp_path / "c.jsonl", [json.loads(l) for l in (EXAMPLES / "corpus.jsonl").read_text().splitlines()[:2]])
     out = tmp_path / "out"
-    r = cli("run", "humpback", corpus, "-o", out, "--curate-mode", "rubric", "--max-tokens", "96", "-q")
+    r = cli("run", "humpback", corpus, "-o", out, "--judge-mode", "rubric", "--max-tokens", "96", "-q")
     assert r.exit_code == 0, r.output
     stats = json.loads((out / "stats.json").read_text())
     cur = stats["stages"]["humpback.curate"]

@@ -136,7 +136,7 @@ def test_a_50mb_document_is_segmented_in_bounded_memory(tmp_path):
     assert corpus.stat().st_size > 50 * 1024 * 1024
     out = tmp_path / "out"
     rss, res = _child_peak_rss_mb([sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus), "-o", str(out),
-                                   "--model", "echo:What do these words say about each other?", "--curate-mode", "rubric",
+                                   "--model", "echo:What do these words say about each other?", "--judge-mode", "rubric",
                                    "--cache", str(tmp_path / "c.sqlite"), "-q"])
     assert res["rc"] == 0, res["err"]
     stats = json.loads((out / "stats.json").read_text())

@@ -127,7 +127,7 @@ def scores(cli, spec, tmp_path, name: str, field: str, mode: str, template: str 
         (tmp_path / name / "prompts" / "humpback").mkdir(parents=True)
         (tmp_path / name / "prompts" / "humpback" / "curate.j2").write_text(template)
         extra = ["--prompts", tmp_path / name / "prompts"]
-    r = cli("run", "humpback", corpus, "-o", tmp_path / name / "out", "--model", spec, "--curate-mode", mode, "--threshold", "4", "-q", *extra)
+    r = cli("run", "humpback", corpus, "-o", tmp_path / name / "out", "--model", spec, "--judge-mode", mode, "--threshold", "4", "-q", *extra)
     assert r.exit_code == 0, r.output
     lines = read_jsonl(tmp_path / name / "out" / "candidates.jsonl")
     assert len(lines) == len(DOCS)

@@ -175,7 +175,7 @@ def test_hostile_augment_replies_end_parsed_or_counted(cli, scripted, tmp_path):
 
     backend, spec = scripted(default=reply)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": doc(i)} for i in range(len(AUGMENT_CASES))])
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "rubric", "--threshold", "4", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "--threshold", "4", "-q")
     assert r.exit_code == 0, r.output
     by_id = {l["source_id"]: l for l in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
     for i, (_, reason) in enumerate(AUGMENT_CASES):
@@ -205,7 +205,7 @@ def test_hostile_judge_replies_end_parsed_or_counted(cli, scripted, tmp_path):
 
     backend, spec = scripted(default=reply)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": doc(i)} for i in range(len(JUDGE_CASES))])
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "rubric", "--threshold", "4", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "--threshold", "4", "-q")
     assert r.exit_code == 0, r.output
     by_id = {l["source_id"]: l for l in read_jsonl(tmp_path / "out" / "candidates.jsonl")}
     for i, (_, reason, score) in enumerate(JUDGE_CASES):
@@ -228,7 +228,7 @@ def test_a_content_filtered_instruction_is_not_kept(cli, scripted, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
     backend, spec = scripted(default=lambda m, p: "Fine.\nScore: 5" if "Score:" in m[-1]["content"] else
                              Completion(text=GOOD_INSTRUCTION, finish_reason="content_filter"))
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "rubric", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "-q")
     assert r.exit_code == 0, r.output
     assert read_jsonl(tmp_path / "out" / "data.jsonl") == []
 
@@ -236,7 +236,7 @@ def test_a_content_filtered_instruction_is_not_kept(cli, scripted, tmp_path):
 def test_broken_logprobs_are_a_counted_failure(cli, scripted, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
     backend, spec = scripted(default=GOOD_INSTRUCTION, logprobs={d: -math.inf for d in "12345"})
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "logprob", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "logprob", "-q")
     assert r.exit_code == 0, r.output
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["dropped_by_reason"] == {"humpback.curate:unparseable_score": 1}
@@ -247,7 +247,7 @@ def test_broken_logprobs_are_a_counted_failure(cli, scripted, tmp_path):
 def test_logprobs_above_zero_are_not_a_score(cli, scripted, tmp_path, bad):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
     backend, spec = scripted(default=GOOD_INSTRUCTION, logprobs={"1": -3.0, "2": -3.0, "3": -3.0, "4": -3.0, "5": bad})
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "logprob", "--threshold", "1", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "logprob", "--threshold", "1", "-q")
     assert r.exit_code == 0, r.output
     [cand] = read_jsonl(tmp_path / "out" / "candidates.jsonl")
     assert cand["reason"] == "unparseable_score" and cand["meta"]["score_error"] == "invalid_logprobs"
@@ -256,7 +256,7 @@ def test_logprobs_above_zero_are_not_a_score(cli, scripted, tmp_path, bad):
 def test_nan_logprobs_are_not_a_score(cli, scripted, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
     backend, spec = scripted(default=GOOD_INSTRUCTION, logprobs={d: math.nan for d in "12345"})
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "logprob", "--threshold", "1", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "logprob", "--threshold", "1", "-q")
     assert r.exit_code == 0, r.output
     assert read_jsonl(tmp_path / "out" / "data.jsonl") == []
 
@@ -389,7 +389,7 @@ def test_humpback_augment_retries_an_unparseable_instruction_when_asked(cli, scr
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": doc(0)}])
     replies = ["", GOOD_INSTRUCTION]  # the first instruction is empty, the retry is fine
     backend, spec = scripted(default=lambda m, p: "Fine.\nScore: 5" if "Score:" in m[-1]["content"] else replies.pop(0))
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--curate-mode", "rubric", "--parse-retries", "1", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec, "--judge-mode", "rubric", "--parse-retries", "1", "-q")
     assert r.exit_code == 0, r.output
     out = read_jsonl(tmp_path / "out" / "data.jsonl")
     assert [d["instruction"] for d in out] == [GOOD_INSTRUCTION]

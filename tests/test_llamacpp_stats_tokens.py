@@ -27,11 +27,11 @@ def test_scoring_calls_count_the_tokens_they_read(tmp_path, mode):
     """One forward pass over the judging prompt (logprob), or two over the response with and
     without the instruction (pmi): each reads at least the response's tokens. A re-run served from
     the cache reports the same counts, as cached chat steps do."""
-    stats = run(tmp_path, "first", "--curate-mode", mode)
+    stats = run(tmp_path, "first", "--judge-mode", mode)
     curate = stats["stages"]["humpback.curate"]
     assert curate["calls"] >= 1
     assert curate["tokens_in"] >= 20 * curate["calls"] and curate["tokens_out"] == 0
     assert stats["tokens_in"] == stats["stages"]["humpback.augment"]["tokens_in"] + curate["tokens_in"]
-    again = run(tmp_path, "again", "--curate-mode", mode)
+    again = run(tmp_path, "again", "--judge-mode", mode)
     assert again["stages"]["humpback.curate"]["tokens_in"] == curate["tokens_in"]
     assert again["stages"]["humpback.curate"]["cache_hits"] == again["stages"]["humpback.curate"]["calls"]

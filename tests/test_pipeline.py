@@ -102,7 +102,7 @@ def _sampling(history, kind="chat"):
 def test_per_stage_sampling_from_the_command_line_reaches_the_requests(cli, scripted, tmp_path):
     backend, spec = scripted(default=lambda m, p: "What do the listed words mean?" if len(m) > 1 else "Brief reasoning.\nScore: 5")
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", spec, "--curate-mode", "rubric", "-q",
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", spec, "--judge-mode", "rubric", "-q",
             "--stop", "END", "--top-p", "0.5", "-S", "augment.temperature=0.1", "-S", "curate.max_tokens=33", "-S", "curate.sample_seed=9")
     assert r.exit_code == 0, r.output
     augment, curate = _sampling(backend.history)
@@ -131,7 +131,7 @@ stages:
     top_p: 0.8
     stop: [END, STOP]
   - use: humpback.curate
-    curate_mode: rubric
+    judge_mode: rubric
     max_tokens: 40
     sample_seed: 5
 """)

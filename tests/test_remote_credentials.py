@@ -62,7 +62,7 @@ def test_a_password_in_the_base_url_is_used_and_recorded_nowhere(srv, tmp_path, 
                "boom": "[[fault=http500 id=boom]]", **{f"more{i}": "" for i in range(4)}}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus(tmp_path / "c.jsonl", markers)), "-o", str(out),
-           "--model", model, "--curate-mode", "rubric", "--shots", "1", "-q", "-B", "max_retries=1", "-B", "backoff_base=0.01"]
+           "--model", model, "--judge-mode", "rubric", "--shots", "1", "-q", "-B", "max_retries=1", "-B", "backoff_base=0.01"]
     env = {**os.environ, "OPENAI_API_KEY": KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     if given_as == "--base-url":
         cmd += ["--base-url", with_credentials(srv.base_url)]
@@ -98,7 +98,7 @@ def test_stage_base_url_with_a_password_is_recorded_without_it(srv, tmp_path, is
     pipeline.write_text(
         f"input: {corpus(tmp_path / 'c.jsonl', {'a': ''})}\noutput: {out}\nmodel: openai:fake-model\n"
         f"stages:\n  - use: humpback.augment\n    base_url: {with_credentials(srv.base_url)}\n"
-        "  - use: humpback.curate\n    curate_mode: rubric\n", encoding="utf-8")
+        "  - use: humpback.curate\n    judge_mode: rubric\n", encoding="utf-8")
     check = subprocess.run([sys.executable, "-m", "btkit.cli", "run", str(pipeline), "--check"], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr
     assert f"@ {srv.base_url}" in check.stdout and PASSWORD not in check.stdout
@@ -129,7 +129,7 @@ def test_a_key_echoed_in_a_successful_reply_never_reaches_cache_or_data(cli, srv
     out = tmp_path / "out"
     markers = {"aug": "[[fault=echoreply id=aug]]", "cur": "[[fault=echoreply stage=curate id=cur]]"}
     r = cli("run", "humpback", corpus(tmp_path / "c.jsonl", markers), "-o", out, "--model", model, "--base-url", srv.base_url,
-            "--curate-mode", "rubric", "--shots", "1", "-q")
+            "--judge-mode", "rubric", "--shots", "1", "-q")
     assert r.exit_code == 0, r.output
     assert {s.action for s in srv.requests} >= {"echoreply"}  # the server did quote the key in 200 replies
     data = read_jsonl(out / "data.jsonl")
@@ -171,7 +171,7 @@ def test_a_litellm_anthropic_run_is_never_sent_to_openai_base_url(srv, tmp_path)
         env = {**os.environ, "OPENAI_BASE_URL": srv.base_url, "ANTHROPIC_BASE_URL": anthropic.base_url.removesuffix("/v1"),
                "ANTHROPIC_API_KEY": "sk-ant-canary-1234567890", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
         proc = subprocess.run([sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus(tmp_path / "c.jsonl", {"a": ""})),
-                               "-o", str(out), "--model", "litellm:anthropic/claude-x", "--curate-mode", "rubric", "--shots", "1",
+                               "-o", str(out), "--model", "litellm:anthropic/claude-x", "--judge-mode", "rubric", "--shots", "1",
                                "-q", "-B", "max_retries=0"], capture_output=True, text=True, timeout=300, env=env)
         assert srv.requests == [], [(s.path, s.action) for s in srv.requests]
         assert [s.path for s in anthropic.requests][:1] == ["/v1/messages"], proc.stderr[-2000:]
@@ -217,7 +217,7 @@ def test_a_pipeline_file_reads_openai_base_url_like_the_cli(srv, tmp_path, isola
     out = tmp_path / "out"
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(f"input: {corpus(tmp_path / 'c.jsonl', {'a': '', 'b': ''})}\noutput: {out}\nmodel: openai:fake-model\n"
-                        "stages:\n  - use: humpback.augment\n  - use: humpback.curate\n    curate_mode: rubric\n", encoding="utf-8")
+                        "stages:\n  - use: humpback.augment\n  - use: humpback.curate\n    judge_mode: rubric\n", encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "btkit.cli", "run", str(pipeline), "-q"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OPENAI_BASE_URL": srv.base_url, "OPENAI_API_KEY": KEY})
     assert proc.returncode == 0, proc.stderr[-3000:]

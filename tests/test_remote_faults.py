@@ -40,7 +40,7 @@ def corpus(path: Path, markers: dict[str, str]) -> Path:
 
 
 def run(cli, corpus_path: Path, out: Path, srv: FaultServer, model: str = "openai:fake-model", *extra: str):
-    """A default-mode run (``--curate-mode auto``): on this server, which does not say it is vLLM,
+    """A default-mode run (``--judge-mode auto``): on this server, which does not say it is vLLM,
     every backend must settle on the rubric by itself."""
     return cli("run", "humpback", corpus_path, "-o", out, "--model", model, "--base-url", srv.base_url,
                "--shots", "1", "-q", "-B", "backoff_base=0.02", *extra)
@@ -282,11 +282,11 @@ def test_vllm_discovers_model_and_scores_from_logprobs_after_prefill(cli, srv, t
 def test_vllm_modes_that_need_vllm_stop_before_any_request_on_another_server(cli, srv, tmp_path, mode):
     out = tmp_path / "out"
     r = cli("run", "humpback", corpus(tmp_path / "c.jsonl", {"a": "", "b": ""}), "-o", out, "--model", "vllm:",
-            "--base-url", srv.base_url, "--curate-mode", mode, "-q")
+            "--base-url", srv.base_url, "--judge-mode", mode, "-q")
     assert r.exit_code == 2
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert "does not say it is vLLM (GET /models owned_by: fake)" in lines[0] and f"--curate-mode {mode}" in lines[0]
+    assert "does not say it is vLLM (GET /models owned_by: fake)" in lines[0] and f"--judge-mode {mode}" in lines[0]
     assert "llamacpp:PATH.gguf" in lines[0] and "vllm_extensions=true" in lines[0]
     assert srv.requests == []  # not one model call was paid for
     assert not (out / "candidates.jsonl").exists()
@@ -355,7 +355,7 @@ def test_api_key_given_as_backend_option_stays_out_of_the_run_directory(srv, tmp
     monkeypatch.delenv("OPENAI_API_KEY")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus(tmp_path / "c.jsonl", {"a": "", "b": "[[fault=echokey id=b]]"})),
-           "-o", str(out), "--model", "openai:fake-model", "--base-url", srv.base_url, "--curate-mode", "rubric", "--shots", "1",
+           "-o", str(out), "--model", "openai:fake-model", "--base-url", srv.base_url, "--judge-mode", "rubric", "--shots", "1",
            "-q", "-B", f"api_key={CANARY}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

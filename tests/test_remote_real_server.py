@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 HAS_LITELLM = importlib.util.find_spec("litellm") is not None
 HAS_SERVER = importlib.util.find_spec("llama_cpp.server") is not None if importlib.util.find_spec("llama_cpp") else False
-# Small and bounded: one few-shot turn, short completions. No --curate-mode: the default (auto) must work.
+# Small and bounded: one few-shot turn, short completions. No --judge-mode: the default (auto) must work.
 COMMON = ["--shots", "1", "--max-tokens", "32", "-q"]
 #: llama-cpp-python's server reads echoed prompt logprobs one position late for a model that adds no
 #: BOS token (abetlen/llama-cpp-python#1983; SmolLM2 adds none); with a BOS its numbers are right.
@@ -131,7 +131,7 @@ def test_vllm_and_openai_runs_have_the_shape_of_a_local_run(cli, llama_server, s
     server is not vLLM), so they compare with a local run told to use the rubric."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     local = tmp_path / "local"
-    r = cli("run", "humpback", small_corpus, "-o", local, "--curate-mode", "rubric", *COMMON)
+    r = cli("run", "humpback", small_corpus, "-o", local, "--judge-mode", "rubric", *COMMON)
     assert r.exit_code == 0, r.output
     want = shape(local)
     assert want["step_kinds"] == ["chat"] and len(want["units"]) == 2
@@ -177,11 +177,11 @@ def test_vllm_explicit_likelihood_mode_stops_before_any_request(cli, llama_serve
     before = requests_seen(llama_server)
     out = tmp_path / "out"
     r = cli("run", "humpback", small_corpus, "-o", out, "--model", "vllm:", "--base-url", llama_server["base_url"],
-            "--curate-mode", mode, *COMMON)
+            "--judge-mode", mode, *COMMON)
     assert r.exit_code == 2
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1, lines
-    assert "does not say it is vLLM (GET /models owned_by: me)" in lines[0] and f"--curate-mode {mode}" in lines[0]
+    assert "does not say it is vLLM (GET /models owned_by: me)" in lines[0] and f"--judge-mode {mode}" in lines[0]
     assert "llamacpp:PATH.gguf" in lines[0]  # a backend that can
     assert requests_seen(llama_server)[len(before):] == []  # no model call: only GET /models was asked
     assert not (out / "candidates.jsonl").exists()
@@ -222,7 +222,7 @@ def test_vllm_logprob_scoring_refuses_a_server_that_is_not_vllm(llama_server):
     b = VLLMBackend("", {"base_url": llama_server["base_url"]})
     assert b.supports("chat") and not b.supports("next_token_logprobs") and not b.supports("score_continuation")
     msgs = [{"role": "user", "content": "Rate 1-5: is 2+2=4?"}]
-    with pytest.raises(CapabilityError, match="does not say it is vLLM.*--curate-mode rubric"):
+    with pytest.raises(CapabilityError, match="does not say it is vLLM.*--judge-mode rubric"):
         asyncio.run(b.next_token_logprobs(msgs, "Score: ", ["1", "2", "3", "4", "5"]))
     with pytest.raises(CapabilityError, match="does not say it is vLLM"):
         asyncio.run(b.score_continuation(msgs, "Four."))
@@ -254,7 +254,7 @@ def test_openai_pmi_run_on_a_server_that_echoes_prompt_logprobs(cli, echo_server
     corpus_path = write_jsonl(tmp_path / "c.jsonl", [{**r, "text": " ".join(r["text"].split()[:30])} for r in rows])
     out = tmp_path / "out"
     r = cli("run", "humpback", corpus_path, "-o", out, "--model", "openai:smollm2", "--base-url", echo_server["base_url"],
-            "--curate-mode", "pmi", "--keep-top", "100", "--min-words", "10", "--shots", "1",
+            "--judge-mode", "pmi", "--keep-top", "100", "--min-words", "10", "--shots", "1",
             "-S", "augment.max_tokens=48", "-S", "augment.temperature=0", "-q")
     assert r.exit_code == 0, r.output
     cands = read_jsonl(out / "candidates.jsonl")
@@ -321,7 +321,7 @@ def test_openai_refuses_to_score_where_the_server_gives_no_echo_logprobs(cli, ll
     line naming backends that can, after that one probe and before any augment call."""
     before = requests_seen(llama_server)
     r = cli("run", "humpback", small_corpus, "-o", tmp_path / "out", "--model", "openai:smollm2", "--base-url", llama_server["base_url"],
-            "--curate-mode", "pmi", *COMMON)
+            "--judge-mode", "pmi", *COMMON)
     assert r.exit_code == 2
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1, lines
@@ -335,9 +335,9 @@ def test_openai_refuses_echo_logprobs_read_one_token_late(cli, small_corpus, tmp
     each token the logprob of the distribution after it. Scores read there would be wrong: refused."""
     with llama_cpp_server(tmp_path / "server.log", "--logits_all", "True") as late:
         r = cli("run", "humpback", small_corpus, "-o", tmp_path / "out", "--model", "openai:smollm2", "--base-url", late["base_url"],
-                "--curate-mode", "ifd", *COMMON)
+                "--judge-mode", "ifd", *COMMON)
         assert r.exit_code == 2
         lines = [l for l in r.output.splitlines() if l.strip()]
         assert len(lines) == 1 and "one token late" in lines[0] and "this endpoint cannot score continuations" in lines[0], lines
-        assert "--curate-mode ifd" in lines[0] and "llamacpp:PATH.gguf" in lines[0]
+        assert "--judge-mode ifd" in lines[0] and "llamacpp:PATH.gguf" in lines[0]
         assert requests_seen(late) == ["POST /v1/completions"]

@@ -1,6 +1,6 @@
 """``openai:`` continuation scores through ``/completions`` echo, against the fault-injecting server.
 
-What a user relies on: ``--curate-mode pmi`` works where the endpoint echoes prompt logprobs; where it
+What a user relies on: ``--judge-mode pmi`` works where the endpoint echoes prompt logprobs; where it
 does not (no logprobs, echo refused, logprobs read one token late) the run stops with one line that
 names backends that can, before any augment call is paid for.
 """
@@ -74,7 +74,7 @@ def test_openai_pmi_run_scores_through_completions_echo(cli, srv, tmp_path):
 
     out = tmp_path / "out"
     r = cli("run", "humpback", corpus(tmp_path / "c.jsonl", 2), "-o", out, "--model", "openai:fake-model", "--base-url", srv.base_url,
-            "--curate-mode", "pmi", "--keep-top", "100", "--shots", "1", "-q")
+            "--judge-mode", "pmi", "--keep-top", "100", "--shots", "1", "-q")
     assert r.exit_code == 0, r.output
     data = read_jsonl(out / "data.jsonl")
     assert len(data) == 2
@@ -108,12 +108,12 @@ def test_openai_endpoint_that_cannot_score_stops_the_run_before_any_chat_call(cl
     srv.completions_mode = mode
     out = tmp_path / "out"
     r = cli("run", "humpback", corpus(tmp_path / "c.jsonl", 2), "-o", out, "--model", "openai:fake-model", "--base-url", srv.base_url,
-            "--curate-mode", "pmi", "--shots", "1", "-q")
+            "--judge-mode", "pmi", "--shots", "1", "-q")
     assert r.exit_code == 2
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: backend 'openai:fake-model' cannot do 'score_continuation'"), lines
     assert why in lines[0] and "this endpoint cannot score continuations" in lines[0]
-    assert "llamacpp:PATH.gguf" in lines[0] and "vllm:" in lines[0] and "--curate-mode pmi" in lines[0]
+    assert "llamacpp:PATH.gguf" in lines[0] and "vllm:" in lines[0] and "--judge-mode pmi" in lines[0]
     assert [s.path for s in srv.requests] == ["/v1/completions"]  # the probe, once (a 500 naming logprobs is not retried)
     assert not (out / "candidates.jsonl").exists()
 

@@ -47,7 +47,7 @@ def det_backend(workdir: Path, delay: float = 0.01) -> str:
 
 def btkit_cmd(corpus: Path, out: Path, model: str, cache: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus), "-o", str(out), "--model", model,
-            "--cache", str(cache), "--curate-mode", "rubric", "--threshold", "3", "--candidates", "2",
+            "--cache", str(cache), "--judge-mode", "rubric", "--threshold", "3", "--candidates", "2",
             "--max-words", "40", "--concurrency", "4", "-q", *extra]
 
 
@@ -222,7 +222,7 @@ def _small_run(cli, tmp_path, out: Path, *extra) -> Path:
         make_corpus(corpus, docs=8)
     model = det_backend(tmp_path / "det", delay=0)
     os.chdir(tmp_path / "det")
-    r = cli("run", "humpback", corpus, "-o", out, "--model", model, "--curate-mode", "rubric", "--threshold", "3",
+    r = cli("run", "humpback", corpus, "-o", out, "--model", model, "--judge-mode", "rubric", "--threshold", "3",
             "--candidates", "2", "--max-words", "40", "-q", *extra)
     assert r.exit_code == 0, r.output
     return out
@@ -257,7 +257,7 @@ def test_a_damaged_line_inside_the_journal_stops_with_a_clear_error(cli, tmp_pat
     (out / "candidates.jsonl").write_bytes(b"".join(lines))
     before = (out / "candidates.jsonl").read_bytes()
     corpus = tmp_path / "corpus.jsonl"
-    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--curate-mode", "rubric", "--threshold", "3",
+    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--judge-mode", "rubric", "--threshold", "3",
             "--candidates", "2", "--max-words", "40", "-q")
     assert r.exit_code == 2
     assert "candidates.jsonl:4: damaged journal line" in r.output
@@ -281,7 +281,7 @@ def test_resume_notices_an_input_that_changed_under_it(cli, tmp_path, monkeypatc
     rows = read_jsonl(corpus)
     rows[0]["id"], rows[1]["id"] = rows[1]["id"], rows[0]["id"]  # same size, different units
     write_jsonl(corpus, rows)
-    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--curate-mode", "rubric", "--threshold", "3",
+    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--judge-mode", "rubric", "--threshold", "3",
             "--candidates", "2", "--max-words", "40", "-q")
     assert r.exit_code == 2 and "changed since" in r.output and "--overwrite" in r.output
 
@@ -297,7 +297,7 @@ def test_resume_notices_text_edited_in_place_with_the_same_ids_and_size(cli, tmp
     rows[0]["text"] = " ".join(words)
     write_jsonl(corpus, rows)
     assert corpus.stat().st_size == before
-    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--curate-mode", "rubric", "--threshold", "3",
+    r = cli("run", "humpback", corpus, "-o", out, "--model", "det:det.json", "--judge-mode", "rubric", "--threshold", "3",
             "--candidates", "2", "--max-words", "40", "-q")
     assert r.exit_code == 2 and "changed since" in r.output
 

@@ -36,7 +36,7 @@ def reply(messages, params) -> str:
 
 
 def humpback(cli, data: Path, out: Path, spec: str, *extra):
-    return cli("run", "humpback", data, "-o", out, "--model", spec, "--curate-mode", "rubric", "--threshold", "3", "-q", *extra)
+    return cli("run", "humpback", data, "-o", out, "--model", spec, "--judge-mode", "rubric", "--threshold", "3", "-q", *extra)
 
 
 def error_line(result) -> str:
@@ -157,7 +157,7 @@ def det(workdir: Path, delay: float) -> str:
 
 def run_cmd(data: Path, out: Path, model: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "btkit.cli", "run", "humpback", str(data), "-o", str(out), "--model", model,
-            "--curate-mode", "rubric", "--threshold", "1", "--concurrency", "2", "-q", *extra]
+            "--judge-mode", "rubric", "--threshold", "1", "--concurrency", "2", "-q", *extra]
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:
@@ -213,7 +213,7 @@ def test_an_id_called_extra_or_seed_is_an_ordinary_id(cli, scripted, tmp_path):
 
     _, spec = scripted(default=reply, continuation_logprobs=logprobs)
     r = cli("run", "humpback", write_jsonl(tmp_path / "c.jsonl", rows), "-o", tmp_path / "out", "--model", spec,
-            "--seed", seed, "--mix-seed", "--curate-mode", "pmi", "--keep-top", "50", "-q")
+            "--seed", seed, "--mix-seed", "--judge-mode", "pmi", "--keep-top", "50", "-q")
     assert r.exit_code == 0, r.output
     data = read_jsonl(tmp_path / "out" / "data.jsonl")
     assert sum(1 for d in data if d["meta"].get("source") == "seed") == 3  # "seed#0" the seed pair survives
@@ -333,7 +333,7 @@ def test_a_dead_endpoint_stops_the_run_naming_it(tmp_path, registry, cli, monkey
     url = f"http://127.0.0.1:{port}/v1"
     out = tmp_path / "out"
     r = cli("run", "humpback", corpus(tmp_path, 30), "-o", out, "--model", "openai:m", "--base-url", url,
-            "-B", "max_retries=0", "--curate-mode", "rubric", "-q")
+            "-B", "max_retries=0", "--judge-mode", "rubric", "-q")
     assert r.exit_code != 0
     line = error_line(r)
     assert url in line and "failed" in line and "re-run the same command" in line
@@ -393,7 +393,7 @@ def test_keep_top_holds_later_stages_until_the_cut_is_known(cli, scripted, tmp_p
     backend, spec = scripted(default=answer, continuation_logprobs=logprobs)
     data = write_jsonl(tmp_path / "c.jsonl", [{"id": f"doc{i}", "text": t} for i, t in enumerate(texts)])
     out = tmp_path / "out"
-    r = cli("run", "backforth", data, "-o", out, "--model", spec, "--curate-mode", "pmi", "--keep-top", "30", "-q")
+    r = cli("run", "backforth", data, "-o", out, "--model", spec, "--judge-mode", "pmi", "--keep-top", "30", "-q")
     assert r.exit_code == 0, r.output
     rewrites = [h for h in backend.history if "Rewrite the document" in json.dumps(h)]
     kept = read_jsonl(out / "data.jsonl")
@@ -414,7 +414,7 @@ def test_a_kill_in_the_second_pass_resumes_without_paying_twice(tmp_path):
                                                    "default": "What does note {hash} explain?", "delay": 0.03, "log": "requests.jsonl"}))
     data, out = corpus(tmp_path, 40), tmp_path / "out"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "backforth", str(data), "-o", str(out), "--model", "det:det.json",
-           "--curate-mode", "rubric", "--keep-top", "50", "--concurrency", "2", "--cache", str(tmp_path / "c.sqlite"), "-q"]
+           "--judge-mode", "rubric", "--keep-top", "50", "--concurrency", "2", "--cache", str(tmp_path / "c.sqlite"), "-q"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE)
     held = out / "candidates.held.jsonl"
     wait_for(lambda: held.exists() and held.read_bytes().count(b"\n") >= 3, 60)

@@ -72,6 +72,6 @@ def test_a_run_groups_its_calls_by_kind_and_template(cli, scripted, tmp_path, mo
     monkeypatch.setattr(PrefixGroupedLimiter, "acquire", spy)
     backend, spec = scripted(default="What do the listed words mean?", logprobs={"5": -0.1})
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, 100 * i)} for i in range(3)])
-    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", spec, "--curate-mode", "logprob", "-q")
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "o", "--model", spec, "--judge-mode", "logprob", "-q")
     assert r.exit_code == 0, r.output
     assert sorted(seen) == ["chat:humpback/augment"] * 3 + ["next_token_logprobs:humpback/curate"] * 3
