@@ -12,7 +12,8 @@ Which plugins load:
   ``BTKIT_LOAD_PLUGINS=btkit,quiz`` adds one. An item that names nothing installed is reported
   with one ``warning:`` line on stderr and ignored.
 - ``BTKIT_LOAD_PLUGINS=`` (set but empty): no entry-point plugins at all, only those registered in
-  code (:meth:`Registry.register`); btkit then knows no method and no backend.
+  code (:meth:`Registry.register`) or named by ``BTKIT_EXTRA_PLUGINS`` (below); with neither,
+  btkit knows no method and no backend.
 
 A plugin whose module fails to import (or that declares a hook btkit does not have) does not stop
 btkit: it is skipped with one line on stderr, ``warning: plugin NAME (dist VERSION) failed to load:
