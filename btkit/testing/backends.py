@@ -34,6 +34,8 @@ from btkit.backends import CHAT, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTIN
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
 
+__all__ = ["DOUBLES_PLUGIN", "DeterministicBackend", "Doubles", "EchoBackend", "ScriptedBackend"]
+
 
 class ScriptedBackend(Backend):
     """Replies from a queue; ``default`` answers when the queue is empty (None: raise)."""
