@@ -98,6 +98,11 @@ def _normal(text: str) -> str:
 _ECHO = _normal(DESIGN_PROMPT)
 
 
+def is_no_input(value: str) -> bool:
+    """Whether an input field says there is no input ("N/A", "None", "<noinput>", "-"): read as empty."""
+    return bool(_NO_INPUT.match(value))
+
+
 def parse_task(reply: str | None) -> dict[str, str]:
     """``{"instruction", "input", "output"}`` from a ``#instruction#: ... #input#: ... #output#: ...`` reply.
 
@@ -140,7 +145,7 @@ def parse_task(reply: str | None) -> dict[str, str]:
         raise ParseError("empty_instruction")
     if not task["output"]:
         raise ParseError("empty_output")
-    if _NO_INPUT.match(task["input"]):
+    if is_no_input(task["input"]):
         task["input"] = ""
     if _normal(task["instruction"]) == _ECHO:
         raise ParseError("echoed_prompt", task["instruction"][:80])
