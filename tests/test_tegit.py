@@ -96,6 +96,9 @@ def test_worked_examples_pass_their_own_checks():
      "#output#: apt resolves dependencies and dpkg does not.",
      {"instruction": "Summarize the following text in one sentence.", "input": "apt resolves dependencies; dpkg does not.",
       "output": "apt resolves dependencies and dpkg does not."}),
+    # everyday phrases are no pointer at a missing text
+    ("#instruction#: How do I print the document I am editing in the terminal?\n#input#:\n#output#: Use lpr followed by the file name.",
+     {"instruction": "How do I print the document I am editing in the terminal?", "input": "", "output": "Use lpr followed by the file name."}),
     # a multi-line output keeps its lines; a '#' that is no tag is content
     (f"#instruction#: Show the command.\n#input#:\n#output#: Run:\n\n    # apt install vim\n\nas root.",
      {"instruction": "Show the command.", "input": "", "output": "Run:\n\n    # apt install vim\n\nas root."}),
@@ -135,6 +138,7 @@ def test_parser_reads_tasks(reply, expected):
     # points at a text the user turn would not carry
     ("#instruction#: Summarize the passage.\n#input#:\n#output#: apt resolves dependencies.", "dangling_reference"),
     ("#instruction#: What does the given text say about dpkg?\n#input#: N/A\n#output#: dpkg installs one file.", "dangling_reference"),
+    ("#instruction#: List the dates in this short notice.\n#input#:\n#output#: 3 March.</s>", "dangling_reference"),
 ])
 def test_parser_refuses(reply, reason):
     with pytest.raises(ParseError) as e:

@@ -68,14 +68,18 @@ _TAG = re.compile(r"(\*\*|__)?#[ \t]*(?P<name>instruction|input|output)[ \t]*#(?
 _TAG_LIKE = re.compile(r"#[ \t]*(?:instruction|input|output)[ \t]*#", re.IGNORECASE)
 #: A line that opens with some other tag (``#text#:``, ``#remarks#:``): the model went on past the task.
 _OTHER_TAG = re.compile(r"^[ \t]*(?:\*\*|__)?#[ \t]*(?!(?:instruction|input|output)[ \t]*#)([^\W_][\w ]{0,30}?)[ \t]*#[ \t]*:", re.IGNORECASE | re.MULTILINE)
-#: End-of-sequence markers a raw completion may still carry (the public parser strips ``</s>``).
-_EOS_TAIL = re.compile(r"(?:\s*(?:</s>|<\|im_end\|>|<\|endoftext\|>|<\|eot_id\|>))+\s*$")
+#: End-of-sequence markers a raw completion may still carry at its end (the public parser strips ``</s>``).
+EOS_MARKERS = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
 #: An input that says there is none ("N/A", "<noinput>", Alpaca's placeholder): read as empty.
 _NO_INPUT = re.compile(r"^[\(\[<]?\s*(?:none|n/?a|no input|noinput|null|nil|empty|nothing|-+|\"\"|'')\s*[\)\]>]?\.?$", re.IGNORECASE)
 #: An instruction that points at a text the user turn would not carry ("Summarize the passage.").
+#: A pointing word and a noun for a text ("this document", "the following short passage"), or "the"
+#: with a noun that names nothing but a text ("the passage", "the text"); "the document" or "the
+#: content" alone are everyday phrases of standalone requests ("print the document").
 _REFERENCE = re.compile(
-    r"\b(?:the|this|that|these|given|provided|following|above|below|attached)\s+(?:given\s+|provided\s+|following\s+|above\s+)?"
-    r"(?:text|passage|article|paragraph|excerpt|document|snippet|story|essay|material|content)s?\b",
+    r"\b(?:(?:this|these|given|provided|following|above|below|attached|aforementioned)\s+(?:\w+\s+)?"
+    r"(?:text|passage|article|paragraph|excerpt|document|snippet|story|essay|material|content|notice)s?"
+    r"|the\s+(?:text|passage|article|paragraph|excerpt|snippet)s?)\b",
     re.IGNORECASE,
 )
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`"}
@@ -98,6 +102,13 @@ def _normal(text: str) -> str:
 _ECHO = _normal(DESIGN_PROMPT)
 
 
+def _strip_eos(text: str) -> str:
+    s = text.rstrip()
+    while s.endswith(EOS_MARKERS):
+        s = s[: -len(next(m for m in EOS_MARKERS if s.endswith(m)))].rstrip()
+    return s
+
+
 def is_no_input(value: str) -> bool:
     """Whether an input field says there is no input ("N/A", "None", "<noinput>", "-"): read as empty."""
     return bool(_NO_INPUT.match(value))
@@ -117,7 +128,7 @@ def parse_task(reply: str | None) -> dict[str, str]:
     """
     if reply is None or not reply.strip():
         raise ParseError("empty_reply")
-    s = _EOS_TAIL.sub("", reply)
+    s = _strip_eos(reply)
     found = list(_TAG.finditer(s))
     if not found:
         if _TAG_LIKE.search(s):
