@@ -14,6 +14,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from btkit.backends import Completion
+from btkit.errors import BtkitError
+from btkit.hookspecs import hookimpl
+from btkit.kit import judges
 from btkit.methods import ParseError
 from btkit.pipeline import load_pipeline
 from btkit.prompts import PromptLibrary
@@ -383,9 +386,52 @@ def test_options_have_one_default_each_and_stages_read_them(registry):
     aug = METHOD.stage_with_defaults("augment", {})
     assert (aug.grounding, aug.min_overlap, aug.min_pmi, len(aug.examples)) == ("overlap", 0.5, 0.0, 2)
     assert aug.templates == ("tegit/augment",)
-    lik = METHOD.stage_with_defaults("augment", {"grounding": "likelihood", "shots": 9})
-    assert lik.templates == ("tegit/augment", "tegit/ground") and len(lik.examples) == len(EXAMPLES)
+    lik = METHOD.stage_with_defaults("augment", {"grounding": "likelihood", "shots": 1})
+    assert lik.templates == ("tegit/augment", "tegit/ground") and lik.examples == [EXAMPLES[0]]
+    with pytest.raises(BtkitError, match="--shots is at most 2"):
+        METHOD.stage_with_defaults("augment", {"shots": 3})
     assert METHOD.stage_with_defaults("curate", {}).threshold == 4
+
+
+class FieldSpy:
+    """Each record's fields before and after every stage, through the public hooks."""
+
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    @hookimpl
+    def btkit_before_stage(self, record, stage, run):
+        self.before.setdefault(stage.label, []).append(set(record.fields))
+
+    @hookimpl
+    def btkit_after_stage(self, record, stage, run):
+        self.after.setdefault(stage.label, []).append(set(record.fields))
+
+
+@pytest.mark.parametrize("grounding", ["overlap", "likelihood"])
+def test_declared_fields_are_there_when_each_stage_runs(cli, scripted, registry, tmp_path, grounding):
+    spy = FieldSpy()
+    registry.register(spy, name="field-spy")
+    backend, spec = scripted(default=reply, logprobs={"5": -0.01}, continuation_logprobs=grounding_logprobs)
+    r = cli("run", "tegit", corpus(tmp_path, ["good", "with_input"]), "-o", tmp_path / "o", "--model", spec, "--grounding", grounding, "-q")
+    assert r.exit_code == 0, r.output
+    assert len(read_jsonl(tmp_path / "o" / "data.jsonl")) == 2
+    for info in METHOD.stages:
+        label = f"tegit.{info.name}"
+        assert len(spy.before[label]) == 2 and len(spy.after[label]) == 2, label
+        assert all(set(info.inputs) <= f for f in spy.before[label]), label
+        assert all(set(info.outputs) <= f for f in spy.after[label]), label
+
+
+def test_auto_judges_the_way_the_one_function_decides(cli, scripted, tmp_path, monkeypatch):
+    backend, spec = scripted(default=reply, logprobs={"5": -0.01})
+    assert cli("run", "tegit", corpus(tmp_path, ["good"]), "-o", tmp_path / "a", "--model", spec, "-q").exit_code == 0
+    assert [h["kind"] for h in backend.history] == ["chat", "next_token_logprobs"]  # auto: logprob where the backend can
+    monkeypatch.setattr(judges, "resolve_judge_mode", lambda requested, backend, supported=judges.JUDGE_MODES: ("rubric", "test"))
+    backend, spec = scripted(default=reply, logprobs={"5": -0.01})
+    assert cli("run", "tegit", corpus(tmp_path, ["good"]), "-o", tmp_path / "b", "--model", spec, "-q").exit_code == 0
+    assert [h["kind"] for h in backend.history] == ["chat", "chat"]
+    assert read_jsonl(tmp_path / "b" / "data.jsonl")[0]["meta"]["curate_mode"] == "rubric"
 
 
 def test_example_pipeline_runs_every_stage_on_the_example_corpus(registry):

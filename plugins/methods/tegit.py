@@ -247,7 +247,10 @@ class AugmentStage(Stage):
             raise BtkitError(f"stage {self.label}: --grounding must be one of {', '.join(GROUNDING_MODES)}, got '{self.grounding}'")
         self.min_overlap = float(options["min_overlap"])
         self.min_pmi = float(options["min_grounding_pmi"])
-        self.examples = list(EXAMPLES[: int(options["shots"])])  # 0 is zero-shot
+        shots = int(options["shots"])  # 0 is zero-shot
+        if shots > len(EXAMPLES):
+            raise BtkitError(f"stage {self.label}: --shots is at most {len(EXAMPLES)} (the worked examples it has), got {shots}")
+        self.examples = list(EXAMPLES[:shots])
         self.templates = ("tegit/augment", "tegit/ground") if self.grounding == "likelihood" else ("tegit/augment",)
 
     def check_backend(self, backend: Any) -> None:
