@@ -122,6 +122,8 @@ REQ = Request(NUMBERING, [{"slot": "song", "value": None}, {"slot": "artist", "v
 @pytest.mark.parametrize("line,reason", [
     ("Here are five new utterances:", "not_an_utterance"),
     ("<intent> play_song </intent>", "not_an_utterance"),
+    ("```", "not_an_utterance"),
+    ("...", "not_an_utterance"),
     ("play [1 * ] by [2 nina simone ]", "placeholder_value"),
     ("play [1 song ] by [2 nina simone ]", "placeholder_value"),
     ("play [1 <title> ] by [2 nina simone ]", "placeholder_value"),
@@ -143,12 +145,16 @@ def test_catalogue_values_match_case_and_spaces_aside_and_known_mode_is_looser()
     assert check_line("add [1 sinnerman ] to [3 focus ]", loose)[1][1].slot == "playlist"
     with pytest.raises(ParseError, match="unknown_slot"):
         check_line("add [1 sinnerman ] to [4 focus ]", loose)
+    with pytest.raises(ParseError, match="missing_slot"):
+        check_line("I'm ready to help. What's your intent?", loose)
+    assert check_line("stop it", loose._replace(include=[])) == ("stop it", [])
 
 
 def test_reply_lines_lose_list_marks_and_quotes_and_an_empty_reply_fails():
     assert clean_line('  3. "play [1 x ] now"') == "play [1 x ] now"
     assert clean_line("- [1 so what ] by [2 miles davis ]") == "[1 so what ] by [2 miles davis ]"
     assert clean_line("2 cups of flour") == "2 cups of flour"
+    assert clean_line("> play [1 x ]") == "play [1 x ]" and clean_line("-5 degrees in [1 oslo ]") == "-5 degrees in [1 oslo ]"
     assert split_lines("- a\n\n  \n2) b\n") == ["a", "b"]
     for reply in ("", "  \n\n", None):
         with pytest.raises(ParseError, match="empty_reply"):

@@ -21,10 +21,12 @@ dropped with its reason:
 
 - structure (the line does not parse): ``unbalanced_brackets``, ``bad_slot_marker`` (a bracket that
   is not ``[N value ]``), ``empty_value``, ``no_text``, ``not_an_utterance`` (a heading such as
-  "Here are five utterances:"), ``truncated_line`` (the line the ``max_tokens`` cut ended in);
+  "Here are five utterances:", a ``<tag>`` line, a line with no letter or digit),
+  ``truncated_line`` (the line the ``max_tokens`` cut ended in);
 - labels (parsed, but not what was asked): ``unknown_slot`` (a number the prompt did not list),
   ``placeholder_value`` (``*``, the slot's own name or ``<...>`` left as the value),
-  ``unrequested_slot`` and ``missing_slot`` (``--slot-check exact``: exactly the included slots),
+  ``unrequested_slot`` and ``missing_slot`` (``--slot-check exact``: exactly the included slots;
+  ``known``: any numbered slot, at least one when the prompt included one),
   ``missing_value`` (a catalogue value not used as written, case and spaces aside);
 - ``copied_example`` (an example of the spec) and ``duplicate`` (the same text, case, spaces and
   final punctuation aside, earlier in the unit or, decided once every unit is done, in the run).
@@ -231,7 +233,8 @@ def spans_from_bio(text: str, offsets: list[tuple[int, int]], tags: list[str]) -
 
 
 # -- checking one generated line ---------------------------------------------------------------------------
-_LIST_MARK = re.compile(r"^\s*(?:[-*•–]\s+|\(?\d{1,3}[.)]\s+)")
+_LIST_MARK = re.compile(r"^\s*(?:[-*•–]\s+|>\s*|\(?\d{1,3}[.)]\s+)")
+_WORDY = re.compile(r"[^\W_]")
 _QUOTES = {'"': '"', "“": "”", "'": "'"}
 _FINAL = re.compile(r"[\s.!?。！？]+$")
 
@@ -285,13 +288,16 @@ def _is_placeholder(value: str, slot: str) -> bool:
 
 def check_line(line: str, request: Request) -> tuple[str, list[Span]]:
     """(text, spans) of a line that gives what ``request`` asked, else a ParseError naming why not."""
-    if "[" not in line and (line.endswith(":") or line.startswith("<")):
+    if not _WORDY.search(line) or ("[" not in line and (line.endswith(":") or line.startswith("<"))):
         raise ParseError("not_an_utterance", line[:80])
     text, spans = parse_numbered(line, request.numbering)
     for s in spans:
         if _is_placeholder(s.value, s.slot):
             raise ParseError("placeholder_value", f"{s.slot}: {s.value!r}")
-    if request.exact:
+    if not request.exact:
+        if request.include and not spans:
+            raise ParseError("missing_slot", "no slot at all")
+    else:
         wanted = {inc["slot"] for inc in request.include}
         for s in spans:
             if s.slot not in wanted:
@@ -624,7 +630,7 @@ METHOD = Linguist(
                           "instead of a catalogue value the utterance must contain. Slots without values are always wildcards."),
         click.Option(["--slot-check"], type=click.Choice(["exact", "known"]), default="exact", show_default=True,
                      help="exact: an utterance has exactly the included slots, with the catalogue values asked for; "
-                          "known: any slot the prompt numbers, included or not."),
+                          "known: any slot the prompt numbers, included or not, but at least one when a slot was included."),
         click.Option(["--language"], default="en", show_default=True, help="Language code of intents whose spec names none."),
         click.Option(["--draw-seed"], type=int, default=0, show_default=True, help="Seed of the examples and slots each prompt shows."),
     ],
