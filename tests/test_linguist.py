@@ -384,6 +384,34 @@ def test_copied_examples_are_dropped_and_a_rerun_resumes_with_the_same_result(cl
     assert (out / "candidates.jsonl").read_text() == before and len(backend.history) == calls
 
 
+def test_declared_fields_are_there_when_the_stage_runs(cli, scripted, registry, tmp_path):
+    from btkit.hookspecs import hookimpl
+
+    class Spy:
+        def __init__(self):
+            self.before, self.after = [], []
+
+        @hookimpl
+        def btkit_before_stage(self, record, stage, run):
+            self.before.append(set(record.fields))
+
+        @hookimpl
+        def btkit_after_stage(self, record, stage, run):
+            self.after.append(set(record.fields))
+
+    spy = Spy()
+    registry.register(spy, name="linguist-field-spy")
+    backend, spec = scripted(default=obedient)
+    r = cli("run", "linguist", EXAMPLES / "linguist" / "intents.jsonl", "-o", tmp_path / "out", "--model", spec, "--requests", "1", "-q")
+    assert r.exit_code == 0, r.output
+    [info] = METHOD.stages
+    assert len(spy.before) == 5 and spy.after
+    for fields in spy.before:
+        assert set(info.inputs) <= fields and set(METHOD.unit_fields) == fields
+    for fields in spy.after:  # the after-stage hook sees the live records: every one has the declared outputs
+        assert set(info.outputs) <= fields
+
+
 def test_pipeline_file_checks(cli):
     r = cli("run", str(EXAMPLES / "pipelines" / "linguist.yaml"), "--check")
     assert r.exit_code == 0, r.output
