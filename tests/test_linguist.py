@@ -186,6 +186,24 @@ def test_example_spec_is_checked_and_its_jsonl_is_the_yaml_converted(cli, tmp_pa
     assert "artist" in by_name["play_song"]["values"] and "artist" not in by_name["install_package"]["values"]
 
 
+def test_yaml_spec_may_be_a_plain_list_and_language_defaults(tmp_path):
+    path = tmp_path / "spec.yml"
+    path.write_text("- intent: halt\n  examples: [stopp, 'halt [what: alles] an']\n  slots: [what]\n- intent: go\n  language: fr\n  examples: [vas-y]\n")
+    halt, go = read_spec(path, "de")
+    assert (halt["language"], go["language"]) == ("de", "fr") and halt["examples"][1] == "halt [what: alles] an"
+    assert go["slots"] == [] and go["values"] == {}
+
+
+def test_language_option_reaches_intents_that_name_none(cli, scripted, tmp_path):
+    backend, spec = scripted(default="- halt [1 alles ] an")
+    path = write_jsonl(tmp_path / "s.jsonl", [{"intent": "halt", "slots": ["what"], "examples": ["stopp [what: alles]"]}])
+    r = cli("run", "linguist", path, "-o", tmp_path / "out", "--model", spec, "--requests", "1", "--language", "de", "-q")
+    assert r.exit_code == 0, r.output
+    assert "in German, one per line" in backend.history[0]["messages"][-1]["content"]
+    [row] = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert row["language"] == "de" and row["spans"] == [{"start": 5, "end": 10, "slot": "what", "value": "alles"}]
+
+
 @pytest.mark.parametrize("body,line,field,words", [
     ("intents:\n  - intent: a\n    slots: [x]\n    examples: ['go [y: 1]']\n", 2, "examples[0]", "unknown_slot"),
     ("intents:\n  - intent: a\n    slots: [x]\n    examples: ['go [x: 1]']\n  - intent: b\n    slots: [x]\n    examples: ['go [x 1']\n", 5, "examples[0]", "unbalanced"),
@@ -256,10 +274,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + ["generate_known"])
 def test_golden_linguist_prompts(registry, golden, case):
-    stage = GenerateStage("linguist", "generate", OPTS)
-    golden(f"linguist/{case}.txt", PromptLibrary(registry.prompt_roots()).render("linguist/generate", stage.variables_for(CASES[case])))
+    stage = GenerateStage("linguist", "generate", {**OPTS, "slot_check": "known" if case.endswith("known") else "exact"})
+    case = "generate" if case == "generate_known" else case
+    golden(f"linguist/{case if stage.exact else case + '_known'}.txt", PromptLibrary(registry.prompt_roots()).render("linguist/generate", stage.variables_for(CASES[case])))
 
 
 def test_prompt_numbers_slots_and_shows_examples_in_numbered_form(registry):

@@ -464,7 +464,7 @@ class GenerateStage(Stage):
 
     kind = "augment"
     templates = ("linguist/generate",)
-    variables = ("intent", "description", "language", "slots", "utterances", "include", "n")
+    variables = ("intent", "description", "language", "slots", "utterances", "include", "n", "exact")
     cuts_at_end = True  # duplicates across units are dropped once the whole run is in view
 
     def __init__(self, method: str, name: str, options: dict[str, Any]):
@@ -478,7 +478,7 @@ class GenerateStage(Stage):
         return {"intent": f["intent"], "description": f.get("description", ""), "language": LANGUAGES.get(f["language"], f["language"]),
                 "slots": [{"number": numbers[s], "name": s, "description": about.get(s, "")} for s in f["slots"]],
                 "utterances": shown, "include": [{"number": numbers[i["slot"]], "name": i["slot"], "value": i["value"]} for i in f["include"]],
-                "n": f["n"]}
+                "n": f["n"], "exact": self.exact}
 
     async def process(self, record: Record, ctx) -> list[Record]:
         f = record.fields
