@@ -12,16 +12,16 @@ import click
 from . import DEFAULT_MODEL, __version__
 from .errors import BtkitError
 from .config import parse_key_value, parse_key_values  # noqa: F401  (re-exported for plugins' commands)
-from .options import CONCURRENCY, DEFAULT_CONCURRENCY, GENERAL_OPTIONS, LIMIT, MAX_TOKENS
+from .options import CONCURRENCY, DEFAULT_CONCURRENCY, GENERAL_OPTIONS, INPUT_DEFAULTS, LIMIT, MAX_TOKENS
 
 COMMON_RUN_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
     click.Option(["--model", "model"], default=None, help=f"Model spec, e.g. llamacpp:PATH.gguf, openai:NAME, vllm:NAME. Default: the embedded SmolLM2-135M ({DEFAULT_MODEL})."),
     click.Option(["--base-url"], default=None, help="Endpoint for remote backends (default for openai:/vllm: OPENAI_BASE_URL)."),
     click.Option(["--limit"], type=LIMIT, default=None, help="Read at most N input records."),
-    click.Option(["--text-field"], default="text", show_default=True, help="Input field holding the document text."),
-    click.Option(["--id-field"], default="id", show_default=True, help="Input field holding a stable document id (line number if absent)."),
-    click.Option(["--encoding-errors"], type=click.Choice(["strict", "replace"]), default="strict", show_default=True, help="Input bytes that are not UTF-8: stop with the line number, or replace them with U+FFFD (counted in stats.json)."),
+    click.Option(["--text-field"], default=INPUT_DEFAULTS["text_field"], show_default=True, help="Input field holding the document text."),
+    click.Option(["--id-field"], default=INPUT_DEFAULTS["id_field"], show_default=True, help="Input field holding a stable document id (line number if absent)."),
+    click.Option(["--encoding-errors"], type=GENERAL_OPTIONS["encoding_errors"], default=INPUT_DEFAULTS["encoding_errors"], show_default=True, help="Input bytes that are not UTF-8: stop with the line number, or replace them with U+FFFD (counted in stats.json)."),
     click.Option(["--prompts", "prompts_dir"], multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <method>/<stage>.j2 templates overriding the built-in ones."),
     click.Option(["--concurrency"], type=CONCURRENCY, default=DEFAULT_CONCURRENCY, show_default=True, help="Model calls in flight (local llama.cpp runs one at a time)."),
     click.Option(["--temperature"], type=GENERAL_OPTIONS["temperature"], default=None, help="Sampling temperature for every stage (default: each method's own)."),

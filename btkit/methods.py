@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+import click
+
 from .backends import SAMPLING_KEYS
 from .records import Record
 
@@ -175,17 +177,25 @@ class Method:
 
         The engine lays these under a stage's options, so a stage built from a pipeline file (which
         names only what it changes) sees the same values as ``btkit run METHOD``."""
+        ctx = click.Context(click.Command(self.name))
+        unset = getattr(click.core, "UNSET", None)  # click 8.2+: "no default given" (truthy, never a value)
         out: dict[str, Any] = {}
         for opt in self.cli_options:
             name = getattr(opt, "name", None)
-            if name:
-                default = opt.default() if callable(opt.default) else opt.default
-                out[name] = list(default) if isinstance(default, tuple) else default
+            if not name:
+                continue
+            default = opt.get_default(ctx, call=True) if isinstance(opt, click.Parameter) else getattr(opt, "default", None)
+            if default is unset or default is None:
+                default = [] if getattr(opt, "multiple", False) else None
+            out[name] = list(default) if isinstance(default, tuple) else default
         return out
 
     def stage_with_defaults(self, name: str, options: dict[str, Any]) -> Stage:
-        """:meth:`build_stage` with :meth:`option_defaults` under ``options`` (what the engine calls)."""
-        return self.build_stage(name, {**self.option_defaults(), **options})
+        """:meth:`build_stage` with :meth:`option_defaults` under ``options`` (what the engine calls).
+
+        An option given as None (``threshold: null`` in a pipeline file) keeps its default."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return self.build_stage(name, {**self.option_defaults(), **given})
 
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         raise NotImplementedError

@@ -48,6 +48,10 @@ GENERAL_OPTIONS: dict[str, click.ParamType] = {
     "encoding_errors": click.Choice(["strict", "replace"]),
 }
 
+#: How the input is read, the same for every method: ``--text-field``, ``--id-field``, ``--encoding-errors``
+#: (flags, pipeline ``options:``); the CLI's flags and the unit reader both take their defaults from here.
+INPUT_DEFAULTS: dict[str, str] = {"text_field": "text", "id_field": "id", "encoding_errors": "strict"}
+
 #: Run-wide settings given on the command line or at a pipeline file's top level.
 CONCURRENCY = click.IntRange(1)
 DEFAULT_CONCURRENCY = 8  # model calls in flight (local llama.cpp runs one at a time)
@@ -61,4 +65,4 @@ SCORE = FiniteFloatRange()  # a score threshold; pmi scores may be negative
 PERCENT = FiniteFloatRange(0, 100, min_open=True)
 SHARE = FiniteFloatRange(0, 1)  # a ROUGE-L or repetition share
 
-__all__ = ["FiniteFloatRange", "GENERAL_OPTIONS", "CONCURRENCY", "DEFAULT_CONCURRENCY", "LIMIT", "MAX_TOKENS", "SHOTS", "MIN_WORDS", "MAX_WORDS", "SCORE", "PERCENT", "SHARE"]
+__all__ = ["FiniteFloatRange", "GENERAL_OPTIONS", "CONCURRENCY", "DEFAULT_CONCURRENCY", "INPUT_DEFAULTS", "LIMIT", "MAX_TOKENS", "SHOTS", "MIN_WORDS", "MAX_WORDS", "SCORE", "PERCENT", "SHARE"]

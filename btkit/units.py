@@ -21,6 +21,7 @@ from .dedup import SeenSet
 from .errors import BtkitError, InputError
 from .io import iter_jsonl, validate_jsonl
 from .methods import Method
+from .options import INPUT_DEFAULTS
 from .records import ExtraUnit, Record
 
 
@@ -30,9 +31,10 @@ class UnitSource:
     def __init__(self, config: RunConfig, method: Method):
         self.config = config
         self.method = method
-        #: What the first stage sees: the run-wide options under the stage's own.
-        self.options = {**method.option_defaults(), **config.options, **config.stages[0].options}
-        self.encoding_errors = str(self.options.get("encoding_errors") or "strict")
+        #: What the first stage sees: the run-wide options under the stage's own, over the defaults.
+        given = {k: v for k, v in {**config.options, **config.stages[0].options}.items() if v is not None}
+        self.options = {**INPUT_DEFAULTS, **method.option_defaults(), **given}
+        self.encoding_errors = str(self.options["encoding_errors"])
         self.required = method_required_fields(method, self.options)
         #: Input counts kept while reading (``replaced_lines`` under ``--encoding-errors replace``).
         self.counts: dict[str, int] = {}
@@ -108,7 +110,7 @@ class UnitSource:
 
     def _duplicate_id_error(self, unit: Record) -> BtkitError:
         """Name the input lines that share a unit's id (one line; see :meth:`survey`)."""
-        id_field = str(self.options.get("id_field") or "id")
+        id_field = str(self.options["id_field"])
         lines = [n for n, row in iter_jsonl(self.config.input, (), None, self.encoding_errors)
                  if str(row.get(id_field)) == unit.source_id][:2]
         if len(lines) == 2:
@@ -123,7 +125,7 @@ def method_required_fields(method: Method, options: dict[str, Any]) -> dict[str,
     fn = getattr(method, "required_fields", None)
     if fn:
         return fn(options)
-    return {options.get("text_field") or "text": "--text-field"}
+    return {options.get("text_field") or INPUT_DEFAULTS["text_field"]: "--text-field"}
 
 
 def unit_digest(unit: Record) -> str:

@@ -3,10 +3,10 @@
 - ``openai:MODEL``: any OpenAI-compatible chat endpoint. Base URL from ``--base-url`` (backend option
   ``base_url``) or ``OPENAI_BASE_URL`` (default https://api.openai.com/v1); key from ``OPENAI_API_KEY``.
   Capabilities: chat, ``n`` candidates per request, JSON-schema output (``response_format``), and
-  continuation scores (``--curate-mode pmi|ifd``) through the legacy completions API where the
+  continuation scores (``--judge-mode pmi|ifd``) through the legacy completions API where the
   server supports ``echo`` with ``logprobs`` (see :func:`text_frame` and :meth:`OpenAICompatBackend.score_continuation`).
   No next-token logprobs: the OpenAI chat API cannot continue an assistant prefix, so a judge's
-  ``Score: `` prefill cannot be read there (``--curate-mode auto`` picks the rubric).
+  ``Score: `` prefill cannot be read there (``--judge-mode auto`` picks the rubric).
 - ``vllm:MODEL`` (``vllm:`` alone: the first model of ``GET /v1/models``): OpenAI-compatible plus
   vLLM's extensions: assistant prefill (``continue_final_message``), next-token logprobs
   (``top_logprobs`` after the prefill), continuation scores (``prompt_logprobs``), guided decoding
@@ -14,7 +14,7 @@
   Key from ``VLLM_API_KEY`` or ``OPENAI_API_KEY`` (``vllm serve --api-key``).
   Those extensions are only offered (``supports()``) and used after ``GET /v1/models`` shows a vLLM
   server (``owned_by: vllm``), checked once: other servers silently ignore unknown fields, which
-  would give wrong scores rather than an error. So ``--curate-mode auto`` falls back to the rubric
+  would give wrong scores rather than an error. So ``--judge-mode auto`` falls back to the rubric
   on another server, and ``logprob``/``pmi``/``ifd`` stop before the first model call.
   ``-B vllm_extensions=true`` vouches for a compatible server that does not say so (SGLang...).
 
@@ -367,7 +367,7 @@ class OpenAICompatBackend(Backend):
             return echo_logprobs(data, len(frame), len(prompt))
         except NoEchoLogprobs as e:
             raise CapabilityError(f"backend '{self.spec}': POST {public_url(self.base_url)}/completions {e}, so this endpoint "
-                                  f"cannot score continuations {_CAN_SCORE}; use one of those or --curate-mode rubric") from None
+                                  f"cannot score continuations {_CAN_SCORE}; use one of those or --judge-mode rubric") from None
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -424,7 +424,7 @@ class VLLMBackend(OpenAICompatBackend):
 
     def supports(self, capability: str) -> bool:
         """Prefill-based logprobs and prompt logprobs only on a server known to be vLLM, so
-        ``--curate-mode auto`` reads the rubric elsewhere and explicit modes stop before any call."""
+        ``--judge-mode auto`` reads the rubric elsewhere and explicit modes stop before any call."""
         if capability in self.vllm_only:
             return capability in self.capabilities and self.extensions_ok()
         return capability in self.capabilities
@@ -448,7 +448,7 @@ class VLLMBackend(OpenAICompatBackend):
         if not self.extensions_ok():
             raise CapabilityError(
                 f"{self._not_vllm()}, so {feature} cannot be trusted there. "
-                "Use --curate-mode rubric (or a method mode without logprobs), or -B vllm_extensions=true for a vLLM-compatible server"
+                "Use --judge-mode rubric (or a method mode without logprobs), or -B vllm_extensions=true for a vLLM-compatible server"
             )
 
     def add_prefill(self, body: dict[str, Any], prefix: str) -> None:
