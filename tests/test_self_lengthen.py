@@ -27,10 +27,19 @@ from conftest import EXAMPLES, read_jsonl, words, write_jsonl
 # -- the response checks -----------------------------------------------------------------------------
 
 
-def test_count_words_counts_words_and_each_cjk_character():
+def test_count_words_counts_as_the_paper_does():
+    """Whitespace tokens, and each CJK character (CJK punctuation counts nothing): utils.count_words."""
     assert count_words("Run apt-get update, then reboot.") == 5
-    assert count_words("") == 0 and count_words("-- ** ##") == 0
-    assert count_words("使用 git rebase 命令。") == 2 + 2 + 2  # 使用, 命令, git, rebase
+    assert count_words("") == 0 and count_words("-- ** ##") == 3
+    assert count_words("使用 git rebase 命令。") == 2 + 2 + 2  # 使, 用, 命, 令, git, rebase
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab .,\n\t-使用。"), max_size=80))
+def test_count_words_matches_the_papers_definition(text):
+    cjk = re.findall(r"[\u4e00-\u9fff]", text)
+    rest = re.sub(r"[\u4e00-\u9fff\u3000-\u303f\uff00-\uffef]", " ", text).split()
+    assert count_words(text) == len(cjk) + len(rest)
 
 
 def test_ngram_units_split_cjk_characters():
@@ -499,7 +508,8 @@ def test_example_inputs_are_valid():
 def test_self_lengthen_with_embedded_model(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "self_lengthen", str(EXAMPLES / "self_lengthen" / "instructions.jsonl"), "-o", str(out),
-           "--limit", "2", "--rounds", "1", "--extend-attempts", "1", "--generate-retries", "2", "--max-tokens", "160", "--ngram", "10", "-q"]
+           "--limit", "2", "--rounds", "1", "--extend-attempts", "1", "--generate-retries", "2", "-S", "generate.max_tokens=256",
+           "-S", "extend.max_tokens=384", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     for name in ("data.jsonl", "candidates.jsonl", "stats.json"):

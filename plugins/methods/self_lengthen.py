@@ -61,7 +61,7 @@ from btkit.records import Record
 
 from btkit.kit.instructions import parse_instruction
 from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, judge_mode_option
-from btkit.kit.text import WORD_RE, is_refusal, sentences
+from btkit.kit.text import is_refusal, sentences
 from btkit.kit.verdict import binary_verdict
 
 from ._prompts import PROMPTS
@@ -74,6 +74,7 @@ ROLES = ("generator", "extender")
 #: ``count_words`` counts Chinese characters.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _CJK_PUNCT = re.compile(r"[\u3000-\u303f\uff00-\uffef]")
+_CJK_ANY = re.compile(r"[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 _UNITS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+")
 
 #: What a finished response may end with: sentence ends (Latin and CJK), an ellipsis, closing quotes
@@ -93,31 +94,36 @@ DEFAULT_NGRAM = 10
 
 
 def count_words(text: str) -> int:
-    """Words as the paper counts them for length: each CJK character is one word; elsewhere the kit's
-    word (:data:`btkit.kit.text.WORD_RE`, so punctuation and markup count nothing)."""
-    cjk = len(_CJK.findall(text))
-    if cjk:
-        text = _CJK_PUNCT.sub(" ", _CJK.sub(" ", text))
-    return cjk + len(WORD_RE.findall(text))
+    """Words as the paper counts them (``utils.count_words``, also what LonGen's length score is computed
+    on): each CJK character is one word, CJK punctuation separates words, and the rest is split at whitespace."""
+    if text.isascii() or not _CJK_ANY.search(text):
+        return len(text.split())
+    return len(_CJK.findall(text)) + len(_CJK_PUNCT.sub(" ", _CJK.sub(" ", text)).split())
 
 
 def ngram_units(text: str) -> list[str]:
     """The units of the repetition check: whitespace-separated tokens, each CJK character its own unit."""
+    if text.isascii() or not _CJK.search(text):
+        return text.split()
     return _UNITS.findall(text)
 
 
 def repeated_ngram(text: str, n: int = DEFAULT_NGRAM) -> tuple[str, ...] | None:
     """The first n-gram of :func:`ngram_units` that occurs twice (overlaps count), or None."""
+    return _repeated(ngram_units(text), n)
+
+
+def _repeated(units: list[str], n: int) -> tuple[str, ...] | None:
     if n < 1:
         raise ValueError("n must be at least 1")
-    units = ngram_units(text)
+    if len(set(zip(*(units[i:] for i in range(n))))) == max(len(units) - n + 1, 0):  # the common case, decided in C
+        return None
     seen: set[tuple[str, ...]] = set()
-    for i in range(len(units) - n + 1):
-        gram = tuple(units[i:i + n])
+    for gram in zip(*(units[i:] for i in range(n))):
         if gram in seen:
             return gram
         seen.add(gram)
-    return None
+    return None  # pragma: no cover (a repeat exists)
 
 
 def ends_in_punctuation(text: str) -> bool:
@@ -127,15 +133,24 @@ def ends_in_punctuation(text: str) -> bool:
 
 def meta_commentary(text: str) -> str | None:
     """A :data:`META_WORDS` word in the first 2 or last 3 lines (word-bounded, any case), or None."""
-    lines = text.strip().split("\n")
-    edge = "\n".join(lines[:2] + lines[2:][-3:])
-    m = _META_RE.search(edge)
+    s = text.strip()
+    head = s.split("\n", 2)
+    if len(head) < 3:  # two lines or fewer: all of it
+        m = _META_RE.search(s)
+    else:
+        tail = head[2].rsplit("\n", 3)[-3:]
+        m = _META_RE.search("\n".join(head[:2] + tail))
     return m.group(0) if m else None
 
 
 def check_response(text: str | None, ngram: int = DEFAULT_NGRAM, meta_check: bool = True) -> str:
     """The response, stripped, when it passes the paper's checks; ParseError naming the failed one:
     ``empty_reply``, ``refusal``, ``no_end_punctuation``, ``meta_commentary``, ``repeated_ngram``."""
+    return checked(text, ngram, meta_check)[0]
+
+
+def checked(text: str | None, ngram: int = DEFAULT_NGRAM, meta_check: bool = True) -> tuple[str, int]:
+    """:func:`check_response`, and the response's :func:`count_words` (counted from the same split)."""
     if text is None or not text.strip():
         raise ParseError("empty_reply")
     s = text.strip()
@@ -147,10 +162,12 @@ def check_response(text: str | None, ngram: int = DEFAULT_NGRAM, meta_check: boo
         word = meta_commentary(s)
         if word:
             raise ParseError("meta_commentary", word)
-    gram = repeated_ngram(s, ngram)
+    plain = s.isascii() or not _CJK_ANY.search(s)
+    units = s.split() if plain else _UNITS.findall(s)
+    gram = _repeated(units, ngram)
     if gram:
         raise ParseError("repeated_ngram", " ".join(gram)[:200])
-    return s
+    return s, len(units) if plain else count_words(s)
 
 
 def parse_text(text: str | None) -> str:
@@ -387,7 +404,7 @@ class ExtendStage(Stage):
         self.meta_check = bool(options["meta_check"])
         self.default_target = parse_length_target(options["length_target"])
 
-    async def _extend(self, ctx, instruction: str, initial: str, attempt: int) -> tuple[str, list[dict[str, Any]]]:
+    async def _extend(self, ctx, instruction: str, initial: str, attempt: int) -> tuple[str, int, list[dict[str, Any]]]:
         params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=1536)
         best, best_words = initial, count_words(initial)
         rounds: list[dict[str, Any]] = []
@@ -404,20 +421,20 @@ class ExtendStage(Stage):
             prefix = keep_prefix(expansion.parsed)
             entry["prefix_words"] = count_words(prefix)
             cont = await ctx.complete("self_lengthen/continue", {"instruction": instruction, "response": best, "answer": prefix},
-                                      parse=lambda t: check_response(join_continuation(prefix, t), self.ngram, self.meta_check),
+                                      parse=lambda t: checked(join_continuation(prefix, t), self.ngram, self.meta_check),
                                       retries=0, **{**params, "seed": seed + 1})
             if cont.parse_error is not None:
                 entry.update(status=cont.parse_error.reason, words_after=best_words,
                              words_out=count_words(join_continuation(prefix, cont.text)))
                 continue
-            words = count_words(cont.parsed)
+            text, words = cont.parsed
             entry["words_out"] = words
             if words <= best_words:
                 entry.update(status="not_longer", words_after=best_words)
                 continue
-            best, best_words = cont.parsed, words
+            best, best_words = text, words
             entry.update(status="extended", words_after=words)
-        return best, rounds
+        return best, best_words, rounds
 
     async def process(self, record: Record, ctx) -> list[Record]:
         instruction, initial = record.fields["instruction"], record.fields["response"]
@@ -427,13 +444,12 @@ class ExtendStage(Stage):
             return [record.drop(self.label, "bad_length_target", error=str(e))]
         initial_words = count_words(initial)
         rounds: list[dict[str, Any]] = []
-        best = initial
+        best, best_words = initial, initial_words
         for attempt in range(self.attempts):
-            best, these = await self._extend(ctx, instruction, initial, attempt)
+            best, best_words, these = await self._extend(ctx, instruction, initial, attempt)
             rounds += these
-            if accepted(initial_words, count_words(best), self.min_growth):
+            if accepted(initial_words, best_words, self.min_growth):
                 break
-        best_words = count_words(best)
         summary = {"initial_words": initial_words, "extended_words": best_words, "growth": round(best_words / max(initial_words, 1), 4),
                    "rounds": rounds, "length_target": target["target"],
                    "length_score_initial": score_against(target, initial_words), "length_score": score_against(target, best_words)}
@@ -441,15 +457,18 @@ class ExtendStage(Stage):
         if not accepted(initial_words, best_words, self.min_growth):
             return [record.drop(self.label, "not_extended", initial_words=initial_words, extended_words=best_words,
                                 min_growth=self.min_growth, statuses=[r["status"] for r in rounds])]
-        gen = record.child("~gen", response=best, initial_response=initial, base_instruction=instruction)
-        gen.meta["role"] = "generator"
+        # The two records share the unit's lineage steps and round entries (nothing changes them once
+        # written), so neither is a deep copy (Record.child): the records are this method's hot path.
         shown, dropped = drop_lines(initial, self.drop_share, random.Random(f"{record.id}|{NAME}.drop_lines"))
         prompt = ctx.prompts.render("self_lengthen/extend", {"instruction": instruction, "response": shown})
-        ext = record.child("~ext", instruction=prompt.messages[-1]["content"], response=best, initial_response=initial,
-                           base_instruction=instruction)
+        ext_fields = {**record.fields, "instruction": prompt.messages[-1]["content"], "response": best, "initial_response": initial,
+                      "base_instruction": instruction}
         if prompt.messages[0]["role"] == "system":
-            ext.fields["system"] = prompt.messages[0]["content"]
-        ext.meta.update(role="extender", dropped_lines=dropped, extend_template_hash=prompt.template_hash)
+            ext_fields["system"] = prompt.messages[0]["content"]
+        ext = Record(id=f"{record.id}~ext", source_id=record.source_id, fields=ext_fields, lineage=list(record.lineage),
+                     meta={**record.meta, "role": "extender", "dropped_lines": dropped, "extend_template_hash": prompt.template_hash})
+        gen = Record(id=f"{record.id}~gen", source_id=record.source_id, lineage=list(record.lineage), meta={**record.meta, "role": "generator"},
+                     fields={**record.fields, "response": best, "initial_response": initial, "base_instruction": instruction})
         return [gen, ext]
 
 
