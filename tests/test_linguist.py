@@ -123,6 +123,7 @@ REQ = Request(NUMBERING, [{"slot": "song", "value": None}, {"slot": "artist", "v
     ("Here are five new utterances:", "not_an_utterance"),
     ("<intent> play_song </intent>", "not_an_utterance"),
     ("```", "not_an_utterance"),
+    ("<include> play [1 sinnerman ] by [2 nina simone ]", "not_an_utterance"),
     ("...", "not_an_utterance"),
     ("play [1 * ] by [2 nina simone ]", "placeholder_value"),
     ("play [1 song ] by [2 nina simone ]", "placeholder_value"),

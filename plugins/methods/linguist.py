@@ -21,7 +21,8 @@ dropped with its reason:
 
 - structure (the line does not parse): ``unbalanced_brackets``, ``bad_slot_marker`` (a bracket that
   is not ``[N value ]``), ``empty_value``, ``no_text``, ``not_an_utterance`` (a heading such as
-  "Here are five utterances:", a ``<tag>`` line, a line with no letter or digit),
+  "Here are five utterances:", a line with one of the prompt's ``<tags>``, a line with no letter
+  or digit),
   ``truncated_line`` (the line the ``max_tokens`` cut ended in);
 - labels (parsed, but not what was asked): ``unknown_slot`` (a number the prompt did not list),
   ``placeholder_value`` (``*``, the slot's own name or ``<...>`` left as the value),
@@ -235,6 +236,7 @@ def spans_from_bio(text: str, offsets: list[tuple[int, int]], tags: list[str]) -
 # -- checking one generated line ---------------------------------------------------------------------------
 _LIST_MARK = re.compile(r"^\s*(?:[-*•–]\s+|>\s*|\(?\d{1,3}[.)]\s+)")
 _WORDY = re.compile(r"[^\W_]")
+_PROMPT_TAG = re.compile(r"</?(?:language|intent|description|slots|include|examples)>", re.IGNORECASE)
 _QUOTES = {'"': '"', "“": "”", "'": "'"}
 _FINAL = re.compile(r"[\s.!?。！？]+$")
 
@@ -288,7 +290,7 @@ def _is_placeholder(value: str, slot: str) -> bool:
 
 def check_line(line: str, request: Request) -> tuple[str, list[Span]]:
     """(text, spans) of a line that gives what ``request`` asked, else a ParseError naming why not."""
-    if not _WORDY.search(line) or ("[" not in line and (line.endswith(":") or line.startswith("<"))):
+    if not _WORDY.search(line) or _PROMPT_TAG.search(line) or ("[" not in line and (line.endswith(":") or line.startswith("<"))):
         raise ParseError("not_an_utterance", line[:80])
     text, spans = parse_numbered(line, request.numbering)
     for s in spans:
