@@ -415,11 +415,37 @@ def test_length_score_uses_the_row_target(cli, scripted, tmp_path):
 
 
 def test_empty_and_repeated_instructions_are_dropped_while_preparing(cli, scripted, tmp_path):
-    rows = [{"id": "a", "instruction": INSTR}, {"id": "b", "instruction": "  "}, {"id": "c", "instruction": INSTR.upper()}]
+    rows = [{"id": "a", "instruction": INSTR}, {"id": "b", "instruction": "  "}, {"id": "c", "instruction": INSTR.upper()},
+            {"id": "d", "instruction": "Write about cron.", "length_target": "very long"}]
     backend, script, out = run(cli, scripted, tmp_path, rows, "--rounds", "1")
     cands, data, stats = check_invariants(out)
-    assert stats["dropped_while_preparing"] == {"empty_instruction": 1, "duplicate": 1}
+    assert stats["dropped_while_preparing"] == {"empty_instruction": 1, "duplicate": 1, "bad_length_target": 1}
+    assert script.calls == {"generate": 1, "extend": 1, "continue": 1}  # no call for a unit dropped while preparing
     assert {r["meta"]["id"] for r in data} == {"a~gen", "a~ext"}
+
+
+def test_the_stats_section_survives_a_resumed_run_and_stays_out_of_other_runs(cli, scripted, tmp_path):
+    backend, spec = scripted(default=Script())
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "pin", "instruction": INSTR}])
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run finds the journal complete and writes stats.json again
+        r = cli("run", "self_lengthen", inp, "-o", out, "--model", spec, "-q", "--rounds", "1")
+        assert r.exit_code == 0, r.output
+        stats = json.loads((out / "stats.json").read_text())
+        if _ == 0:
+            first = stats["self_lengthen"]
+    assert stats["self_lengthen"] == first and first["accepted"] == 1 and stats["units_resumed"] == 1
+    # a pipeline without the extend stage gets no section (and the hook touches no other method's run)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"input: {tmp_path / 'in.jsonl'}\noutput: {tmp_path / 'gen_only'}\nstages:\n"
+                        "  - use: self_lengthen.self_instruct\n  - use: self_lengthen.generate\n")
+    backend, spec = scripted(default=Script())
+    r = cli("run", pipeline, "--model", spec, "-q")
+    assert r.exit_code == 0, r.output
+    stats = json.loads((tmp_path / "gen_only" / "stats.json").read_text())
+    assert "self_lengthen" not in stats and stats["kept"] == 1
+    [row] = read_jsonl(tmp_path / "gen_only" / "data.jsonl")
+    assert row["response"] == paragraphs(4, 10_000) and "role" not in row["meta"]
 
 
 SEVEN = "Write a long, detailed guide to topic number seven for Debian administrators."

@@ -289,6 +289,14 @@ class LengthTarget(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def _valid_target(text: str) -> bool:
+    try:
+        parse_length_target(text)
+    except ValueError:
+        return False
+    return True
+
+
 def score_against(target: dict[str, Any], n_words: int) -> float:
     return round(length_score(n_words, target["a"], target["b"]), 4)
 
@@ -585,8 +593,9 @@ class SelfLengthen(Method):
         return {options["instruction_field"]: "--instruction-field"}
 
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
-        """Input rows -> one unit per instruction (ids from ``--id-field``, else the line number).
-        Empty instructions and exact repeats (case and spacing ignored) are dropped with their reason.
+        """Input rows -> one unit per instruction (ids from ``--id-field``, else the line number), with the
+        row's ``length_target`` when it has one. Empty instructions, unreadable length targets and exact
+        repeats (case and spacing ignored) are dropped with their reason.
         With ``--self-instruct N`` each unit also names a companion seed, another row chosen by its id."""
         field = options["instruction_field"]
         id_field = options.get("id_field") or "id"
@@ -618,6 +627,8 @@ class SelfLengthen(Method):
             key = " ".join(instruction.casefold().split())
             if not key:
                 rec.drop(f"{NAME}.prepare", "empty_instruction")
+            elif "length_target" in fields and not _valid_target(fields["length_target"]):
+                rec.drop(f"{NAME}.prepare", "bad_length_target", length_target=fields["length_target"])
             elif key in seen:
                 rec.drop(f"{NAME}.prepare", "duplicate", duplicate_of=seen[key])
             else:
