@@ -492,3 +492,14 @@ def test_tegit_with_embedded_model(tmp_path):
     for row in rows:
         assert row["instruction"] and row["response"] and row["alpaca"]["output"] == row["response"]
         assert set(row["meta"]["score_dist"]) == {"1", "2", "3", "4", "5"}  # the judge read next-token logprobs
+
+
+def test_benchmark_runs_and_reports_cpu_per_record_outside_model_calls():
+    """benchmarks/bench_tegit.py (issue 13's < 1 ms per record) on a few hundred records, so it cannot rot."""
+    bench = EXAMPLES_DIR.parent / "benchmarks" / "bench_tegit.py"
+    proc = subprocess.run([sys.executable, str(bench), "--records", "300", "--grounding", "overlap"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [row] = [line.split() for line in proc.stdout.splitlines() if line.startswith("overlap ")]
+    kept, outside = int(row[1]), float(row[5])
+    assert 0 < kept < 300 and 0 < outside < 1.0
+    assert "worst CPU per record outside model calls" in proc.stdout
