@@ -404,6 +404,23 @@ def test_copied_examples_are_dropped_and_a_rerun_resumes_with_the_same_result(cl
     assert (out / "candidates.jsonl").read_text() == before and len(backend.history) == calls
 
 
+def test_a_run_continued_from_fewer_intents_equals_a_fresh_run(cli, scripted, tmp_path):
+    backend, spec = scripted(default=obedient)
+    spec_path = EXAMPLES / "linguist" / "intents.jsonl"
+    base = ("--model", spec, "--requests", "2", "-q")
+    assert cli("run", "linguist", spec_path, "-o", tmp_path / "a", "--limit", "2", *base).exit_code == 0
+    assert cli("run", "linguist", spec_path, "-o", tmp_path / "a", *base).exit_code == 0  # continues with the other intents
+    assert cli("run", "linguist", spec_path, "-o", tmp_path / "b", "--no-cache", *base).exit_code == 0
+
+    def shape(out):
+        return [(d["meta"]["id"], d["text"], d["spans"], d["tags"]) for d in read_jsonl(out / "data.jsonl")]
+
+    assert shape(tmp_path / "a") == shape(tmp_path / "b") and shape(tmp_path / "a")
+    a, b = (json.loads((tmp_path / x / "stats.json").read_text()) for x in "ab")
+    assert a["linguist"] == b["linguist"]
+    assert a["stages"]["linguist.generate"]["dropped_at_end"] == b["stages"]["linguist.generate"]["dropped_at_end"] == {"duplicate": 6}
+
+
 def test_declared_fields_are_there_when_the_stage_runs(cli, scripted, registry, tmp_path):
     from btkit.hookspecs import hookimpl
 
