@@ -549,3 +549,12 @@ def test_self_lengthen_with_embedded_model(tmp_path):
     for c in cands:
         if c["dropped_at"] == "self_lengthen.extend" or c["status"] == "kept":
             assert c["meta"]["rounds"] and all(r["status"] for r in c["meta"]["rounds"])
+
+
+@pytest.mark.parametrize("flag,value", [("--length-target", "very long"), ("--min-growth", "nan"), ("--min-growth", "0.9"),
+                                        ("--drop-lines", "1.5"), ("--rounds", "0"), ("--ngram", "1")])
+def test_bad_options_stop_before_any_call(cli, scripted, tmp_path, flag, value):
+    backend, spec = scripted(default=Script())
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "pin", "instruction": INSTR}])
+    r = cli("run", "self_lengthen", inp, "-o", tmp_path / "out", "--model", spec, "-q", flag, value)
+    assert r.exit_code == 2 and flag in r.output and backend.history == []
