@@ -127,9 +127,12 @@ def main() -> None:
     ap.add_argument("--grounding", choices=("overlap", "likelihood", "off", "all"), default="all")
     args = ap.parse_args()
     registry = get_registry()
-    if not registry.pm.has_plugin(DOUBLES_PLUGIN):  # the test doubles are no production backends: register them here
-        registry.register(Doubles(), name=DOUBLES_PLUGIN)
-    doubles = registry.pm.get_plugin(DOUBLES_PLUGIN)
+    # the test doubles are no production backends: this process registers its own (replacing the stateless
+    # module that BTKIT_EXTRA_PLUGINS may have loaded, as btkit's pytest plugin does)
+    if registry.pm.has_plugin(DOUBLES_PLUGIN):
+        registry.unregister(DOUBLES_PLUGIN)
+    doubles = Doubles()
+    registry.register(doubles, name=DOUBLES_PLUGIN)
     modes = ("overlap", "likelihood", "off") if args.grounding == "all" else (args.grounding,)
     print(f"tegit, {args.records} records, scripted backend in process, no cache; CPU ms per record (process_time)")
     print(f"{'grounding':<11} {'kept':>6} {'prepare':>8} {'stages':>8} {'output':>8} {'OUTSIDE calls':>14} {'inside calls':>13}")
