@@ -302,6 +302,12 @@ def score_against(target: dict[str, Any], n_words: int) -> float:
 
 
 # -- stages ------------------------------------------------------------------------------------
+#: The paper's decoding (``llm_client.py``): temperature 0.7, top-p 0.8, repetition penalty 1.1, and
+#: stops at a horizontal rule or two blank lines (where a model starts talking about its answer).
+#: Its top-k 20 is left out: not every backend takes it. ``--temperature``, ``--stop``... override.
+SL_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.1, "stop": ["---", "\n\n\n"]}
+
+
 def _seed(params: dict[str, Any], offset: int) -> int:
     return int(params.get("seed") or 0) + offset
 
@@ -320,7 +326,7 @@ class SelfInstructStage(JudgingStage):
 
     async def _one(self, ctx, child: Record, seeds: list[str], taken: list[str], index: int) -> Record:
         examples = [{"instruction": s} for s in seeds]
-        gen = self.sampling(temperature=0.9, top_p=0.95, max_tokens=256)
+        gen = self.sampling(**{**SL_SAMPLING, "stop": None}, max_tokens=256)
         judge = self.sampling(temperature=0.0, max_tokens=8)
         tried: list[str] = []
         for attempt in range(self.attempts):
@@ -379,7 +385,7 @@ class GenerateStage(Stage):
         self.meta_check = bool(options["meta_check"])
 
     async def process(self, record: Record, ctx) -> list[Record]:
-        params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=1024)
+        params = self.sampling(**SL_SAMPLING, max_tokens=1024)
         out = []
         for i in range(self.samples):
             rec = record if self.samples == 1 else record.child(f"~r{i + 1}")
@@ -413,7 +419,7 @@ class ExtendStage(Stage):
         self.default_target = parse_length_target(options["length_target"])
 
     async def _extend(self, ctx, instruction: str, initial: str, attempt: int) -> tuple[str, int, list[dict[str, Any]]]:
-        params = self.sampling(temperature=0.7, top_p=0.9, max_tokens=1536)
+        params = self.sampling(**SL_SAMPLING, max_tokens=1536)
         best, best_words = initial, count_words(initial)
         rounds: list[dict[str, Any]] = []
         for r in range(1, self.rounds + 1):
