@@ -160,9 +160,12 @@ def main() -> int:
     units = -(-args.records // args.per_request)
     n_intents = -(-units // args.requests)
     registry = get_registry()
+    # the test doubles are no production backends: this process registers its own (replacing the stateless
+    # module BTKIT_EXTRA_PLUGINS may have loaded, as under pytest)
+    if registry.pm.has_plugin(DOUBLES_PLUGIN):
+        registry.unregister(DOUBLES_PLUGIN)
     doubles = Doubles()
-    if not registry.pm.has_plugin(DOUBLES_PLUGIN):
-        registry.register(doubles, name=DOUBLES_PLUGIN)
+    registry.register(doubles, name=DOUBLES_PLUGIN)
     doubles.script("bench", ScriptedBackend(default=reply))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "spec.jsonl"

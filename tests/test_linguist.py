@@ -468,6 +468,17 @@ def test_report_counts_stages_from_journal_lines():
                                          "parse_rate": 0.75, "label_valid_share": 0.6667}
 
 
+def test_benchmark_runs_and_reports_cpu_per_record_outside_model_calls():
+    """benchmarks/bench_linguist.py (issue 13's < 1 ms per record) on a few hundred lines, so it cannot rot."""
+    bench = EXAMPLES.parent / "benchmarks" / "bench_linguist.py"
+    proc = subprocess.run([sys.executable, str(bench), "--records", "300", "--requests", "6"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
+    assert figures["records"] == 300 and 0 < figures["kept"] < 300 and figures["outside_calls"] > 0
+    assert {"unbalanced_brackets", "missing_slot", "unknown_slot", "not_an_utterance"} <= set(figures["drops"])
+    assert "ms CPU per record outside model calls over 300 records" in proc.stdout
+
+
 # -- the embedded model ---------------------------------------------------------------------------------------------
 @pytest.mark.model
 def test_linguist_with_embedded_model(tmp_path):
