@@ -292,8 +292,8 @@ class Run:
         self._finish_journal()
         os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
         stats = self.stats(time.monotonic() - t0, write_failures=True)
+        self.registry.hook.btkit_run_end(run=self, stats=stats)  # a plugin may add its own section first
         atomic_write_json(self.out / "stats.json", stats)
-        self.registry.hook.btkit_run_end(run=self, stats=stats)
         self.cache.close()
         return stats
 

@@ -42,7 +42,11 @@ def btkit_run_start(run: Any) -> None:
 
 @hookspec
 def btkit_run_end(run: Any, stats: dict) -> None:
-    """Called once after a run finished; ``stats`` is what goes to stats.json."""
+    """Called once after a run finished, just before ``stats.json`` is written from ``stats``.
+
+    ``data.jsonl`` is published by then. A plugin may add a section of its own to ``stats`` (a key
+    named after it, e.g. LINGUIST's per-intent report); it must not change btkit's own keys.
+    """
 
 
 @hookspec

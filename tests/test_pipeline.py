@@ -39,6 +39,7 @@ EXPECTED = {
     "kun.yaml": ["kun.perplexity", "kun.augment", "kun.filter", "kun.judge", "kun.polish", "kun.postfilter"],
     "crab.yaml": ["crab.constrain", "crab.verify", "crab.compose"],
     "air.yaml": ["air.augment", "air.score", "air.refine"],
+    "linguist.yaml": ["linguist.generate"],
     "chain.yaml": ["humpback.augment", "humpback.curate", "backforth.rewrite", "crab.constrain", "crab.verify", "crab.compose"],
 }
 
@@ -47,7 +48,7 @@ EXPECTED = {
 def test_example_pipelines_load_and_resolve_paths(registry, name):
     config = load_pipeline(PIPELINES / name, registry)
     assert [f"{s.method}.{s.stage}" for s in config.stages] == EXPECTED[name]
-    assert config.input.is_file() and config.input.parent == EXAMPLES
+    assert config.input.is_file() and EXAMPLES in config.input.parents
     assert config.out_dir.parent == EXAMPLES.parent / "runs"
     assert config.model == "llamacpp:default"
     text = (PIPELINES / name).read_text()

@@ -47,7 +47,6 @@ from __future__ import annotations
 import bisect
 import copy
 import json
-import os
 import random
 import re
 from collections import Counter
@@ -646,7 +645,7 @@ def btkit_register_methods(register):
 
 @hookimpl
 def btkit_run_end(run, stats):
-    """Add the per-intent report to ``stats.json`` (written just before this hook runs) as ``linguist``."""
+    """Add the per-intent report to ``stats`` as ``linguist`` (the engine writes ``stats.json`` after this hook)."""
     labels = [s.label for s in run.stages if s.method == "linguist" and s.name == "generate"]
     if not labels:
         return
@@ -664,9 +663,6 @@ def btkit_run_end(run, stats):
         totals.update({k: r[k] for k in ("requests", "failed_requests", "generated", "parsed", "label_valid", "kept")})
     stats["linguist"] = {"intents": per_intent, "totals": {
         **totals, "label_valid_share": round(totals["label_valid"] / totals["parsed"], 4) if totals["parsed"] else None}}
-    tmp = out / ".stats.linguist.tmp"
-    tmp.write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "stats.json")
 
 
 @click.command("linguist-spec")
