@@ -12,7 +12,9 @@ are timed from the inside and subtracted, but the method's parse functions that 
 (:func:`check_response`, :func:`checked`, :func:`parse_text`) are timed separately and counted as the method's own
 work, with everything else it does (splitting, counting words, the extender pair's prompt, fields,
 decisions). ``to_output`` is timed on every kept record, and the ``stats.json`` section
-(:func:`length_report`) over the journal lines. Prints CPU ms per unit (``time.process_time``).
+(:func:`length_report`) over the journal lines. Prints CPU ms (``time.process_time``) per unit (one
+instruction: a generate call or more, two per extension round, two records when accepted) and per
+record written (kept or dropped), the issue's measure.
 
     .venv/bin/python benchmarks/bench_self_lengthen.py [--records 10000] [--rounds 3]
 """
@@ -145,7 +147,7 @@ async def measure(registry, spec: str, corpus: Path, out: Path, n: int, rounds: 
     assert len(units) == n and lines, (len(units), len(lines))
     ms = lambda s: 1000 * s / n  # noqa: E731
     own_stages = stages_s - inside[0] + parsing[0]
-    return {"records": n, "kept": len(kept), "dropped": len(records) - len(kept), "prepare": ms(prepare_s),
+    return {"units": n, "records": len(records), "kept": len(kept), "dropped": len(records) - len(kept), "prepare": ms(prepare_s),
             "stages_outside_calls": ms(own_stages), "parse": ms(parsing[0]), "to_output_and_report": ms(output_s),
             "outside_calls": ms(prepare_s + own_stages + output_s), "inside_calls": ms(inside[0] - parsing[0]), "report": report}
 
@@ -156,24 +158,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     registry = get_registry()
-    if not registry.pm.has_plugin(DOUBLES_PLUGIN):  # the test doubles are no production backends: register them here
-        registry.register(Doubles(), name=DOUBLES_PLUGIN)
-    doubles = registry.pm.get_plugin(DOUBLES_PLUGIN)
+    # the test doubles are no production backends: this process registers its own (replacing the stateless
+    # module that BTKIT_EXTRA_PLUGINS may have loaded, as btkit's pytest plugin does)
+    if registry.pm.has_plugin(DOUBLES_PLUGIN):
+        registry.unregister(DOUBLES_PLUGIN)
+    doubles = Doubles()
+    registry.register(doubles, name=DOUBLES_PLUGIN)
     with tempfile.TemporaryDirectory() as d:
         corpus = Path(d) / "in.jsonl"
         corpus.write_text("".join(json.dumps(r) + "\n" for r in instructions(args.records)))
         backend = doubles.script("bench", ScriptedBackend(default=reply))
         r = asyncio.run(measure(registry, backend.spec, corpus, Path(d) / "out", args.records, args.rounds))
     rep = r["report"]
+    per_record = r["outside_calls"] * r["units"] / r["records"]
     print(f"self_lengthen, {args.records} units, {args.rounds} rounds, scripted backend in process, no cache; CPU ms per unit (process_time)")
-    print(f"kept records {r['kept']} (two per accepted unit), dropped {r['dropped']}; accepted {rep['accepted']} / {rep['extensions']} extensions; "
-          f"mean words {rep['kept_mean_initial_words']} -> {rep['kept_mean_extended_words']}")
+    print(f"records written {r['records']}: kept {r['kept']} (two per accepted unit), dropped {r['dropped']}; "
+          f"accepted {rep['accepted']} / {rep['extensions']} extensions; mean words {rep['kept_mean_initial_words']} -> {rep['kept_mean_extended_words']}")
     print(f"{'prepare':>8} {'stages':>8} {'(parse)':>8} {'output':>8} {'OUTSIDE calls':>14} {'inside calls':>13}")
     print(f"{r['prepare']:>8.3f} {r['stages_outside_calls']:>8.3f} {r['parse']:>8.3f} {r['to_output_and_report']:>8.3f} "
           f"{r['outside_calls']:>14.3f} {r['inside_calls']:>13.3f}")
-    worst = r["outside_calls"]
-    print(f"\nCPU per unit outside model calls: {worst:.3f} ms (target < 1 ms): {'OK' if worst < 1 else 'OVER'}")
-    sys.exit(0 if worst < 1 else 1)
+    print(f"\nCPU outside model calls: {r['outside_calls']:.3f} ms per unit (an instruction: about 7 model calls, two records), "
+          f"{per_record:.3f} ms per record written (target < 1 ms): {'OK' if per_record < 1 else 'OVER'}")
+    sys.exit(0 if per_record < 1 else 1)
 
 
 if __name__ == "__main__":

@@ -558,3 +558,14 @@ def test_bad_options_stop_before_any_call(cli, scripted, tmp_path, flag, value):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "pin", "instruction": INSTR}])
     r = cli("run", "self_lengthen", inp, "-o", tmp_path / "out", "--model", spec, "-q", flag, value)
     assert r.exit_code == 2 and flag in r.output and backend.history == []
+
+
+def test_benchmark_runs_and_reports_cpu_outside_model_calls():
+    """benchmarks/bench_self_lengthen.py (issue 13's < 1 ms per record) on a few hundred units, so it cannot rot."""
+    bench = EXAMPLES.parent / "benchmarks" / "bench_self_lengthen.py"
+    proc = subprocess.run([sys.executable, str(bench), "--records", "200"], capture_output=True, text=True, timeout=300)
+    assert "CPU outside model calls" in proc.stdout, proc.stdout + proc.stderr
+    figures = proc.stdout.splitlines()[-1]
+    per_unit, per_record = (float(x) for x in re.findall(r"([\d.]+) ms per (?:unit|record)", figures))
+    assert 0 < per_record < per_unit and proc.returncode == (0 if per_record < 1 else 1)
+    assert re.search(r"accepted \d+ / 200 extensions", proc.stdout)
