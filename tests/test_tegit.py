@@ -17,6 +17,7 @@ from btkit.backends import Completion
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.kit import judges
+from btkit.kit.judges import likelihood_parts
 from btkit.methods import ParseError
 from btkit.pipeline import load_pipeline
 from btkit.prompts import PromptLibrary, defuse, delimit
@@ -523,3 +524,27 @@ def test_benchmark_runs_and_reports_cpu_per_record_outside_model_calls():
     kept, outside = int(row[1]), float(row[5])
     assert 0 < kept < 300 and 0 < outside < 1.0
     assert "worst CPU per record outside model calls" in proc.stdout
+
+
+@pytest.mark.model
+def test_likelihood_grounding_on_the_embedded_model_tells_an_output_from_the_text_from_an_unrelated_one(registry, embedded_scorer):
+    """The grounding frame on the real model: a sentence of the text is much more likely after the text than
+    alone (PMI > 0); an unrelated output gains less, and the default threshold (0) separates them."""
+    import asyncio
+
+    text = read_jsonl(EXAMPLES_DIR / "corpus.jsonl")[0]["text"].split("\n\n")[0]
+    grounded = "Although tutorial books and documentation are helpful, you have to practice it yourself."
+    assert grounded in text
+    unrelated = "Porridge with berries, toast and strong coffee make a good breakfast before a long walk."
+    prompt = lib(registry).render("tegit/ground", {"text": text})
+
+    def pmi(output):
+        cond = asyncio.run(embedded_scorer.score_continuation(prompt.messages, output))
+        uncond = asyncio.run(embedded_scorer.score_continuation(None, output))
+        score, details = likelihood_parts("pmi", cond, uncond)
+        assert score is not None, details
+        return score
+
+    good, bad = pmi(grounded), pmi(unrelated)
+    print(f"grounding PMI on the embedded model: from the text {good:.3f}, unrelated {bad:.3f} nats/token")
+    assert good > 0 and good > bad + 0.5, (good, bad)
