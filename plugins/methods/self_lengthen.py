@@ -44,10 +44,8 @@ at random by length rank.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -573,24 +571,14 @@ def _journal_lines(path: Path) -> Iterator[dict[str, Any]]:
 
 @hookimpl
 def btkit_run_end(run, stats):
-    """Add the ``self_lengthen`` section to ``stats.json`` (the engine writes the file before this hook runs,
-    so it is written again with the section; see the module docstring)."""
+    """Add the ``self_lengthen`` section to ``stats.json`` (runs just before the engine writes it), from the
+    journal, so a resumed run reports the whole run; only for a run with the extend stage."""
     labels = [getattr(s, "label", "") for s in getattr(run, "stages", [])]
-    extend = next((l for l in labels if l == f"{NAME}.extend"), None)
+    extend = f"{NAME}.extend"
     out = getattr(run, "out", None)
-    if extend is None or out is None or not (Path(out) / "candidates.jsonl").is_file():
+    if extend not in labels or out is None or not (Path(out) / "candidates.jsonl").is_file():
         return
     stats[NAME] = length_report(_journal_lines(Path(out) / "candidates.jsonl"), extend)
-    path = Path(out) / "stats.json"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".stats.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(stats, fh, indent=2, ensure_ascii=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- the method ----------------------------------------------------------------------------------
