@@ -159,6 +159,10 @@ def test_parser_reads_tasks(reply, expected):
     ("#instruction#: Design a task based on the given text.\n#input#: Module: UIMapLegend.cpp\n#output#: class impl", "echoed_prompt"),
     ("#instruction#: I'm sorry, but I cannot design a task from this.\n#input#:\n#output#: None.", "refusal"),
     (f"#instruction#: {INSTRUCTION}\n#input#:\n#output#: As an AI, I cannot know which packages you have.", "refusal"),
+    # a task whose output only repeats what the user turn already says
+    ("#instruction#: Practice it yourself.\n#input#:\n#output#: practice it yourself", "output_repeats_instruction"),
+    ("#instruction#: Rewrite the sentence.\n#input#: The best way to learn is to practice.\n#output#: The best way to learn is to practice!",
+     "output_repeats_input"),
     # points at a text the user turn would not carry
     ("#instruction#: Summarize the passage.\n#input#:\n#output#: apt resolves dependencies.", "dangling_reference"),
     ("#instruction#: What does the given text say about dpkg?\n#input#: N/A\n#output#: dpkg installs one file.", "dangling_reference"),
@@ -188,7 +192,7 @@ def test_parse_reads_back_what_render_wrote(instruction, input, output, lead):
     try:
         parse_task(render_task(task))
     except ParseError as e:  # only the content checks may refuse a well-formed task, never the format
-        assert e.reason in {"refusal", "dangling_reference", "echoed_prompt"}, (e.reason, task)
+        assert e.reason in {"refusal", "dangling_reference", "echoed_prompt", "output_repeats_instruction", "output_repeats_input"}, (e.reason, task)
         return
     assert parse_task(lead + render_task(task)) == task
     assert parse_task(render_task(task).replace("\n#", " #")) == {k: v.strip() for k, v in task.items()}  # inline tags

@@ -123,6 +123,7 @@ def parse_task(reply: str | None) -> dict[str, str]:
     ``unknown_tag`` (a line opens with another tag, ``#text#:``: the model went on past the task),
     ``text_before_tags`` (more than a short lead-in), ``empty_instruction``, ``empty_output``,
     ``echoed_prompt`` (the instruction is this method's own request), ``refusal``,
+    ``output_repeats_instruction``/``output_repeats_input`` (the same words, case and punctuation aside),
     ``dangling_reference`` (the instruction points at "the text" and the input is empty). An empty
     input is a task with no input; a placeholder ("N/A", "None", "<noinput>") reads as empty.
     """
@@ -163,6 +164,11 @@ def parse_task(reply: str | None) -> dict[str, str]:
     for name in ("instruction", "output"):
         if is_refusal(task[name]):
             raise ParseError("refusal", f"{name}: {task[name][:80]}")
+    output = _normal(task["output"])
+    if output == _normal(task["instruction"]):
+        raise ParseError("output_repeats_instruction", task["output"][:80])
+    if task["input"] and output == _normal(task["input"]):
+        raise ParseError("output_repeats_input", task["output"][:80])
     if not task["input"] and (m := _REFERENCE.search(task["instruction"])):
         raise ParseError("dangling_reference", f"'{m.group(0)}' with no input")
     return task
