@@ -369,6 +369,18 @@ def test_samples_give_separate_units_of_work(cli, scripted, tmp_path):
     assert len(inits) == 2  # two seeds, two initial responses
 
 
+def test_a_failed_call_costs_one_sample_only(cli, scripted, tmp_path):
+    from btkit.errors import BackendError
+    script = Script()
+    script.initial = lambda i, params: BackendError("server went away") if params["seed"] == 1 else paragraphs(4, 10_000)
+    backend, script, out = run(cli, scripted, tmp_path, [{"id": "pin", "instruction": INSTR}], "--samples", "2", "--rounds", "1", script=script)
+    cands, data, stats = check_invariants(out)
+    assert {r["meta"]["id"] for r in data} == {"pin~r1~gen", "pin~r1~ext"}
+    [failed] = [c for c in cands if c["status"] == "dropped"]
+    assert (failed["id"], failed["reason"], failed["dropped_at"]) == ("pin~r2", "backend_error", "self_lengthen.generate")
+    assert "server went away" in failed["meta"]["drop_details"]["error"] and stats["backend_failures"] == 1
+
+
 def test_rounds_that_fail_keep_the_best_and_a_short_extension_is_dropped(cli, scripted, tmp_path):
     script = Script()
     outcomes = iter([

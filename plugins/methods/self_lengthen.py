@@ -43,6 +43,7 @@ at random by length rank.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -55,7 +56,7 @@ from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE, FiniteFloatRange
-from btkit.records import Record
+from btkit.records import Record, failed_record
 
 from btkit.kit.instructions import parse_instruction
 from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, judge_mode_option
@@ -382,21 +383,23 @@ class GenerateStage(Stage):
         self.ngram = int(options["ngram"])
         self.meta_check = bool(options["meta_check"])
 
+    async def _sample(self, ctx, rec: Record, params: dict[str, Any]) -> Record:
+        comp = await ctx.complete("self_lengthen/generate", {"instruction": rec.fields["instruction"]},
+                                  parse=lambda t: check_response(t, self.ngram, self.meta_check), retries=self.retries, **params)
+        if comp.parse_error is not None:
+            return rec.drop(self.label, comp.parse_error.reason, detail=comp.parse_error.detail, attempts=self.retries + 1)
+        rec.fields.update(response=comp.parsed, initial_response=comp.parsed)
+        return rec
+
     async def process(self, record: Record, ctx) -> list[Record]:
         params = self.sampling(**SL_SAMPLING, max_tokens=1024)
-        out = []
-        for i in range(self.samples):
-            rec = record if self.samples == 1 else record.child(f"~r{i + 1}")
-            comp = await ctx.for_record(rec).complete(
-                "self_lengthen/generate", {"instruction": rec.fields["instruction"]},
-                parse=lambda t: check_response(t, self.ngram, self.meta_check), retries=self.retries,
-                **{**params, "seed": _seed(params, i)})
-            if comp.parse_error is not None:
-                out.append(rec.drop(self.label, comp.parse_error.reason, detail=comp.parse_error.detail, attempts=self.retries + 1))
-                continue
-            rec.fields.update(response=comp.parsed, initial_response=comp.parsed)
-            out.append(rec)
-        return out
+        if self.samples == 1:
+            return [await self._sample(ctx, record, {**params, "seed": _seed(params, 0)})]
+        recs = [record.child(f"~r{i + 1}") for i in range(self.samples)]
+        # each sample with its own seed and lineage; a failed call costs that sample only
+        done = await asyncio.gather(*(self._sample(ctx.for_record(r), r, {**params, "seed": _seed(params, i)}) for i, r in enumerate(recs)),
+                                    return_exceptions=True)
+        return [failed_record(r, self.label, d) if isinstance(d, Exception) else d for r, d in zip(recs, done)]
 
 
 class ExtendStage(Stage):
