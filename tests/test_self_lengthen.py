@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from btkit.methods import ParseError
 from btkit.prompts import PromptLibrary
 from btkit_plugins.methods.self_lengthen import (
-    accepted, check_response, count_words, drop_lines, ends_in_punctuation, first_half, keep_prefix, length_range,
+    accepted, check_response, count_words, drop_lines, short_drops, ends_in_punctuation, first_half, keep_prefix, length_range,
     length_report, length_score, meta_commentary, ngram_units, parse_length_target, repeated_ngram,
 )
 
@@ -148,6 +148,25 @@ def test_drop_lines_is_seeded_and_keeps_at_least_one_line():
     assert drop_lines(text, 0.0, random.Random(1)) == (text.replace("\n", "\n\n"), 0)
     kept, n = drop_lines(text, 1.0, random.Random(1))
     assert n == 49 and kept in text.split("\n")
+
+
+def test_short_drops_reproduce_and_always_take_the_shortest_fifth():
+    lengths = [(f"u{i}", 100 + 7 * i) for i in range(200)]
+    dropped = short_drops(lengths, "s")
+    assert dropped == short_drops(list(reversed(lengths)), "s")  # order does not matter, the seed does
+    assert {f"u{i}" for i in range(40)} <= dropped  # rank >= 0.8: 2 r^3 > 1
+    assert 0.3 < len(dropped) / 200 < 0.5 and "u199" not in dropped
+    assert short_drops([], "s") == set() and short_drops([("only", 5)], "s") == {"only"}  # one response is the shortest
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=60))
+def test_short_drops_never_keep_a_length_whose_shorter_peers_all_go(ns):
+    lengths = list(enumerate(ns))
+    dropped = short_drops(lengths, "p")
+    shortest = min(ns)
+    assert {k for k, n in lengths if n == shortest} <= dropped  # rank 1 always goes
+    assert dropped <= {k for k, _ in lengths}
 
 
 # -- LonGen's length score ----------------------------------------------------------------------------
@@ -412,6 +431,22 @@ def test_min_growth_decides_acceptance(cli, scripted, tmp_path):
                                 "--min-growth", "1.25", "--extend-attempts", "1", script=script)
     [c] = read_jsonl(out2 / "candidates.jsonl")
     assert c["reason"] == "not_extended" and c["meta"]["extended_words"] == 50  # 50 is not > 50
+
+
+def test_drop_short_cuts_both_records_of_the_shortest_extensions_at_the_end(cli, scripted, tmp_path):
+    script = Script()
+    script.initial = lambda content, params: paragraphs(3 + int(re.search(r"topic (\d+)", content).group(1)), 10_000)
+    rows = [{"id": f"u{i}", "instruction": f"Explain topic {i} of Debian administration in depth."} for i in range(1, 6)]
+    backend, script, out = run(cli, scripted, tmp_path, rows, "--rounds", "1", "--drop-short", script=script)
+    cands, data, stats = check_invariants(out)
+    cut = [c for c in cands if c["reason"] == "short_by_rank"]
+    assert {c["id"] for c in cut} >= {"u1~gen", "u1~ext"}  # the shortest always goes, with both its records
+    assert all(c["end_of_run"] and c["dropped_at"] == "self_lengthen.extend" for c in cut)
+    assert len({c["id"].split("~")[0] for c in cut}) * 2 == len(cut)  # never one record of a pair
+    assert "u5~gen" in {r["meta"]["id"] for r in data}  # the longest stays (rank 1/5: dropped when a draw <= 0.016)
+    assert stats["stages"]["self_lengthen.extend"]["dropped_at_end"] == {"short_by_rank": len(cut)}
+    sl = stats["self_lengthen"]
+    assert sl["dropped_short"] == len(cut) // 2 and sl["accepted"] == 5 and sl["records_by_role"]["generator"] == 5 - len(cut) // 2
 
 
 def test_length_score_uses_the_row_target(cli, scripted, tmp_path):

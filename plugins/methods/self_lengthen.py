@@ -36,9 +36,11 @@ initial and extended responses against ``--length-target`` (or a row's ``length_
 At the end of a run, ``stats.json`` gets a ``self_lengthen`` section: length growth per round,
 acceptance, and the length scores (see :func:`length_report`).
 
-Left out: the paper trains the Generator and Extender on these sets and repeats (issue 14), adds
-word-count phrases to queries after the last round, and drops about the shortest 20 % of responses
-at random by length rank.
+``--drop-short`` applies the paper's length-rank drop (``utils.drop_short``) to the accepted
+extensions when every unit is done (off by default: on a small run it mostly throws data away).
+
+Left out: the paper trains the Generator and Extender on these sets and repeats (issue 14), and adds
+word-count phrases to queries after the last round; it also rank-drops the initial responses.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE, FiniteFloatRange
-from btkit.records import Record, failed_record
+from btkit.records import Record, failed_record, journal_key
 
 from btkit.kit.instructions import parse_instruction
 from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, judge_mode_option
@@ -221,6 +223,19 @@ def drop_lines(text: str, share: float, rng: random.Random) -> tuple[str, int]:
     if not kept and lines:
         kept = [lines[rng.randrange(len(lines))]]
     return "\n\n".join(kept), len(lines) - len(kept)
+
+
+def short_drops(lengths: list[tuple[Any, int]], seed: str = "") -> set[Any]:
+    """The paper's ``drop_short``: with the lengths sorted, a response of rank r = 1 - i/N (i: the first
+    position of its length; the shortest has r = 1) is kept when a uniform draw exceeds 2 r^3, so the
+    shortest fifth always goes and longer ones ever less often (about 40 % in all). The draw is seeded
+    by ``seed`` and each key, so the decision reproduces. Returns the keys to drop."""
+    ordered = sorted(n for _, n in lengths)
+    first: dict[int, int] = {}
+    for i, n in enumerate(ordered):
+        first.setdefault(n, i)
+    total = len(ordered)
+    return {key for key, n in lengths if random.Random(f"{seed}|{key}").random() <= 2 * (1 - first[n] / total) ** 3}
 
 
 # -- LonGen's length score ---------------------------------------------------------------------
@@ -418,6 +433,8 @@ class ExtendStage(Stage):
         self.ngram = int(options["ngram"])
         self.meta_check = bool(options["meta_check"])
         self.default_target = parse_length_target(options["length_target"])
+        self.drop_short = bool(options["drop_short"])
+        self.cuts_at_end = self.drop_short  # a later stage waits for the cut (see Stage.cuts_at_end)
 
     async def _extend(self, ctx, instruction: str, initial: str, attempt: int) -> tuple[str, int, list[dict[str, Any]]]:
         params = self.sampling(**SL_SAMPLING, max_tokens=1536)
@@ -487,6 +504,26 @@ class ExtendStage(Stage):
         return [gen, ext]
 
 
+    def end_of_run(self, journal) -> dict[str, tuple[str, dict[str, Any]]]:
+        """With ``--drop-short``, the paper's length-rank drop (:func:`short_drops`) over the run's accepted
+        extensions, by extended words; both records of a dropped extension go (``short_by_rank``)."""
+        if not self.drop_short:
+            return {}
+        groups: dict[tuple[Any, str], list[str]] = {}
+        lengths: list[tuple[tuple[Any, str], int]] = []
+        for line in journal():
+            meta = line.get("meta") or {}
+            if line.get("status") != "kept" or meta.get("role") not in ROLES or "extended_words" not in meta:
+                continue
+            group = (line.get("unit_seq"), line["id"].rsplit("~", 1)[0])
+            groups.setdefault(group, []).append(journal_key(line))
+            if meta["role"] == "generator":
+                lengths.append((group, int(meta["extended_words"])))
+        drop = short_drops(lengths, f"{NAME}.drop_short")
+        words = dict(lengths)
+        return {key: ("short_by_rank", {"extended_words": words[g], "extensions": len(lengths)}) for g in drop for key in groups[g]}
+
+
 # -- the stats.json section ----------------------------------------------------------------------
 def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
@@ -497,25 +534,29 @@ def length_report(lines: Iterable[dict[str, Any]], label: str = f"{NAME}.extend"
     how many ran, were extended and why the rest were not, and mean words before/after; the kept
     extensions' initial and extended words and growth; the LonGen length score of the initial and
     extended responses (their targets and how many are inside them). A unit's two records (one per
-    role) describe one extension, so only the generator record and the dropped ones are counted."""
+    role) describe one extension, so the generator record stands for it (the extender record is
+    only counted by role); an accepted extension dropped by ``--drop-short`` counts as accepted and
+    under ``dropped_short``."""
     per_round: dict[int, dict[str, Any]] = {}
     kept_initial, kept_final, growth, score_i, score_f, inside_i, inside_f = [], [], [], [], [], 0, 0
     roles: dict[str, int] = {}
-    extensions = dropped = 0
+    extensions = dropped = short = 0
     targets: dict[str, int] = {}
     for line in lines:
         meta = line.get("meta") or {}
-        if "rounds" not in meta or not isinstance(meta.get("rounds"), list):
+        if "rounds" not in meta or not isinstance(meta.get("rounds"), list) or line.get("dropped_at") not in (None, label):
             continue
         kept = line.get("status") == "kept"
         if kept:
             roles[meta.get("role", "?")] = roles.get(meta.get("role", "?"), 0) + 1
-            if meta.get("role") != "generator":
-                continue
-        elif line.get("dropped_at") != label:
+        if meta.get("role") == "extender":
             continue
         extensions += 1
-        dropped += not kept
+        if not kept:
+            if line.get("end_of_run"):
+                short += 1
+            else:
+                dropped += 1
         for r in meta["rounds"]:
             st = per_round.setdefault(int(r.get("round", 0)), {"runs": 0, "extended": 0, "not_extended": {}, "_before": [], "_after": [], "_growth": []})
             st["runs"] += 1
@@ -547,6 +588,7 @@ def length_report(lines: Iterable[dict[str, Any]], label: str = f"{NAME}.extend"
         "extensions": extensions,
         "accepted": extensions - dropped,
         "not_accepted": dropped,
+        "dropped_short": short,
         "records_by_role": roles,
         "rounds": rounds_out,
         "kept_mean_initial_words": _mean(kept_initial),
@@ -685,6 +727,9 @@ METHOD = SelfLengthen(
                      help="Accept an extension with more than this many times the initial response's words."),
         click.Option(["--drop-lines"], type=SHARE, default=0.2, show_default=True,
                      help="Share of the initial response's lines dropped (at random, seeded) in the extender pair's prompt."),
+        click.Option(["--drop-short/--no-drop-short"], default=False, show_default=True,
+                     help="At the end of the run, drop accepted extensions by length rank as the paper does (the shortest fifth always, "
+                          "about 40 % in all; seeded)."),
         click.Option(["--length-target"], type=LengthTarget(), default="150-600", show_default=True,
                      help="Word-count target the LonGen length score is reported against: 'about N', 'above N', 'below N' or 'A-B' "
                           "(a row's length_target field overrides it)."),
