@@ -13,8 +13,9 @@ with worked examples as chat turns, decoded greedily as the wrapper is (temperat
 Stages:
 
 - ``augment``: text -> task. The reply is parsed strictly by :func:`parse_task`: no tags, a missing,
-  repeated, malformed or out-of-order tag, text before the tags, an empty instruction or output, the
-  prompt's own instruction echoed back, a worked example copied, a refusal, or an instruction that points at "the text" with
+  repeated, malformed, unknown or out-of-order tag, text before the tags, an empty instruction or
+  output, the prompt's own instruction echoed back, a worked example copied, a refusal, an output
+  that only repeats the instruction or the input, or an instruction that points at "the text" with
   no input to carry it, is a parse failure with its reason (the public parser falls back to an empty
   dict there). Then the output must be grounded in the text (``--grounding``):
 
