@@ -563,7 +563,8 @@ def test_length_report_counts_one_extension_per_unit():
     assert rep["extensions"] == 2 and rep["accepted"] == 1 and rep["not_accepted"] == 1
     assert rep["rounds"]["1"] == {"runs": 2, "extended": 1, "not_extended": {"not_longer": 1}, "mean_words_before": 90,
                                   "mean_words_after_extended": 150, "mean_growth_extended": 1.5}
-    assert rep["inside_target_extended"] == 1 and rep["mean_length_score_extended"] == 0.5
+    assert rep["inside_target_extended"] == 1 and rep["mean_length_score_extended"] == 1.0 and rep["mean_length_score_initial"] == 0.5
+    assert rep["length_targets"] == {"150-600": 1}  # kept extensions only
 
 
 # -- the example and a real model -------------------------------------------------------------------------

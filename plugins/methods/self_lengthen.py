@@ -532,8 +532,8 @@ def _mean(xs: list[float]) -> float | None:
 def length_report(lines: Iterable[dict[str, Any]], label: str = f"{NAME}.extend") -> dict[str, Any]:
     """What ``stats.json`` reports for Self-Lengthen, from journal lines: per round (of every attempt),
     how many ran, were extended and why the rest were not, and mean words before/after; the kept
-    extensions' initial and extended words and growth; the LonGen length score of the initial and
-    extended responses (their targets and how many are inside them). A unit's two records (one per
+    extensions' initial and extended words and growth, and the LonGen length score of their initial
+    and extended responses (the targets, and how many are inside them). A unit's two records (one per
     role) describe one extension, so the generator record stands for it (the extender record is
     only counted by role); an accepted extension dropped by ``--drop-short`` counts as accepted and
     under ``dropped_short``."""
@@ -572,7 +572,7 @@ def length_report(lines: Iterable[dict[str, Any]], label: str = f"{NAME}.extend"
             kept_initial.append(meta.get("initial_words", 0))
             kept_final.append(meta.get("extended_words", 0))
             growth.append(meta.get("growth", 0))
-        if "length_score" in meta:
+        if kept and "length_score" in meta:
             score_i.append(meta.get("length_score_initial", 0))
             score_f.append(meta["length_score"])
             inside_i += meta.get("length_score_initial") == 1
