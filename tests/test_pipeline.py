@@ -40,6 +40,7 @@ EXPECTED = {
     "crab.yaml": ["crab.constrain", "crab.verify", "crab.compose"],
     "air.yaml": ["air.augment", "air.score", "air.refine"],
     "linguist.yaml": ["linguist.generate"],
+    "tegit.yaml": ["tegit.augment", "tegit.curate"],
     "chain.yaml": ["humpback.augment", "humpback.curate", "backforth.rewrite", "crab.constrain", "crab.verify", "crab.compose"],
 }
 

@@ -63,8 +63,12 @@ def hostile_variables() -> dict:
     return {
         "text": DOCUMENT, "document": DOCUMENT, "response": DOCUMENT, "answer": DOCUMENT,
         "instruction": INSTRUCTION, "constraint": INSTRUCTION, "constraints": [INSTRUCTION, INSTRUCTION],
-        "examples": [{"instruction": INSTRUCTION, "response": DOCUMENT}],
+        "examples": [{"instruction": INSTRUCTION, "response": DOCUMENT, "text": DOCUMENT, "input": INSTRUCTION, "output": INSTRUCTION}],
         "types": [{"name": "style", "description": "the tone"}], "mode": "rubric",
+        # LINGUIST's spec fields are the user's data too
+        "intent": INSTRUCTION, "description": INSTRUCTION, "language": "en", "n": 3, "exact": True,
+        "slots": [{"number": 1, "name": "song", "description": INSTRUCTION}], "include": [{"number": 1, "value": INSTRUCTION}],
+        "utterances": [INSTRUCTION],
     }
 
 
