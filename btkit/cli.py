@@ -157,7 +157,7 @@ class PluginGroup(click.Group):
         if not self._loaded:
             self._loaded = True
             try:
-                _registry().hook.btkit_register_commands(cli=self)
+                _registry().register_commands(self)
             except BtkitError as e:
                 click.echo(f"warning: {e}", err=True)
 

@@ -1,11 +1,18 @@
-"""Plugin manager: loads plugins from the ``btkit`` entry-point group and keeps the registries.
+"""Plugin manager: loads plugins from entry points and keeps the registries.
 
 First-party plugins (``btkit_plugins.*``) are found exactly like third-party ones; the core imports
 none of them. Registration happens through callbacks so the core owns validation and name clashes.
 
+Entry-point groups say what a plugin provides, so btkit imports only what a command needs:
+``btkit.methods``, ``btkit.backends`` and ``btkit.commands`` are loaded when methods, backends or
+commands are first asked for (``btkit run METHOD --help`` imports no backend module, ``btkit
+--help`` no method module), and ``btkit`` (any kind, or several) always with the first of them.
+A plugin that provides two kinds names its module in both groups, under one name; a run, which calls
+every hook, loads every group.
+
 Which plugins load:
 
-- ``BTKIT_LOAD_PLUGINS`` unset: every installed entry point in the ``btkit`` group.
+- ``BTKIT_LOAD_PLUGINS`` unset: every installed entry point of those groups.
 - ``BTKIT_LOAD_PLUGINS=humpback,llamacpp,quiz``: only those. Each comma-separated item is a plugin
   (entry-point) name, or a distribution name that stands for all of its plugins, so
   ``BTKIT_LOAD_PLUGINS=btkit`` is btkit's own plugins without any third-party one, and
@@ -49,7 +56,10 @@ from .backends import Backend, split_spec
 from .errors import BtkitError
 from .methods import STAGE_KINDS, Method
 
+#: The entry-point group of a plugin of any kind (loaded whenever any kind is).
 ENTRY_POINT_GROUP = "btkit"
+#: The group of plugins of one kind, loaded when that kind is first asked for.
+KIND_GROUPS = {"methods": "btkit.methods", "backends": "btkit.backends", "commands": "btkit.commands"}
 #: Environment variable naming the plugins to load (see the module docstring).
 LOAD_PLUGINS_ENV = "BTKIT_LOAD_PLUGINS"
 #: Environment variable naming modules to register besides the entry points (see the module docstring).
@@ -98,27 +108,49 @@ class Registry:
         self.dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
         #: Plugins that failed to load: name -> (distribution, version, "ErrorType: message").
         self.failed: dict[str, tuple[str, str, str]] = {}
-        if load_entry_points:
-            self._load_entry_points()
-            self._load_extra_plugins()
+        #: Entry-point groups still to load (all of them are, lazily, unless ``load_entry_points`` is false).
+        self._pending_groups: list[str] = [ENTRY_POINT_GROUP, *KIND_GROUPS.values()] if load_entry_points else []
+        self._entry_points: dict[str, list[Any]] | None = None
         self._backends: dict[str, BackendFactory] | None = None
         self._methods: dict[str, Method] | None = None
+        if load_entry_points:
+            self._load("none")  # the general group and BTKIT_EXTRA_PLUGINS now; the kinds when asked for
 
-    def _load_entry_points(self) -> None:
+    def _load(self, *kinds: str) -> None:
+        """Load the general group (and ``BTKIT_EXTRA_PLUGINS``) and those of ``kinds`` (all: none given)."""
+        if not self._pending_groups:
+            return
+        groups = [KIND_GROUPS[k] for k in kinds if k in KIND_GROUPS] if kinds else list(KIND_GROUPS.values())
+        first = ENTRY_POINT_GROUP in self._pending_groups
+        for group in ([ENTRY_POINT_GROUP] if first else []) + groups:
+            if group in self._pending_groups:
+                self._pending_groups.remove(group)
+                self._load_group(group)
+                self._backends = self._methods = None
+        if first:
+            self._load_extra_plugins()
+            self._warn_unmatched()
+
+    def _all_entry_points(self) -> dict[str, list[Any]]:
+        """btkit's entry points by group, read once (reading the installed metadata is not free)."""
+        if self._entry_points is None:
+            eps = metadata.entry_points()
+            self._entry_points = {g: list(eps.select(group=g)) for g in (ENTRY_POINT_GROUP, *KIND_GROUPS.values())}
+        return self._entry_points
+
+    def _load_group(self, group: str) -> None:
         wanted = load_plugins_setting()
-        matched: set[str] = set()
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        for ep in self._all_entry_points()[group]:
             if self.pm.has_plugin(ep.name) or ep.name in self.failed:
-                continue
+                continue  # a plugin of two kinds is named in both groups: loaded once
             dist = ep.dist
             dist_name, version = (dist.name, dist.version) if dist else ("?", "?")
-            if wanted is not None:
-                names = {_normalize(ep.name), _normalize(dist_name)} & wanted
-                if not names:
-                    continue
-                matched |= names
+            if wanted is not None and not {_normalize(ep.name), _normalize(dist_name)} & wanted:
+                continue
             try:
                 module = ep.load()
+                if self.pm.is_registered(module):  # also named by BTKIT_EXTRA_PLUGINS, already registered
+                    continue
                 self.pm.register(module, name=ep.name)
                 self.pm.check_pending()  # a hook btkit does not have: this plugin fails, not the others
             except Exception as e:  # noqa: BLE001 (a broken plugin must not break btkit)
@@ -129,7 +161,19 @@ class Registry:
                 _warn(f"plugin {ep.name} ({dist_name} {version}) failed to load: {why}; skipped")
                 continue
             self.dists[ep.name] = (dist_name, version)
-        for name in sorted((wanted or set()) - matched):
+
+    def _warn_unmatched(self) -> None:
+        """One warning per ``BTKIT_LOAD_PLUGINS`` item that names no installed plugin or distribution."""
+        wanted = load_plugins_setting()
+        if not wanted:
+            return
+        known: set[str] = set()
+        for eps in self._all_entry_points().values():
+            for ep in eps:
+                known.add(_normalize(ep.name))
+                if ep.dist:
+                    known.add(_normalize(ep.dist.name))
+        for name in sorted(wanted - known):
             _warn(f"{LOAD_PLUGINS_ENV} names '{name}', which is no installed btkit plugin or distribution; ignored")
 
     def _load_extra_plugins(self) -> None:
@@ -165,10 +209,18 @@ class Registry:
 
     @property
     def hook(self) -> Any:
+        """Every plugin's hooks (this loads every group: a hook may be implemented by a plugin of any kind)."""
+        self._load()
         return self.pm.hook
+
+    def register_commands(self, cli: Any) -> None:
+        """Let plugins add their commands to ``cli`` (only the command plugins are loaded for it)."""
+        self._load("commands")
+        self.pm.hook.btkit_register_commands(cli=cli)
 
     # -- backends -------------------------------------------------------------------------
     def backends(self) -> dict[str, BackendFactory]:
+        self._load("backends")
         if self._backends is None:
             found: dict[str, BackendFactory] = {}
             for impl in self.pm.hook.btkit_register_backends.get_hookimpls():
@@ -197,6 +249,7 @@ class Registry:
 
     # -- methods --------------------------------------------------------------------------
     def methods(self) -> dict[str, Method]:
+        self._load("methods")
         if self._methods is None:
             found: dict[str, Method] = {}
             for impl in self.pm.hook.btkit_register_methods.get_hookimpls():
@@ -227,6 +280,7 @@ class Registry:
     def plugin_rows(self) -> list[dict[str, str]]:
         """One row per plugin: loaded ones (``status`` ``loaded``, their hooks) and ones that failed
         to load (``status`` ``failed``, the ``error``)."""
+        self._load()
         rows = []
         for name, plugin in self.pm.list_name_plugin():
             dist, version = self.dists.get(name, ("(registered in code)", ""))

@@ -41,6 +41,7 @@ EXPECTED = {
     "air.yaml": ["air.augment", "air.score", "air.refine"],
     "linguist.yaml": ["linguist.generate"],
     "tegit.yaml": ["tegit.augment", "tegit.curate"],
+    "self_lengthen.yaml": ["self_lengthen.self_instruct", "self_lengthen.generate", "self_lengthen.extend"],
     "chain.yaml": ["humpback.augment", "humpback.curate", "backforth.rewrite", "crab.constrain", "crab.verify", "crab.compose"],
 }
 
@@ -60,6 +61,7 @@ def first_party_methods(registry) -> set[str]:
     """Names of the methods registered by plugins that the btkit distribution itself ships (a third-party
     plugin installed alongside, such as the example plugin's ``quiz``, does not count)."""
     names: set[str] = set()
+    registry.methods()  # loads the method plugins
     for impl in registry.pm.hook.btkit_register_methods.get_hookimpls():
         plugin = registry.pm.get_name(impl.plugin)
         if registry.dists.get(plugin, ("?", ""))[0] == "btkit":

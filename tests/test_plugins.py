@@ -40,7 +40,10 @@ def test_first_party_plugins_come_from_entry_points(registry):
 def test_no_entry_point_is_a_test_double():
     from importlib import metadata
 
-    eps = {ep.name: ep.value for ep in metadata.entry_points(group="btkit") if ep.dist and ep.dist.name == "btkit"}
+    from btkit.plugins import ENTRY_POINT_GROUP, KIND_GROUPS
+
+    eps = {ep.name: ep.value for group in (ENTRY_POINT_GROUP, *KIND_GROUPS.values())
+           for ep in metadata.entry_points(group=group) if ep.dist and ep.dist.name == "btkit"}
     assert {"humpback", "llamacpp"} <= set(eps)
     assert not [v for v in eps.values() if "testing" in v], eps
 
@@ -423,3 +426,17 @@ def test_a_stage_kind_outside_the_vocabulary_is_refused(registry):
     registry.register(OddKind(), name="odd")
     with pytest.raises(BtkitError, match="stage 's' has kind 'augmentation'; kinds: prepare, augment, curate"):
         registry.methods()
+
+
+def test_help_imports_only_the_plugins_it_shows():
+    """``btkit run METHOD --help`` imports method plugins and no backend; ``btkit --help`` no method (the
+    entry-point group says what a plugin provides, btkit/plugins.py)."""
+    probe = ("import sys; from btkit.cli import cli\n"
+             "try:\n    cli(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith('btkit_plugins.')), file=sys.stderr)")
+    for args, present, absent in ((["run", "humpback", "--help"], "btkit_plugins.methods.humpback", "btkit_plugins.backends."),
+                                  (["--help"], "btkit_plugins.commands.eval_judge", "btkit_plugins.methods.humpback")):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        loaded = r.stderr.strip().splitlines()[-1]
+        assert present in loaded, (args, loaded)
+        assert absent not in loaded, (args, loaded)
