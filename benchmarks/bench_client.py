@@ -118,7 +118,8 @@ async def btkit_backend(base_url: str, n: int, concurrency: int) -> float:
 
 def btkit_engine(base_url: str, n: int, concurrency: int) -> float:
     """A whole run: one-stage method, cache off, journal and data written to a temp dir."""
-    from btkit.engine import Run, RunConfig, StageSpec
+    from btkit.config import RunConfig, StageSpec
+    from btkit.engine import Run
     from btkit.plugins import Registry
 
     registry = Registry()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import click
 
 from . import DEFAULT_MODEL, __version__
 from .errors import BtkitError
-from .config import parse_key_value, parse_key_values  # noqa: F401  (re-exported for plugins' commands)
 from .options import CONCURRENCY, DEFAULT_CONCURRENCY, GENERAL_OPTIONS, INPUT_DEFAULTS, LIMIT, MAX_TOKENS
 
 COMMON_RUN_OPTIONS = [

@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator
 from . import __version__, journal
 from .backends import Backend, Completion
 from .cache import Cache, NullCache
-from .calls import Calls, StageCtx, retry_seed  # noqa: F401  (retry_seed: tests import it here until they move)
-from .config import RunConfig, StageSpec
+from .calls import Calls, StageCtx
+from .config import RunConfig
 from .errors import BtkitError, Interrupted
 from .io import AppendFile, atomic_write_json
 from .methods import Method, Stage
@@ -54,7 +54,7 @@ from .units import UnitSource, unit_digest
 
 HELD_JOURNAL = "candidates.held.jsonl"
 
-__all__ = ["Run", "run_pipeline", "RunConfig", "StageSpec", "StageCtx", "HELD_JOURNAL"]
+__all__ = ["Run", "run_pipeline", "HELD_JOURNAL"]
 
 
 class Run:

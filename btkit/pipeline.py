@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, OptionChecker, RunConfig, run_config
-from .errors import BtkitError
 from .options import CONCURRENCY, LIMIT
 
 TOP_KEYS = ("name", "description", "input", "output", "model", "base_url", "backend_options", "options", "prompts",

@@ -207,7 +207,9 @@ def test_failures_are_never_cached_but_unparseable_replies_are_kept_raw(cli, scr
 
 
 def test_identical_requests_in_flight_are_sent_once(registry, scripted, tmp_path):
-    from btkit.engine import Run, RunConfig, StageCtx, StageSpec
+    from btkit.calls import StageCtx
+    from btkit.config import RunConfig, StageSpec
+    from btkit.engine import Run
     from btkit.records import Record
 
     backend, spec = scripted(default="What does it mean?", delay=0.05)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from btkit.engine import RunConfig, StageSpec, run_pipeline
+from btkit.config import RunConfig, StageSpec
+from btkit.engine import run_pipeline
 
 from conftest import read_jsonl, write_jsonl, words
 

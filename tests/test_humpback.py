@@ -264,7 +264,7 @@ def test_multi_sample_choices_are_parsed_and_counted_one_by_one(cli, scripted, t
 
 
 def test_multi_sample_parse_retry_resamples_only_the_failed_choice(cli, scripted, tmp_path):
-    from btkit.engine import retry_seed
+    from btkit.calls import retry_seed
 
     def reply(messages, params):
         if params.get("n") == 3:

@@ -101,12 +101,11 @@ def test_core_imports_no_plugin():
         assert "import btkit_plugins" not in text and "from btkit_plugins" not in text, path
 
 
-def test_every_hookspec_is_documented():
-    readme = (ROOT / "README.md").read_text()
+def test_every_hookspec_has_a_docstring():
+    """(The plugin guide's coverage of every hook is tests/test_docs.py's.)"""
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if name.startswith("btkit_"):
             assert (fn.__doc__ or "").strip(), f"hook {name} has no docstring"
-            assert name in readme, f"hook {name} is not documented in README.md"
 
 
 def test_plugins_cli_lists_versions(cli):

@@ -404,7 +404,7 @@ def eval_judge_command(gold: Path, method: str, stage_name: str | None, modes: t
     import asyncio
 
     from btkit import DEFAULT_MODEL
-    from btkit.cli import parse_key_values
+    from btkit.config import parse_key_values
     from btkit.plugins import get_registry
 
     results = []
