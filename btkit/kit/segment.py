@@ -15,7 +15,10 @@ import hashlib
 import re
 from typing import Any, Iterable, Iterator
 
+import click
+
 from btkit.dedup import SeenSet
+from btkit.options import INPUT_DEFAULTS, MAX_WORDS, MIN_WORDS
 from btkit.records import Record
 
 #: A header line (Markdown ``#`` or a ``===``/``---`` rule), matched at a line's start up to its end.
@@ -149,16 +152,33 @@ def fingerprint(text: str) -> str:
     return hashlib.blake2b(norm.encode("utf-8"), digest_size=12).hexdigest()
 
 
+#: Segment length bounds of :func:`segment_options` (a method may pass its own).
+MIN_WORDS_DEFAULT = 30
+MAX_WORDS_DEFAULT = 400
+
+
+def segment_options(unit: str = "segments", min_words: int = MIN_WORDS_DEFAULT, max_words: int = MAX_WORDS_DEFAULT) -> list[click.Option]:
+    """``--min-words`` and ``--max-words``, the options :func:`segment_corpus` reads, with their defaults:
+    a method that segments its input lists these in ``Method.cli_options`` (``unit`` names what a
+    segment is to its users, e.g. "texts")."""
+    return [
+        click.Option(["--min-words"], type=MIN_WORDS, default=min_words, show_default=True, help=f"Drop {unit} shorter than this (0: keep all)."),
+        click.Option(["--max-words"], type=MAX_WORDS, default=max_words, show_default=True, help=f"Pack paragraphs into {unit} of at most this many words."),
+    ]
+
+
 def segment_corpus(rows: Iterable[dict[str, Any]], options: dict[str, Any], stage: str = "humpback.segment") -> Iterator[Record]:
     """Turn input rows into segment records (alive, or dropped with 'too_short'/'duplicate').
 
+    ``options``: ``min_words`` and ``max_words`` (:func:`segment_options`; the engine passes the
+    method's declared defaults), ``text_field`` and ``id_field`` (:data:`btkit.options.INPUT_DEFAULTS`).
     A document with no words at all (empty, only whitespace, only header or rule lines) becomes
     one record dropped as ``empty_text``, so it is journalled instead of vanishing.
     """
-    text_field = options.get("text_field", "text")
-    id_field = options.get("id_field", "id")
-    min_words = int(options["min_words"]) if options.get("min_words") is not None else 30  # 0 keeps every segment
-    max_words = int(options["max_words"]) if options.get("max_words") is not None else 400
+    text_field = options.get("text_field") or INPUT_DEFAULTS["text_field"]
+    id_field = options.get("id_field") or INPUT_DEFAULTS["id_field"]
+    min_words = int(options.get("min_words", MIN_WORDS_DEFAULT))  # 0 keeps every segment
+    max_words = int(options.get("max_words", MAX_WORDS_DEFAULT))
     with SeenSet() as seen:  # exact, in flat memory however many segments the corpus has
         for n, row in enumerate(rows, start=1):
             doc_id = str(row.get(id_field) if row.get(id_field) not in (None, "") else f"line{n}")
@@ -177,4 +197,4 @@ def segment_corpus(rows: Iterable[dict[str, Any]], options: dict[str, Any], stag
                 yield Record(id=f"{doc_id}#0", source_id=doc_id, fields={"text": shown}).drop(stage, "empty_text", chars=len(text))
 
 
-__all__ = ["CHARS_PER_WORD", "iter_segments", "segments", "fingerprint", "segment_corpus"]
+__all__ = ["CHARS_PER_WORD", "MIN_WORDS_DEFAULT", "MAX_WORDS_DEFAULT", "iter_segments", "segments", "fingerprint", "segment_corpus", "segment_options"]

@@ -24,13 +24,13 @@ import click
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
-from btkit.options import MAX_WORDS, MIN_WORDS, SHARE
+from btkit.options import SHARE
 from btkit.records import Record
 
 from btkit.kit import judges as curation
 from btkit.kit.instructions import parse_instruction
 from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, deprecated_alias, judge_mode_option
-from btkit.kit.segment import segment_corpus
+from btkit.kit.segment import segment_corpus, segment_options
 from btkit.kit.text import near_duplicate
 
 from ._prompts import PROMPTS
@@ -239,8 +239,7 @@ METHOD = Air(
     default_stages=("augment", "score", "refine"),
     prompts_dir=PROMPTS,
     cli_options=[
-        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop documents (segments) shorter than this (0: keep all)."),
-        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        *segment_options("documents (segments)"),
         click.Option(["--threshold"], type=click.IntRange(0, 5), default=4, show_default=True, help="Keep instructions scoring at least this on the additive 0-5 scale."),
         *_score_mode_options(),
         click.Option(["--rounds"], type=click.IntRange(1, 20), default=5, show_default=True, help="At most this many refinement rounds."),

@@ -14,13 +14,12 @@ import click
 
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, Stage, StageInfo
-from btkit.options import MAX_WORDS, MIN_WORDS, SHOTS
 from btkit.records import Record, failed_record
 
 from btkit.kit import judges as curation
 from btkit.kit.instructions import parse_instruction
-from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples
-from btkit.kit.segment import segment_corpus
+from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples, seed_options
+from btkit.kit.segment import segment_corpus, segment_options
 
 from ._prompts import PROMPTS
 
@@ -113,12 +112,10 @@ METHOD = Humpback(
     default_stages=("augment", "curate"),
     prompts_dir=PROMPTS,
     cli_options=[
-        click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples (default: 3 built-in pairs)."),
+        *seed_options(),
         *curation.pair_curate_options(default_threshold=5),
-        click.Option(["--shots"], type=SHOTS, default=3, show_default=True, help="Few-shot examples per augment prompt (0: none)."),
         click.Option(["--candidates"], type=click.IntRange(1), default=1, show_default=True, help="Instructions generated per segment: one request with n=N where the backend samples several (vllm:, openai:, litellm:), else N requests with seeds seed+i. A failed candidate is dropped on its own."),
-        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop segments shorter than this (0: keep all)."),
-        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        *segment_options(),
         click.Option(["--mix-seed"], is_flag=True, default=False, help="Also write the seed pairs to data.jsonl, tagged 'Answer in the style of an AI Assistant.' (the paper trains on seed + curated)."),
     ],
 )

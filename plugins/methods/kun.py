@@ -31,16 +31,16 @@ import click
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
-from btkit.options import MAX_WORDS, MIN_WORDS, SHARE, SHOTS, FiniteFloatRange
+from btkit.options import SHARE, FiniteFloatRange
 from btkit.records import Record
 
 from ._prompts import PROMPTS
 from btkit.kit.text import rouge_tokens
 from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, invalid_logprobs, judge_mode_option
 from btkit.kit.verdict import binary_verdict
-from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples
+from btkit.kit.seeds import DEFAULT_SEED, load_seed, pick_examples, seed_options
 from btkit.kit.instructions import parse_instruction
-from btkit.kit.segment import segment_corpus
+from btkit.kit.segment import segment_corpus, segment_options
 
 #: The paper's decoding for generation (label and answer models).
 KUN_SAMPLING = {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2}
@@ -308,10 +308,8 @@ METHOD = Kun(
     default_stages=("perplexity", "augment", "filter", "judge", "polish", "postfilter"),
     prompts_dir=PROMPTS,
     cli_options=[
-        click.Option(["--seed", "seed_file"], type=click.Path(dir_okay=False), default=None, help="JSONL of instruction/response seed pairs, used reversed as few-shot examples for the label model."),
-        click.Option(["--shots"], type=SHOTS, default=3, show_default=True, help="Few-shot examples per augment prompt (0: none)."),
-        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop text segments shorter than this (0: keep all)."),
-        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into segments of at most this many words."),
+        *seed_options(used_for="as few-shot examples for the label model"),
+        *segment_options("text segments"),
         click.Option(["--max-perplexity"], type=FiniteFloatRange(1), default=None, help="Drop texts whose perplexity under the model exceeds this (needs a backend that scores likelihood, e.g. llamacpp:). Default: no perplexity filter."),
         click.Option(["--reference-words"], type=WordList(), default=None, help="Comma-separated words/phrases that mark an instruction as pointing at 'the text' (replaces the built-in English and Chinese lists)."),
         judge_mode_option(LABEL_JUDGE_MODES, "How the judge stage reads the point model's good/bad verdict: logprob compares "

@@ -48,10 +48,10 @@ from btkit.backends import SCORE_CONTINUATION
 from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.kit.judges import PairCurateStage, likelihood_parts, pair_curate_options
-from btkit.kit.segment import segment_corpus
+from btkit.kit.segment import segment_corpus, segment_options
 from btkit.kit.text import is_refusal, words
 from btkit.methods import Method, ParseError, Stage, StageInfo
-from btkit.options import MAX_WORDS, MIN_WORDS, SCORE, SHARE, SHOTS
+from btkit.options import SCORE, SHARE, SHOTS
 from btkit.records import Record
 
 from ._prompts import PROMPTS
@@ -361,8 +361,7 @@ METHOD = TeGit(
         *pair_curate_options(default_threshold=4),
         click.Option(["--shots"], type=SHOTS, default=2, show_default=True,
                      help=f"Worked examples (text -> task) shown before the text, at most {len(EXAMPLES)} (0: none)."),
-        click.Option(["--min-words"], type=MIN_WORDS, default=30, show_default=True, help="Drop texts shorter than this (0: keep all)."),
-        click.Option(["--max-words"], type=MAX_WORDS, default=400, show_default=True, help="Pack paragraphs into texts of at most this many words."),
+        *segment_options("texts"),
     ],
 )
 
