@@ -144,10 +144,32 @@ def test_drop_lines_is_seeded_and_keeps_at_least_one_line():
     a, na = drop_lines(text, 0.2, random.Random("u1"))
     b, nb = drop_lines(text, 0.2, random.Random("u1"))
     assert (a, na) == (b, nb) and 0 < na < 25
-    assert len(a.split("\n\n")) == 50 - na and all(l in text for l in a.split("\n\n"))
-    assert drop_lines(text, 0.0, random.Random(1)) == (text.replace("\n", "\n\n"), 0)
+    assert len(a.split("\n")) == 50 - na and all(line in text.split("\n") for line in a.split("\n"))
+    assert drop_lines(text, 0.0, random.Random(1)) == (text, 0)
     kept, n = drop_lines(text, 1.0, random.Random(1))
     assert n == 49 and kept in text.split("\n")
+
+
+def test_drop_lines_keeps_the_structure_of_what_stays():
+    text = "Intro line.\n\nSecond paragraph.\n\n```\napt-get update\napt-get upgrade\n```\n\nLast words."
+    rng = random.Random(0)
+    for _ in range(30):
+        shown, n = drop_lines(text, 0.3, rng)
+        assert "\n\n\n" not in shown and not shown.startswith("\n") and not shown.endswith("\n")
+        if "apt-get update\napt-get upgrade" not in shown:
+            assert n >= 1
+        left = [l for l in shown.split("\n") if l.strip()]
+        assert len(left) == 7 - n and left == [l for l in text.split("\n") if l in left]  # in order, unchanged
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["", "a b.", "c d e.", "  ", "```", "x"]), max_size=30), st.floats(0, 1), st.integers(0, 9))
+def test_drop_lines_counts_what_it_drops(lines, share, seed):
+    text = "\n".join(lines)
+    shown, n = drop_lines(text, share, random.Random(seed))
+    content = [l for l in lines if l.strip()]
+    assert len([l for l in shown.split("\n") if l.strip()]) == len(content) - n
+    assert (n < len(content)) or not content
 
 
 def test_short_drops_reproduce_and_always_take_the_shortest_fifth():

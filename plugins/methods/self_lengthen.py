@@ -192,6 +192,9 @@ def split_parts(text: str) -> tuple[list[str], str]:
     return sentences(text) or [text], " "
 
 
+_BLANK_RUN = re.compile(r"\n(?:[ \t]*\n){2,}")
+
+
 def first_half(text: str) -> str:
     """The first half of the response's parts (rounded down, at least one part when there are two)."""
     parts, sep = split_parts(text)
@@ -217,12 +220,16 @@ def accepted(initial_words: int, final_words: int, min_growth: float = 1.2) -> b
 
 def drop_lines(text: str, share: float, rng: random.Random) -> tuple[str, int]:
     """The initial response with each non-empty line dropped with probability ``share`` (at least one
-    line kept), and how many were dropped: the Extender's training input (the paper drops 20 %)."""
-    lines = [l for l in text.split("\n") if l.strip()]
-    kept = [l for l in lines if rng.random() >= share]
-    if not kept and lines:
-        kept = [lines[rng.randrange(len(lines))]]
-    return "\n\n".join(kept), len(lines) - len(kept)
+    line kept), and how many were dropped: the Extender's training input (the paper drops 20 %). The
+    lines kept stay as they were, paragraph breaks and code blocks included (the paper re-joins them
+    all with blank lines); a run of blank lines left by a dropped paragraph becomes one."""
+    lines = text.split("\n")
+    content = [i for i, line in enumerate(lines) if line.strip()]
+    drop = {i for i in content if rng.random() < share}
+    if content and len(drop) == len(content):
+        drop.discard(content[rng.randrange(len(content))])
+    kept = "\n".join(line for i, line in enumerate(lines) if i not in drop)
+    return _BLANK_RUN.sub("\n\n", kept).strip("\n"), len(drop)
 
 
 def short_drops(lengths: list[tuple[Any, int]], seed: str = "") -> set[Any]:
