@@ -556,6 +556,8 @@ def test_self_instruct_writes_judged_instructions_from_paired_seeds(cli, scripte
     prompts = [h["messages"][-1]["content"] for h in backend.history if "Write Request" in h["messages"][-1]["content"]]
     s1_prompt = next(p for p in prompts if "Request 1: Write a detailed tutorial on Samba" in p)
     assert "Request 2: Compare git merge" in s1_prompt and "Write Request 3" in s1_prompt
+    asks = [h["params"] for h in backend.history if "Write Request" in h["messages"][-1]["content"]]
+    assert all(p["assistant_prefix"] == "Request 3:" and "\nRequest " in p["stop"] for p in asks)  # one request, prefilled
     assert stats["stages"]["self_lengthen.self_instruct"]["parse_failures"] == {"too_short": 2}
 
 

@@ -347,7 +347,7 @@ class SelfInstructStage(JudgingStage):
 
     async def _one(self, ctx, child: Record, seeds: list[str], taken: list[str], index: int) -> Record:
         examples = [{"instruction": s} for s in seeds]
-        gen = self.sampling(**{**SL_SAMPLING, "stop": None}, max_tokens=256)
+        gen = self.sampling(**{**SL_SAMPLING, "stop": ["\nRequest ", *SL_SAMPLING["stop"]]}, max_tokens=256)  # one request, not a list
         judge = self.sampling(temperature=0.0, max_tokens=8)
         tried: list[str] = []
         for attempt in range(self.attempts):
