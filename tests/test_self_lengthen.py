@@ -276,7 +276,7 @@ class Script:
         self.initial = lambda i, params: paragraphs(4, 10_000 * (1 + int(params.get("seed") or 0) % 7))
         self.expansion = lambda draft, params: paragraphs(3, 100_000 + 1000 * int(params["seed"]))
         self.continuation = lambda draft, prefix, params: "\n\n" + paragraphs(max(1, count_words(draft) // 10), 500_000 + 1000 * int(params["seed"]))
-        self.new_instruction = lambda content, params: f"Write a long, detailed guide to topic number {params['seed']} for Debian administrators."
+        self.new_instruction = lambda content, params: f"Write a long, detailed guide about {words(6, 1000 + 10 * params['seed'])} for administrators."
         self.verdict = lambda instruction: "yes"
         self.calls: dict[str, int] = {}
 
@@ -546,6 +546,7 @@ def test_self_instruct_writes_judged_instructions_from_paired_seeds(cli, scripte
     second = [c for c in cands if c["id"].startswith("s1~i2~")]
     assert second and all(c["meta"]["self_instruct"]["attempts"] == 2 for c in second)
     assert judged.count(SEVEN) == 1 and judged.count(ESSAY) == 1  # a duplicate is never judged
+    assert first[0]["meta"]["self_instruct"]["attempts"] == 4 and second[0]["meta"]["self_instruct"]["attempts"] == 2
     assert first[0]["meta"]["self_instruct"]["seeds"] == [rows[0]["instruction"], rows[1]["instruction"]]  # paired with the other seed
     assert first[0]["fields"]["seed_instruction"] == rows[0]["instruction"]
     gens = {r["meta"]["id"]: r["instruction"] for r in data if r["meta"]["role"] == "generator"}
@@ -642,3 +643,13 @@ def test_benchmark_runs_and_reports_cpu_outside_model_calls():
     per_unit, per_record = (float(x) for x in re.findall(r"([\d.]+) ms per (?:unit|record)", figures))
     assert 0 < per_record < per_unit and proc.returncode == (0 if per_record < 1 else 1)
     assert re.search(r"accepted \d+ / 200 extensions", proc.stdout)
+
+
+def test_self_instruct_writes_again_a_near_copy_of_a_seed(cli, scripted, tmp_path):
+    script = Script()
+    script.new_instruction = lambda content, params: "Write a detailed tutorial on Samba file sharing on Debian 12."
+    rows = [{"id": "s1", "instruction": "Write a detailed tutorial on Samba file sharing on Debian."}]
+    backend, script, out = run(cli, scripted, tmp_path, rows, "--self-instruct", "1", "--instruct-attempts", "2", script=script)
+    [c] = read_jsonl(out / "candidates.jsonl")
+    assert c["reason"] == "no_instruction" and c["meta"]["drop_details"]["attempts"] == ["near_duplicate"] * 2
+    assert "judge" not in script.calls and not [h for h in backend.history if h["kind"] == "next_token_logprobs"]

@@ -5,9 +5,10 @@ One round of the paper's data collection (its code: QwenLM/Self-Lengthen, ``*/st
 
 - ``self_instruct`` (optional, ``--self-instruct N``): the input instructions are seeds; from each
   seed, paired with another seed (the paper shows two), the model writes N new instructions. A new
-  instruction is kept when it is 4-499 words long (the paper's ``3 < words < 500``), copies no
-  seed, repeats no sibling, and the suitability judge says a long answer suits it; otherwise it is
-  written again with another seed, up to ``--instruct-attempts`` times (the paper's 10). With
+  instruction is kept when it is 4-499 words long (the paper's ``3 < words < 500``), is no near
+  copy of a seed or a sibling (ROUGE-L > 0.7), and the suitability judge says a long answer suits
+  it; otherwise it is written again with another seed, up to ``--instruct-attempts`` times (the
+  paper's 10). With
   ``--self-instruct 0`` (the default) the input instructions are used as given and no call is made.
 - ``generate`` (the Generator): ``--samples`` initial responses per instruction (the paper: 2).
   A response must pass :func:`check_response` (ends in punctuation, no repeated n-gram of
@@ -62,7 +63,7 @@ from btkit.records import Record, failed_record, journal_key
 
 from btkit.kit.instructions import parse_instruction
 from btkit.kit.judges import LABEL_JUDGE_MODES, JudgingStage, judge_mode_option
-from btkit.kit.text import is_refusal, sentences
+from btkit.kit.text import is_refusal, near_duplicate, sentences
 from btkit.kit.verdict import binary_verdict
 
 from ._prompts import PROMPTS
@@ -329,6 +330,11 @@ def score_against(target: dict[str, Any], n_words: int) -> float:
 SL_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.1, "stop": ["---", "\n\n\n"]}
 
 
+#: A self-instructed request this close (ROUGE-L) to a seed or a sibling is written again: a seed with
+#: a word changed is no new instruction (Self-Instruct's filter; the Self-Lengthen code has none).
+NEAR_DUPLICATE = 0.7
+
+
 def _seed(params: dict[str, Any], offset: int) -> int:
     return int(params.get("seed") or 0) + offset
 
@@ -347,7 +353,7 @@ class SelfInstructStage(JudgingStage):
 
     async def _one(self, ctx, child: Record, seeds: list[str], taken: list[str], index: int) -> Record:
         examples = [{"instruction": s} for s in seeds]
-        gen = self.sampling(**{**SL_SAMPLING, "stop": ["\nRequest ", *SL_SAMPLING["stop"]]}, max_tokens=256)  # one request, not a list
+        gen = self.sampling(**{**SL_SAMPLING, "stop": ["\nRequest ", "\n\n", "---"]}, max_tokens=256)  # one request, not a list
         judge = self.sampling(temperature=0.0, max_tokens=8)
         tried: list[str] = []
         for attempt in range(self.attempts):
@@ -358,8 +364,8 @@ class SelfInstructStage(JudgingStage):
                 tried.append(f"instruction_{comp.parse_error.reason}")
                 continue
             new = comp.parsed
-            if new.casefold() in {t.casefold() for t in taken}:
-                tried.append("duplicate")
+            if near_duplicate(new, taken, NEAR_DUPLICATE):
+                tried.append("near_duplicate")
                 continue
             verdict, details = await binary_verdict(ctx, "self_lengthen/judge", {"instruction": new}, "yes", "no", self.judge_mode, judge)
             if verdict is None:
