@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import click
 
 from .backends import SAMPLING_KEYS
+from .errors import BtkitError
 from .records import Record
 
 #: What a stage does (``StageInfo.kind``, ``Stage.kind``): ``btkit methods`` shows it, eval-judge takes
@@ -156,7 +157,7 @@ class Method:
 
     - ``prepare(records, options)`` turns raw input rows into work units (segmentation, dedup);
       it runs sequentially and must be deterministic so a resumed run sees the same units.
-    - ``build_stage(name, options)`` makes a :class:`Stage`.
+    - ``build_stage(name, options)`` makes a :class:`Stage` (by default from ``stage_classes``).
     - ``to_output(record)`` shapes a kept record into a ``data.jsonl`` line.
     """
 
@@ -171,6 +172,8 @@ class Method:
     #: Fields every unit has when it leaves :meth:`prepare` (``btkit run PIPELINE --check`` starts
     #: from these when this method's stage comes first).
     unit_fields: tuple[str, ...] = ("text",)
+    #: The :class:`Stage` class of each stage name; the default :meth:`build_stage` makes them.
+    stage_classes: dict[str, type[Stage]] = field(default_factory=dict)
 
     def option_defaults(self) -> dict[str, Any]:
         """Each of ``cli_options``' default by option name: the one place a method's defaults are declared.
@@ -201,7 +204,11 @@ class Method:
         raise NotImplementedError
 
     def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        raise NotImplementedError
+        """``stage_classes[name](method, name, options)``; override for a stage made another way."""
+        cls = self.stage_classes.get(name)
+        if cls is None:
+            raise BtkitError(f"method '{self.name}' has no stage '{name}'; its stages: {', '.join(s.name for s in self.stages)}")
+        return cls(self.name, name, options)
 
     def extra_records(self, options: dict[str, Any]) -> Iterator[Record]:
         """Records written to the output without passing through stages (e.g. seed pairs)."""

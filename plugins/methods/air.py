@@ -207,12 +207,6 @@ class Air(Method):
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         return segment_corpus(rows, options, stage="air.segment")
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        stages = {"augment": AugmentStage, "score": ScoreStage, "refine": RefineStage}
-        if name not in stages:
-            raise BtkitError(f"air has no stage '{name}'")
-        return stages[name](self.name, name, options)
-
     def to_output(self, record: Record) -> dict[str, Any]:
         out = super().to_output(record)
         f = record.fields
@@ -227,6 +221,7 @@ def _score_mode_options() -> list[click.Option]:
 
 
 METHOD = Air(
+    stage_classes={"augment": AugmentStage, "score": ScoreStage, "refine": RefineStage},
     name="air",
     description="AIR: automatic iterative refinement; an instruction from the document, then constraints the model's answer misses, merged in round by round.",
     paper="Liu et al. 2025, AIR: Complex Instruction Generation via Automatic Iterative Refinement, arXiv:2502.17787",

@@ -87,9 +87,6 @@ class Humpback(Method):
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         return segment_corpus(rows, options)
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        return {"augment": AugmentStage, "curate": CurateStage}[name](self.name, name, options)
-
     def extra_records(self, options: dict[str, Any]) -> Iterator[Record]:
         if not (options.get("mix_seed") and options.get("seed_file")):
             return iter(())
@@ -102,6 +99,7 @@ class Humpback(Method):
 
 
 METHOD = Humpback(
+    stage_classes={"augment": AugmentStage, "curate": CurateStage},
     name="humpback",
     description="Humpback: self-augmentation (backward instruction generation) and self-curation (5-point rubric).",
     paper="Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",

@@ -28,7 +28,6 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE, FiniteFloatRange
@@ -285,15 +284,9 @@ class Kun(Method):
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         return segment_corpus(rows, options, stage="kun.clean")
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        stages = {"perplexity": PerplexityStage, "augment": KunAugmentStage, "filter": ReferenceFilterStage, "judge": JudgeStage,
-                  "polish": PolishStage, "postfilter": PostFilterStage}
-        if name not in stages:
-            raise BtkitError(f"kun has no stage '{name}'")
-        return stages[name](self.name, name, options)
-
-
 METHOD = Kun(
+    stage_classes={"perplexity": PerplexityStage, "augment": KunAugmentStage, "filter": ReferenceFilterStage, "judge": JudgeStage,
+                   "polish": PolishStage, "postfilter": PostFilterStage},
     name="kun",
     description="Kun: instruction back-translation with answer polishment; instruction filters, a good/bad instruction judge and response post-filters.",
     paper="Zheng et al. 2024, Kun: Answer Polishment for Chinese Self-Alignment with Instruction Back-Translation, arXiv:2401.06477",

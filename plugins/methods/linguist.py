@@ -595,11 +595,6 @@ class Linguist(Method):
             for i in range(int(options["requests"])):
                 yield Record(id=f"{intent['intent']}#{i}", source_id=intent["intent"], fields=draw_request(intent, i, options))
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        if name != "generate":
-            raise BtkitError(f"linguist has no stage '{name}'")
-        return GenerateStage(self.name, name, options)
-
     def to_output(self, record: Record) -> dict[str, Any]:
         f = record.fields
         return {"text": f["text"], "intent": f["intent"], "language": f["language"], "spans": f["spans"], "tokens": f["tokens"],
@@ -609,6 +604,7 @@ class Linguist(Method):
 
 
 METHOD = Linguist(
+    stage_classes={"generate": GenerateStage},
     name="linguist",
     description="LINGUIST: utterances annotated with intent and slots from an intent spec (numbered-bracket prompt, "
                 "wildcard and catalogue values), parsed into spans and BIO tags, label-checked and de-duplicated.",

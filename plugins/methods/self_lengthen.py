@@ -55,7 +55,6 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE, FiniteFloatRange
@@ -687,12 +686,6 @@ class SelfLengthen(Method):
                 seen[key] = rid
             yield rec
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        stages = {"self_instruct": SelfInstructStage, "generate": GenerateStage, "extend": ExtendStage}
-        if name not in stages:
-            raise BtkitError(f"{NAME} has no stage '{name}'")
-        return stages[name](self.name, name, options)
-
     def to_output(self, record: Record) -> dict[str, Any]:
         out = super().to_output(record)
         f = record.fields
@@ -701,6 +694,7 @@ class SelfLengthen(Method):
 
 
 METHOD = SelfLengthen(
+    stage_classes={"self_instruct": SelfInstructStage, "generate": GenerateStage, "extend": ExtendStage},
     name=NAME,
     description="Self-Lengthen: a Generator writes an initial response, an Extender grows it over rounds (expand the first half, "
                 "keep two thirds, continue with the whole draft in view); writes generator and extender training pairs.",

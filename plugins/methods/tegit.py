@@ -313,13 +313,6 @@ class TeGit(Method):
     def prepare(self, rows: Iterable[dict[str, Any]], options: dict[str, Any]) -> Iterator[Record]:
         return segment_corpus(rows, options, stage="tegit.segment")
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        if name == "augment":
-            return AugmentStage(self.name, name, options)
-        if name == "curate":
-            return CurateStage(self.name, name, options)
-        raise BtkitError(f"tegit has no stage '{name}'")
-
     def to_output(self, record: Record) -> dict[str, Any]:
         """The chat pair, and the task apart as ``alpaca`` (instruction, input, output) for an Alpaca export.
 
@@ -337,6 +330,7 @@ class TeGit(Method):
 
 
 METHOD = TeGit(
+    stage_classes={"augment": AugmentStage, "curate": CurateStage},
     name="tegit",
     description="TeGit / DoG-Instruct: design a whole task (instruction, input, output) grounded in each text; strict parse, grounding check, curation.",
     paper="Chen et al. 2023, DoG-Instruct: Towards Premium Instruction-Tuning Data via Text-Grounded Instruction Wrapping, arXiv:2309.05447",

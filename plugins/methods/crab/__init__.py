@@ -26,7 +26,6 @@ import click
 
 from btkit.backends import JSON_SCHEMA
 from btkit.dedup import SeenSet
-from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE
@@ -303,12 +302,6 @@ class Crab(Method):
                     rec.drop("crab.prepare", "empty_pair", empty=[k for k in ("instruction", "response") if not fields[k]])
                 yield rec
 
-    def build_stage(self, name: str, options: dict[str, Any]) -> Stage:
-        stages = {"constrain": ConstrainStage, "verify": VerifyStage, "compose": ComposeStage}
-        if name not in stages:
-            raise BtkitError(f"crab has no stage '{name}'")
-        return stages[name](self.name, name, options)
-
     def to_output(self, record: Record) -> dict[str, Any]:
         out = super().to_output(record)
         out["meta"]["constraints"] = record.fields.get("constraints", [])
@@ -322,6 +315,7 @@ def _verify_mode_options() -> list[click.Option]:
 
 
 METHOD = Crab(
+    stage_classes={"constrain": ConstrainStage, "verify": VerifyStage, "compose": ComposeStage},
     name="crab",
     description="CRAB: constraint back-translation; adds constraints an existing response already satisfies (rule-based, verified by code; LLM-written, verified by the model).",
     paper="Qi et al. 2024, Constraint Back-translation Improves Complex Instruction Following of Large Language Models, arXiv:2410.24175",
