@@ -151,3 +151,21 @@ def test_continuation_scores_report_prompt_and_continuation_tokens(backend):
     assert first.prompt_tokens == again.prompt_tokens == len(backend.prompt_tokens([{"role": "user", "content": ""}])) + len(target)
     assert list(first) == list(again)
     assert asyncio.run(backend.score_continuation(QUESTION, "")).prompt_tokens == 0
+
+
+def test_end_of_turn_is_one_more_value_from_the_same_pass(backend):
+    """``end_of_turn=True``: the continuation's logprobs unchanged, then log P(<|im_end|>) right after it;
+    a whole answer ends far more surely than its first words (the signal of ``--judge-mode complete``)."""
+    llm = backend.llm()
+    assert llm.detokenize([backend.end_of_turn_token()], special=True) == b"<|im_end|>"  # read from the chat template
+    plain = asyncio.run(backend.score_continuation(QUESTION, ANSWER))
+    ended = asyncio.run(backend.score_continuation(QUESTION, ANSWER, end_of_turn=True))
+    assert len(ended) == len(plain) + 1 and ended.prompt_tokens == plain.prompt_tokens + 1
+    assert ended[:-1] == pytest.approx(list(plain), abs=1e-4)
+    cut = " ".join(ANSWER.split()[:6])  # "Use apt: run `sudo apt install"
+    cut_end = asyncio.run(backend.score_continuation(QUESTION, cut, end_of_turn=True))[-1]
+    assert -12.0 < ended[-1] <= 0.0 and cut_end < ended[-1] - 5
+    # the unconditional cache keeps the two kinds apart
+    u_plain = asyncio.run(backend.score_continuation(None, ANSWER))
+    u_ended = asyncio.run(backend.score_continuation(None, ANSWER, end_of_turn=True))
+    assert len(u_ended) == len(u_plain) + 1 and list(asyncio.run(backend.score_continuation(None, ANSWER))) == list(u_plain)

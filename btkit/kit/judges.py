@@ -25,6 +25,15 @@
     ``1 - IFD`` (the share of the response's loss the instruction removes), so that in every
     mode a higher score means a better pair and ``score >= 0`` is exactly "IFD <= 1".
 
+  * ``complete``: pmi plus a completeness term read from the conditional pass, one token longer:
+    ``end_cond`` = log P(the chat template's end-of-turn token | instruction, response), and
+    ``score = pmi + COMPLETE_WEIGHT * min(0, end_cond - END_FLOOR)`` (:func:`complete_term`). pmi
+    and ifd rank an answer cut to its opening above the whole one (the opening is the part most
+    tied to the question); the model's own sense of whether the reply is over tells the cut one
+    apart, and the min(0, ...) only ever takes away, so a whole answer's score is its pmi.
+    Needs a backend that can return the end-of-turn logprob (:data:`END_OF_TURN`: ``llamacpp:``);
+    a remote text frame (``openai:``, ``vllm:``) has no chat end token to read.
+
   The unconditional term comes from a separate ``ctx.score_continuation(None, {}, response)``
   call, so the engine's content-addressed cache computes it once per response however many
   instructions are scored against it.
@@ -41,7 +50,7 @@ its judge, set with ``--judge-mode``:
 - ``rubric``: the model replies and the reply is parsed (a score, or a yes/no label);
 - ``logprob``: the answer prefix is prefilled and the next-token distribution over the labels or
   digits is read, one forward pass, nothing to parse;
-- ``pmi``, ``ifd``: no judging prompt, the pair is scored by likelihood (pair judges only);
+- ``pmi``, ``ifd``, ``complete``: no judging prompt, the pair is scored by likelihood (pair judges only);
 - ``auto``: decided by :func:`resolve_judge_mode`, the one place that chooses.
 
 Each judging stage derives from :class:`JudgingStage` and declares the modes it supports
@@ -71,7 +80,7 @@ __all__ = [
     "judge_mode_option", "deprecated_alias", "JudgeModeType",
     "JudgingStage", "PairCurateStage", "pair_curate_options", "Curator", "rank_value", "top_percent_cutoff",
     "parse_score", "parse_error_details", "rubric_score", "logprob_score", "likelihood_score", "likelihood_parts",
-    "invalid_logprobs", "LOGPROB_SLACK",
+    "invalid_logprobs", "LOGPROB_SLACK", "END_OF_TURN", "auto_choice_line", "can_score_complete", "COMPLETE_WEIGHT", "END_FLOOR", "complete_term",
 ]
 
 _NUM = r"(\d+(?:[.,]\d+)?)(?!\w|[.,]\d)"  # "1e1", "4x", "12abc" are not scores
@@ -223,21 +232,50 @@ async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top:
                    "score_expected": round(expected, 4), "digit_mass": round(mass, 4)}
 
 
-#: Curate modes that score by likelihood (need a backend with ``score_continuation``).
-LIKELIHOOD_MODES = ("pmi", "ifd")
+#: Curate modes that score by likelihood (need a backend with ``score_continuation``; ``complete``
+#: also :data:`END_OF_TURN`).
+LIKELIHOOD_MODES = ("pmi", "ifd", "complete")
+
+#: Backend capability: ``score_continuation(messages, continuation, end_of_turn=True)`` returns one
+#: more value after the continuation's, log P(the chat template's end-of-turn token | ..., continuation).
+END_OF_TURN = "end_of_turn_logprob"
+
+#: ``complete``'s completeness term: log P(end of turn | instruction, response) below this floor (nats;
+#: e^-12 = 6e-6) costs :data:`COMPLETE_WEIGHT` per nat. Chosen on the shipped gold set, where whole
+#: answers end with median logprob -2.8 and answers cut to their first 30 % with -22.4 (see the
+#: README's "Curation on a small model" for the alternatives' numbers).
+END_FLOOR = -12.0
+#: Score (nats per token of pmi) taken away per nat the end-of-turn logprob falls below :data:`END_FLOOR`.
+COMPLETE_WEIGHT = 0.5
 
 
-def likelihood_parts(mode: str, cond: list[float], uncond: list[float]) -> tuple[float | None, dict[str, Any]]:
-    """The pair's score in ``mode`` ('pmi' or 'ifd') from per-token logprobs, with its parts for meta.
+def complete_term(end_cond: float) -> float:
+    """The completeness term of ``complete``: ``min(0, end_cond - END_FLOOR)``, in nats (<= 0).
+
+    ``end_cond``: log P(the chat template's end-of-turn token) right after the response, given
+    the instruction. A reply the model finds plausibly over at that point costs nothing, so the
+    score stays pmi (and ``score >= 0`` still means "the instruction helps"); one the model
+    expects to go on (cut off mid-sentence or mid-list) is pushed down in proportion."""
+    return min(0.0, end_cond - END_FLOOR)
+
+
+def likelihood_parts(mode: str, cond: list[float], uncond: list[float],
+                     end_cond: float | None = None) -> tuple[float | None, dict[str, Any]]:
+    """The pair's score in ``mode`` ('pmi', 'ifd' or 'complete') from per-token logprobs, with its parts for meta.
 
     ``cond``: logprobs of the response's tokens after the instruction; ``uncond``: the same
-    response with no instruction. Higher score = better pair in both modes (see module docstring).
+    response with no instruction; ``end_cond`` (``complete`` only): the logprob of the end-of-turn
+    token right after the response, given the instruction. Higher
+    score = better pair in every mode (see module docstring).
     """
     if mode not in LIKELIHOOD_MODES:
         raise ValueError(f"unknown likelihood mode {mode!r}")
     if not cond or not uncond:
         return None, {"score_error": "empty_response"}
-    if not all(math.isfinite(v) for v in (*cond, *uncond)):
+    ends = (end_cond,) if mode == "complete" else ()
+    if mode == "complete" and end_cond is None:
+        return None, {"score_error": "no_end_of_turn_logprob"}
+    if not all(math.isfinite(v) for v in (*cond, *uncond, *ends)) or invalid_logprobs(ends):
         return None, {"score_error": "invalid_logprobs"}
     cond_mean = math.fsum(cond) / len(cond)
     uncond_mean = math.fsum(uncond) / len(uncond)
@@ -253,6 +291,11 @@ def likelihood_parts(mode: str, cond: list[float], uncond: list[float]) -> tuple
         details["ifd"] = round(-cond_mean / uncond_loss, 6)
     if mode == "pmi":
         score = cond_mean - uncond_mean
+    elif mode == "complete":
+        term = complete_term(end_cond)
+        details.update(end_cond_logprob=round(end_cond, 6), complete_term=round(term, 6), complete_weight=COMPLETE_WEIGHT,
+                       end_floor=END_FLOOR)
+        score = cond_mean - uncond_mean + COMPLETE_WEIGHT * term
     elif uncond_loss > 0:
         score = 1.0 - (-cond_mean / uncond_loss)
     else:  # the response is certain without the instruction: IFD is undefined
@@ -266,10 +309,19 @@ async def likelihood_score(ctx: Any, mode: str, template: str, variables: dict[s
 
     The conditional call renders ``template`` (the instruction as the user message); the
     unconditional one is ``score_continuation(None, ...)``, a separate cached call per response.
+    ``complete`` asks the conditional call for the end-of-turn logprob too (``end_of_turn=True``:
+    the same pass with one more token, a cache entry of its own); the unconditional call is pmi's
+    own, shared with pmi and ifd in the cache.
     """
-    cond = await ctx.score_continuation(template, variables, response)
+    if mode != "complete":
+        cond = await ctx.score_continuation(template, variables, response)
+        uncond = await ctx.score_continuation(None, {}, response)
+        return likelihood_parts(mode, cond, uncond)
+    cond = list(await ctx.score_continuation(template, variables, response, end_of_turn=True))
     uncond = await ctx.score_continuation(None, {}, response)
-    return likelihood_parts(mode, cond, uncond)
+    if not cond:
+        return None, {"score_error": "empty_response"}
+    return likelihood_parts(mode, cond[:-1], uncond, cond[-1])
 
 
 def top_percent_cutoff(scores: Iterable[float], percent: float) -> float | None:
@@ -328,17 +380,46 @@ def check_judge_mode(mode: str | None, stage: str, supported: Iterable[str]) -> 
     return mode
 
 
+def _engine_passes_end_of_turn() -> bool:
+    """Whether the engine's ``StageCtx.score_continuation`` takes ``end_of_turn`` (``complete``
+    needs it to reach the backend, cached and counted as every scoring call)."""
+    import inspect
+
+    from btkit.calls import StageCtx
+
+    return "end_of_turn" in inspect.signature(StageCtx.score_continuation).parameters
+
+
+def can_score_complete(backend: Any) -> bool:
+    """Whether ``complete`` can run on ``backend``: continuation scores with the end-of-turn logprob.
+
+    The end of the turn is asked first: a backend without it (``openai:``) is never made to probe
+    its server for continuation scores it would not use."""
+    return backend.supports(END_OF_TURN) and backend.supports(SCORE_CONTINUATION) and _engine_passes_end_of_turn()
+
+
 def resolve_judge_mode(requested: str, backend: Any, supported: Iterable[str] = JUDGE_MODES) -> tuple[str, str]:
     """(mode, why) a stage judges with on ``backend``: an explicit mode as asked; ``auto`` decided here.
 
-    The one place ``auto`` is decided: logprob where the backend reads next-token logprobs (one
-    forward pass, nothing to parse), else rubric. Asking the backend may make a backend ask its
-    server once (``vllm:``), so stages call this from ``check_backend``, before the first call.
+    The one place ``auto`` is decided, by what was measured on the shipped gold set (the README's
+    "Curation on a small model"): ``complete`` where the stage judges pairs by likelihood and the
+    backend scores continuations with the end-of-turn logprob (``llamacpp:``, the embedded model
+    included: AUC 0.9 where ``logprob`` is chance); else ``logprob`` where the backend reads
+    next-token logprobs (one forward pass, nothing to parse); else ``rubric``. Stages that judge a
+    label or an instruction alone (kun.judge, crab.verify, air.score) never get a likelihood mode.
+    Asking the backend may make a backend ask its server once (``vllm:``), so stages call this from
+    ``check_backend``, before the first call.
     """
     if requested != "auto":
         return requested, f"--judge-mode {requested}"
-    if "logprob" in tuple(supported) and backend.supports(NEXT_TOKEN_LOGPROBS):
-        return "logprob", "auto: the backend reads next-token logprobs"
+    supported = tuple(supported)
+    if "complete" in supported and can_score_complete(backend):
+        return "complete", "auto: the backend scores continuations and the end of the turn, so pmi plus completeness"
+    if "logprob" in supported and backend.supports(NEXT_TOKEN_LOGPROBS):
+        why = "the backend reads next-token logprobs"
+        if "complete" in supported:
+            why += ", not the end-of-turn logprob after a continuation"
+        return "logprob", f"auto: {why}"
     return "rubric", "auto: the backend reads no next-token logprobs"
 
 
@@ -348,12 +429,29 @@ def require_judge_mode(mode: str, backend: Any, stage: str, supported: Iterable[
 
     ``former_flag`` (e.g. ``--curate-mode``) is named next to ``--judge-mode`` for users of the
     former name, for the deprecation release."""
-    needs = {"logprob": NEXT_TOKEN_LOGPROBS, "pmi": SCORE_CONTINUATION, "ifd": SCORE_CONTINUATION}.get(mode)
+    needs = {"logprob": (NEXT_TOKEN_LOGPROBS,), "pmi": (SCORE_CONTINUATION,), "ifd": (SCORE_CONTINUATION,),
+             "complete": (SCORE_CONTINUATION, END_OF_TURN)}.get(mode)
     if needs is None:
         resolve_judge_mode(mode, backend, supported)
         return
     formerly = f" (formerly {former_flag} {mode})" if former_flag else ""
-    backend.require(needs, f"--judge-mode {mode}{formerly} in stage {stage} (or use --judge-mode rubric)")
+    for capability in needs:
+        backend.require(capability, f"--judge-mode {mode}{formerly} in stage {stage} (or use --judge-mode pmi or rubric)"
+                        if capability == END_OF_TURN else f"--judge-mode {mode}{formerly} in stage {stage} (or use --judge-mode rubric)")
+    if mode == "complete" and not _engine_passes_end_of_turn():
+        raise BtkitError(f"--judge-mode complete in stage {stage}: this btkit's engine cannot pass end_of_turn to the backend "
+                         f"(StageCtx.score_continuation); use --judge-mode pmi")
+
+
+def auto_choice_line(stage: Any, backend: Any) -> str | None:
+    """What ``auto`` chose for a judging stage and why, as one line for the run's output (None when the
+    stage's mode is not ``auto``, or it is no judging stage): ``humpback.curate: --judge-mode auto ->
+    complete (...)``. Each record's meta says it too (``curate_mode``, ``judge_mode_auto``)."""
+    requested = getattr(stage, "judge_mode", None)
+    if requested != "auto":
+        return None
+    mode, why = resolve_judge_mode(requested, backend, getattr(stage, "judge_modes", JUDGE_MODES))
+    return f"{stage.label}: --judge-mode auto -> {mode} ({why.removeprefix('auto: ')})"
 
 
 def judge_mode_option(supported: Iterable[str], help: str) -> click.Option:
@@ -480,13 +578,15 @@ class Curator:
     def likelihood(self) -> bool:
         return self.mode in LIKELIHOOD_MODES
 
-    def cutoff(self) -> float | None:
-        """The absolute threshold applied as each pair is scored (None: none, keep_top decides)."""
+    def cutoff(self, mode: str | None = None) -> float | None:
+        """The absolute threshold applied as each pair is scored (None: none, keep_top decides).
+
+        ``mode``: the mode the pair was scored in (what ``auto`` resolved to); default the stage's."""
         if self.score_threshold is not None:
             return self.score_threshold
         if self.keep_top is not None:
             return None
-        return 0.0 if self.likelihood else self.threshold
+        return 0.0 if (mode or self.mode) in LIKELIHOOD_MODES else self.threshold
 
     def check_backend(self, backend: Any) -> None:
         """Fail before the first call when the backend cannot score this way."""
@@ -505,7 +605,9 @@ class Curator:
             score, details = await logprob_score(ctx, judge_template, {"instruction": instruction, "response": response})
         else:
             score, details = await rubric_score(ctx, judge_template, {"instruction": instruction, "response": response}, params)
-        details.update(curate_mode=mode, scored_by=self.label, threshold=self.cutoff())
+        details.update(curate_mode=mode, scored_by=self.label, threshold=self.cutoff(mode))
+        if self.mode == "auto":
+            details["judge_mode_auto"] = resolve_judge_mode("auto", ctx.backend(), JUDGE_MODES)[1]
         if self.keep_top is not None:
             details["keep_top"] = self.keep_top
         return score, details
@@ -515,7 +617,7 @@ class Curator:
         if score is None:
             reason = "no_score" if details.get("curate_mode") in LIKELIHOOD_MODES else "unparseable_score"
             return reason, {"error": details.get("score_error")}
-        cut = self.cutoff()
+        cut = self.cutoff(details.get("curate_mode"))
         if cut is not None and score < cut:
             return "below_threshold", {"score": score}
         return None
@@ -574,6 +676,9 @@ class PairCurateStage(JudgingStage):
         if self.curator.likelihood:  # the instruction alone as the user message; the response is scored after it
             self.templates = (self.likelihood_template,)
             self.variables = ("instruction",)
+        elif self.mode == "auto":  # decided by the backend: either template may be rendered
+            self.templates = (self.judge_template, self.likelihood_template)
+            self.variables = ("instruction", "response", "mode")
         else:
             self.templates = (self.judge_template,)
             self.variables = ("instruction", "response", "mode")
@@ -605,9 +710,11 @@ class PairCurateStage(JudgingStage):
 
 
 _PAIR_JUDGE_MODE_HELP = ("rubric: generate reasoning + 'Score: N' and parse; logprob: read P(1..5) after 'Score: ' in one forward pass; "
-                   "auto: logprob when the backend can, else rubric; pmi: mean log P(response|instruction) - mean log P(response); "
-                   "ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023). "
-                   "pmi and ifd need no judging prompt and work on small models.")
+                   "auto: complete where the backend can (llamacpp:), else logprob where it can, else rubric; "
+                   "pmi: mean log P(response|instruction) - mean log P(response); "
+                   "ifd: score = 1 - IFD, IFD = loss(response|instruction) / loss(response) (Li et al. 2023); "
+                   "complete: pmi minus 0.5 per nat that log P(end of turn | instruction, response) falls below -12 (sees cut-off answers). "
+                   "pmi, ifd and complete need no judging prompt and work on small models.")
 
 
 def pair_curate_options(default_threshold: int = 5) -> list[click.Option]:

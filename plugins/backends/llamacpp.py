@@ -15,6 +15,11 @@ Q4_0, 0.79 s in Q8_0 and F32, 0.87 s in BF16 on this 2-core AVX2 machine (2026-1
 scored with a 16-bit copy of its weights, written once to ``<cache dir>/models/``: likelihoods and
 next-token logprobs (both forward passes over a prompt) use it, generation keeps the original file.
 ``-B score_weights=same`` turns this off.
+
+``score_continuation(..., end_of_turn=True)`` also returns, as one more value after the
+continuation's, the logprob of the chat template's end-of-turn token right after the continuation
+(``<|im_end|>`` for SmolLM2): how likely the model finds the reply over at that point. It is the
+same forward pass with one more token and one more logit row (capability :data:`END_OF_TURN`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
+#: Capability: ``score_continuation(..., end_of_turn=True)`` appends log P(end-of-turn token) after
+#: the continuation (same name as ``btkit.kit.judges.END_OF_TURN``).
+END_OF_TURN = "end_of_turn_logprob"
 #: Values of the ``score_weights`` backend option (auto: a 16-bit copy for small Q4_1 models).
 SCORE_WEIGHTS = ("auto", "same", "f16", "bf16", "q8_0")
 #: GGUF ``general.file_type`` values that batch slowly on CPU (measured: Q4_1, see module docstring).
@@ -94,7 +102,7 @@ class ContinuationLogprobs(list):
 class LlamaCppBackend(Backend):
     """One model in process; calls run one at a time in a worker thread."""
 
-    capabilities = frozenset({CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION})
+    capabilities = frozenset({CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, END_OF_TURN})
     max_concurrency = 1
     #: Unconditional scores kept in memory (per response text): PMI/IFD score many instructions
     #: against one response, and this holds even with ``--no-cache``.
@@ -126,7 +134,9 @@ class LlamaCppBackend(Backend):
         if self.score_weights not in SCORE_WEIGHTS:
             raise BtkitError(f"-B score_weights={self.score_weights}: choose one of {', '.join(SCORE_WEIGHTS)}")
         self._score_llm = None
-        self._unconditional: collections.OrderedDict[str, ContinuationLogprobs] = collections.OrderedDict()
+        #: Unconditional scores by (response, end_of_turn asked).
+        self._unconditional: collections.OrderedDict[tuple[str, bool], ContinuationLogprobs] = collections.OrderedDict()
+        self._eot: int | None = None  # the chat template's end-of-turn token, found on first use
 
     def identity(self) -> dict[str, Any]:
         # The file name and size identify the weights without tying the cache to one venv's path.
@@ -282,20 +292,44 @@ class LlamaCppBackend(Backend):
         return CandidateLogprobs({c: float(logits[i]) - log_z for c, i in zip(candidates, ids)}, prompt_tokens=len(tokens))
 
     # -- likelihood scoring ------------------------------------------------------------------
-    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> ContinuationLogprobs:
+    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str, *,
+                                 end_of_turn: bool = False) -> ContinuationLogprobs:
         """Per-token logprobs of ``continuation`` as the assistant's reply to ``messages``.
 
         ``messages=None`` scores it after the same chat template with an empty user turn
         (:data:`UNCONDITIONAL_MESSAGES`): the default system prompt and the assistant header
         stay, so PMI and IFD compare the response with and without the instruction, nothing else.
+        ``end_of_turn=True``: one more value at the end, the logprob of the chat template's
+        end-of-turn token right after the continuation (:meth:`end_of_turn_token`).
         """
-        return await asyncio.to_thread(self._score_sync, messages, continuation)
+        return await asyncio.to_thread(self._score_sync, messages, continuation, end_of_turn)
 
-    def _score_sync(self, messages: list[dict[str, str]] | None, continuation: str) -> ContinuationLogprobs:
+    def end_of_turn_token(self) -> int:
+        """The token the chat template writes right after an assistant message (``<|im_end|>``).
+
+        Read from the template itself (a user and an assistant message rendered without the
+        generation prompt); the model's EOS token where the template writes nothing special there."""
+        if self._eot is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            llm = self.llm()
+            formatter = Jinja2ChatFormatter(template=self._formatter.template, eos_token=self._formatter.eos_token,
+                                            bos_token=self._formatter.bos_token, add_generation_prompt=False)
+            end = _SENTINEL.format(1)
+            rendered = formatter(messages=[{"role": "user", "content": _SENTINEL.format(0)}, {"role": "assistant", "content": end}]).prompt
+            after = rendered.partition(end)[2]
+            special = llm.tokenize(after.encode("utf-8"), add_bos=False, special=True) if after.strip() else []
+            plain = llm.tokenize(after.encode("utf-8"), add_bos=False, special=False) if after.strip() else []
+            # a control token where plain text would spell it in several tokens; else the model's EOS
+            self._eot = special[0] if special and (not plain or special[0] != plain[0]) else llm.token_eos()
+        return self._eot
+
+    def _score_sync(self, messages: list[dict[str, str]] | None, continuation: str, end_of_turn: bool = False) -> ContinuationLogprobs:
         with self._lock:
-            if messages is None and continuation in self._unconditional:  # same answer, same count as computing it
-                self._unconditional.move_to_end(continuation)
-                kept = self._unconditional[continuation]
+            key = (continuation, bool(end_of_turn))
+            if messages is None and key in self._unconditional:  # same answer, same count as computing it
+                self._unconditional.move_to_end(key)
+                kept = self._unconditional[key]
                 return ContinuationLogprobs(kept, kept.prompt_tokens)
             llm = self.llm()
             prompt = self.prompt_tokens(messages if messages is not None else list(UNCONDITIONAL_MESSAGES))
@@ -303,6 +337,8 @@ class LlamaCppBackend(Backend):
             scorer = self.scoring_llm()
             if not target:
                 return ContinuationLogprobs([], 0)
+            if end_of_turn:
+                target = [*target, self.end_of_turn_token()]
             if len(prompt) + len(target) > self.n_ctx:
                 raise BackendError(f"prompt of {len(prompt)} tokens + continuation of {len(target)} exceeds the context of {self.n_ctx}")
             try:
@@ -312,7 +348,7 @@ class LlamaCppBackend(Backend):
             except Exception as e:
                 raise BackendError(f"llama.cpp: {type(e).__name__}: {e}") from e
             if messages is None:
-                self._unconditional[continuation] = logprobs
+                self._unconditional[key] = logprobs
                 while len(self._unconditional) > self.unconditional_cache_size:
                     self._unconditional.popitem(last=False)
         return ContinuationLogprobs(logprobs, logprobs.prompt_tokens)

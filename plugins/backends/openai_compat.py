@@ -77,6 +77,11 @@ PROBE_MESSAGES = ({"role": "user", "content": "Count from 1 to 12."},)
 PROBE_CONTINUATION = ", ".join(str(i) for i in range(1, 13))
 
 
+#: Why ``score_continuation(..., end_of_turn=True)`` (``--judge-mode complete``) is refused here.
+_NO_END_OF_TURN = ("backend '{spec}' cannot read the end-of-turn logprob after a continuation (a remote text frame has no chat "
+                   "end-of-turn token), needed for --judge-mode complete; use --judge-mode pmi, or llamacpp:")
+
+
 def text_frame(messages: list[dict[str, str]] | tuple[dict[str, str], ...] | None) -> str:
     """The plain text ``openai:`` scores a continuation after (the completions API takes text, and an
     endpoint does not publish its chat template).
@@ -350,13 +355,17 @@ class OpenAICompatBackend(Backend):
             return None
         raise BtkitError(f"{what}: could not check whether this endpoint can score continuations ({last}); check --base-url")
 
-    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
+    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str, *,
+                                 end_of_turn: bool = False) -> list[float]:
         """Per-token logprobs of ``continuation`` after :func:`text_frame` of ``messages``, through
         ``POST /completions`` with ``echo`` and ``logprobs`` (the echoed prompt's token logprobs).
 
         A reply without them is a :class:`CapabilityError` (the run stops with one line), not a
-        record failure: every other pair would fail the same way.
+        record failure: every other pair would fail the same way. ``end_of_turn`` is refused: a
+        text frame has no chat end-of-turn token whose logprob could be read.
         """
+        if end_of_turn:
+            raise CapabilityError(_NO_END_OF_TURN.format(spec=self.spec))
         self.require(SCORE_CONTINUATION, "continuation scores")
         if not continuation:
             return []
@@ -481,13 +490,16 @@ class VLLMBackend(OpenAICompatBackend):
                 out[cand] = top_v + math.log(sum(math.exp(v - top_v) for v in vals))
         return out
 
-    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
+    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str, *,
+                                 end_of_turn: bool = False) -> list[float]:
         """Per-token logprobs of ``continuation`` via vLLM's ``prompt_logprobs``.
 
         The continuation is prefilled as the assistant's reply to ``messages`` (``None``: to an empty
         user turn, :data:`UNCONDITIONAL_MESSAGES`, in the same chat template) and the trailing
         prompt tokens that spell it are read: both scores come from the same frame.
         """
+        if end_of_turn:  # not read yet: the chat template's end token would need its own prompt_logprobs lookup
+            raise CapabilityError(_NO_END_OF_TURN.format(spec=self.spec))
         self.require_extensions("continuation scores (prompt_logprobs)")
         if not continuation:
             return []

@@ -41,7 +41,7 @@ from btkit.errors import BtkitError
 from btkit.hookspecs import hookimpl
 from btkit.options import CONCURRENCY, PERCENT, SCORE
 
-from btkit.kit.judges import Curator, JudgeModeType, rank_value, top_percent_cutoff
+from btkit.kit.judges import Curator, JudgeModeType, auto_choice_line, rank_value, top_percent_cutoff
 
 NEGATIVE_KINDS = ("swapped", "truncated", "text_ref")
 
@@ -54,6 +54,11 @@ TEXT_REFERENCE_INSTRUCTIONS = (
     "Explain what the text says.",
     "List the key facts mentioned in the passage.",
 )
+
+#: Score parts copied from each item's meta into the JSON report's ``item_scores``, so another way of
+#: combining them can be measured from one run (the likelihood modes' parts; ``score_expected`` of logprob).
+ITEM_PARTS = ("pmi", "ifd", "cond_logprob", "uncond_logprob", "cond_tokens", "end_cond_logprob", "end_uncond_logprob",
+              "complete_term", "score_expected")
 
 #: The ``truncated`` negative keeps this share of its response's words (the first 30%).
 TRUNCATE_SHARE = 0.3
@@ -221,6 +226,7 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
     stage = run.stages[0]
     run.check()  # templates, and a backend that cannot score this way, fail here before any call
     backend = run.backend_for(stage)
+    auto_choice = auto_choice_line(stage, backend)  # what --judge-mode auto picked here, and why
 
     async def one(item: Item) -> None:
         record = Record(id=item.id, source_id=item.gold_id, fields={"instruction": item.instruction, "response": item.response})
@@ -256,8 +262,8 @@ async def score_items(items: list[Item], *, registry: Any, gold: Path, method: s
     return {"stage": stage.label, "wall_s": wall, "warmup_s": warmup_s, "warmup_error": warmup_error,
             "cache_hits": sum(it.cached for it in items), "model_calls": sum(it.calls for it in items),
             "items_from_cache": sum(1 for it in items if it.cached and not it.calls),
-            "threshold": curator.cutoff() if curator else None, "keep_top": keep_top, "keep_top_cutoff": cutoff,
-            "mode": getattr(curator, "mode", stage_options.get("judge_mode"))}
+            "threshold": curator.cutoff(curator.resolve_mode(backend)) if curator else None, "keep_top": keep_top, "keep_top_cutoff": cutoff,
+            "mode": getattr(curator, "mode", stage_options.get("judge_mode")), "auto_choice": auto_choice}
 
 
 #: What the warm-up call sends: tiny, and never a cache entry (it goes to the backend directly).
@@ -301,6 +307,7 @@ def report(items: list[Item], run_info: dict[str, Any], *, gold: Path, model: st
     return {
         "method_stage": run_info["stage"],
         "mode": modes[0] if len(modes) == 1 else (modes or run_info["mode"]),
+        "auto_choice": run_info.get("auto_choice"),
         "model": model,
         "gold": str(gold),
         "pairs": pairs,
@@ -326,7 +333,8 @@ def report(items: list[Item], run_info: dict[str, Any], *, gold: Path, model: st
         "cache_hits": run_info["cache_hits"],
         "model_calls": run_info["model_calls"],
         "items_from_cache": run_info["items_from_cache"],
-        "item_scores": [{"id": it.id, "kind": it.kind, "label": it.label, "score": it.score, "kept": it.kept} for it in items],
+        "item_scores": [{"id": it.id, "kind": it.kind, "label": it.label, "score": it.score, "kept": it.kept,
+                         **{k: it.meta[k] for k in ITEM_PARTS if it.meta.get(k) is not None}} for it in items],
     }
 
 
@@ -368,6 +376,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines.append(f"{r['mode']}: AUC by negative kind: {by_kind}; {r['model_calls']} model calls, "
                      f"{r['cache_hits']} cache hits ({r['items_from_cache']}/{r['items']} items answered whole by the cache), "
                      f"{f(r['wall_s'])} s after a {f(r['warmup_s'])} s warm-up{unscored}")
+        if r.get("auto_choice"):
+            lines.append(r["auto_choice"])
         if r["warmup_error"]:
             lines.append(f"{r['mode']}: warm-up call failed ({r['warmup_error']}): s/item includes model loading")
     return "\n".join(lines)
@@ -378,7 +388,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 @click.option("--method", default="humpback", show_default=True, help="Method whose pair-scoring curate stage is the judge (e.g. humpback, backforth).")
 @click.option("--stage", "stage_name", default=None, help="The stage to evaluate (default: the method's first stage that scores (instruction, response) pairs).")
 @click.option("--judge-mode", "modes", type=JudgeModeType(), multiple=True,
-              help="Judge mode (auto, rubric, logprob, pmi, ifd); repeat to compare modes (default: auto, what a run would pick).")
+              help="Judge mode (auto, rubric, logprob, pmi, ifd, complete); repeat to compare modes (default: auto, what a run would pick).")
 @click.option("--mode", "former_modes", type=JudgeModeType("--mode", "--judge-mode"), multiple=True, hidden=True, help="Deprecated: use --judge-mode.")
 @click.option("--model", default=None, help="Model spec (default: the embedded SmolLM2-135M).")
 @click.option("--base-url", default=None, help="Endpoint for remote backends (default for openai:/vllm: OPENAI_BASE_URL).")
