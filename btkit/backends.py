@@ -27,6 +27,9 @@ NEXT_TOKEN_LOGPROBS = "next_token_logprobs"  # distribution over given candidate
 SCORE_CONTINUATION = "score_continuation"  # per-token logprobs of a given continuation
 MULTI_SAMPLE = "n"  # several candidates per prompt in one request
 JSON_SCHEMA = "json_schema"  # structured output
+#: ``score_continuation(..., end_of_turn=True)`` appends log P(the chat template's end-of-turn token)
+#: right after the continuation (``--judge-mode complete``).
+END_OF_TURN = "end_of_turn_logprob"
 
 #: Sampling options every backend understands; others pass through as backend-specific extras.
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "repetition_penalty", "n")
@@ -119,9 +122,12 @@ class Backend:
         raise NotImplementedError
 
     async def score_continuation(
-        self, messages: list[dict[str, str]] | None, continuation: str
+        self, messages: list[dict[str, str]] | None, continuation: str, *, end_of_turn: bool = False
     ) -> list[float]:
         """Per-token logprobs of ``continuation`` as the assistant's reply to ``messages``.
+
+        With ``end_of_turn`` (only asked of a backend that declares :data:`END_OF_TURN`), one more
+        value: the logprob of the end-of-turn token right after the continuation.
 
         ``messages=None`` scores it unconditionally, as the reply to :data:`UNCONDITIONAL_MESSAGES`.
         """
@@ -164,5 +170,5 @@ def choices_of(completion: Completion) -> list[dict[str, Any]]:
     return [{"text": completion.text, "finish_reason": completion.finish_reason}]
 
 
-__all__ = ["ATTEMPTS", "CHAT", "NEXT_TOKEN_LOGPROBS", "SCORE_CONTINUATION", "MULTI_SAMPLE", "JSON_SCHEMA", "SAMPLING_KEYS",
+__all__ = ["ATTEMPTS", "CHAT", "NEXT_TOKEN_LOGPROBS", "SCORE_CONTINUATION", "MULTI_SAMPLE", "JSON_SCHEMA", "END_OF_TURN", "SAMPLING_KEYS",
            "UNCONDITIONAL_MESSAGES", "CHOICES", "Completion", "Backend", "split_spec", "public_url", "choices_of"]

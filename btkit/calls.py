@@ -15,7 +15,7 @@ import hashlib
 import json
 from typing import Any, Awaitable, Callable
 
-from .backends import ATTEMPTS, MULTI_SAMPLE, Backend, Completion, choices_of
+from .backends import ATTEMPTS, END_OF_TURN, MULTI_SAMPLE, SCORE_CONTINUATION, Backend, Completion, choices_of
 from .cache import Cache, NullCache, cache_key
 from .config import RunConfig
 from .errors import BackendError, BtkitError
@@ -374,19 +374,26 @@ class StageCtx:
                    **_retries(attempts, cached))
         return value
 
-    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]:
-        """Per-token logprobs of ``continuation`` after the rendered template (None: unconditional)."""
+    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str, *,
+                                 end_of_turn: bool = False) -> list[float]:
+        """Per-token logprobs of ``continuation`` after the rendered template (None: unconditional).
+
+        ``end_of_turn=True``: one more value at the end, log P(end-of-turn token) right after the
+        continuation (backends with :data:`btkit.backends.END_OF_TURN`); cached under its own key."""
         backend = self.backend()
-        backend.require("score_continuation", f"stage {self.stage.label}")
+        backend.require(SCORE_CONTINUATION, f"stage {self.stage.label}")
+        if end_of_turn:
+            backend.require(END_OF_TURN, f"stage {self.stage.label}")
         messages = None
         template_hash = None
         if template is not None:
             prompt = self.prompts.render(template, variables)
             messages, template_hash = prompt.messages, prompt.template_hash
-        payload = {"messages": messages, "continuation": continuation}
+        extra = {"end_of_turn": True} if end_of_turn else {}  # the other scores keep their cache keys
+        payload = {"messages": messages, "continuation": continuation, **extra}
 
         async def call():
-            return self._counted(await backend.score_continuation(messages, continuation))
+            return self._counted(await backend.score_continuation(messages, continuation, **extra))
 
         try:
             stored, cached, attempts = await self._cached_call("score_continuation", backend, payload, call, group=f"score_continuation:{template}")

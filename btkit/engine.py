@@ -31,6 +31,7 @@ import asyncio
 import collections
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -269,6 +270,11 @@ class Run:
         cfg = self.config
         path = self.out / "candidates.jsonl"
         found, n_units = self._resume(surveyed)
+        if not cfg.quiet:
+            for stage in self.stages:  # after the input checks: a bad input still fails with its one line
+                line = stage.announce(self.backend_for(stage))
+                if line:
+                    print(line, file=sys.stderr)
         self.registry.hook.btkit_run_start(run=self)
         t0 = time.monotonic()
         self.calls.start()

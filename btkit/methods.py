@@ -65,8 +65,10 @@ class StageContext(Protocol):
         """Log-probabilities of ``candidates`` as the next token after the template's assistant prefix."""
         ...
 
-    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str) -> list[float]:
-        """Per-token logprobs of ``continuation`` after the rendered template (None: unconditional)."""
+    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str, *,
+                                 end_of_turn: bool = False) -> list[float]:
+        """Per-token logprobs of ``continuation`` after the rendered template (None: unconditional);
+        ``end_of_turn=True`` appends log P(end-of-turn token) (backends with ``END_OF_TURN``)."""
         ...
 
     def for_record(self, record: Record) -> "StageContext":
@@ -120,6 +122,11 @@ class Stage:
 
     async def process(self, record: Record, ctx: StageContext) -> list[Record]:
         raise NotImplementedError
+
+    def announce(self, backend: Any) -> str | None:
+        """A line for the run's output about a choice this stage made for ``backend`` (e.g. what
+        ``--judge-mode auto`` picked and why), printed once when the run starts; None: nothing to say."""
+        return None
 
     def check_backend(self, backend: Any) -> None:
         """Called once per run with this stage's backend, before any model call.

@@ -14,10 +14,9 @@ import math
 
 import pytest
 
-from btkit.backends import CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
-from btkit.errors import BtkitError, CapabilityError
-from btkit.kit import judges
-from btkit.kit.judges import (COMPLETE_WEIGHT, END_FLOOR, END_OF_TURN, JUDGE_MODES, LABEL_JUDGE_MODES, LIKELIHOOD_MODES, complete_term,
+from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
+from btkit.errors import CapabilityError
+from btkit.kit.judges import (COMPLETE_WEIGHT, END_FLOOR, JUDGE_MODES, LABEL_JUDGE_MODES, LIKELIHOOD_MODES, complete_term,
                               likelihood_parts, likelihood_score, require_judge_mode, resolve_judge_mode)
 from btkit.testing.backends import ScriptedBackend
 
@@ -93,16 +92,7 @@ class Backend:
             raise CapabilityError(f"cannot do '{capability}', needed for {why}")
 
 
-@pytest.fixture
-def engine_passes(monkeypatch):
-    """Pretend the engine passes ``end_of_turn`` (or not) whatever this checkout's engine does."""
-    def set_(value: bool):
-        monkeypatch.setattr(judges, "_engine_passes_end_of_turn", lambda: value)
-    return set_
-
-
-def test_auto_picks_complete_where_continuations_and_the_end_of_turn_are_scored(engine_passes):
-    engine_passes(True)
+def test_auto_picks_complete_where_continuations_and_the_end_of_turn_are_scored():
     full = Backend(CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, END_OF_TURN)
     mode, why = resolve_judge_mode("auto", full)
     assert mode == "complete" and why.startswith("auto: ") and "end of the turn" in why
@@ -114,21 +104,14 @@ def test_auto_picks_complete_where_continuations_and_the_end_of_turn_are_scored(
     assert mode == "logprob" and "end-of-turn" in why
     assert resolve_judge_mode("auto", Backend(CHAT, SCORE_CONTINUATION))[0] == "rubric"
     assert resolve_judge_mode("auto", Backend(CHAT, END_OF_TURN))[0] == "rubric"
-    # an engine that cannot pass end_of_turn never gets complete from auto
-    engine_passes(False)
-    assert resolve_judge_mode("auto", full)[0] == "logprob"
 
 
-def test_complete_is_refused_in_one_line_before_any_call_where_it_cannot_run(engine_passes):
-    engine_passes(True)
+def test_complete_is_refused_in_one_line_before_any_call_where_it_cannot_run():
     with pytest.raises(CapabilityError, match=r"end_of_turn_logprob.*--judge-mode complete in stage humpback.curate"):
         require_judge_mode("complete", Backend(CHAT, SCORE_CONTINUATION), "humpback.curate")
     with pytest.raises(CapabilityError, match="score_continuation"):
         require_judge_mode("complete", Backend(CHAT, END_OF_TURN), "humpback.curate")
     require_judge_mode("complete", Backend(SCORE_CONTINUATION, END_OF_TURN), "humpback.curate")
-    engine_passes(False)
-    with pytest.raises(BtkitError, match="use --judge-mode pmi"):
-        require_judge_mode("complete", Backend(SCORE_CONTINUATION, END_OF_TURN), "humpback.curate")
 
 
 def test_openai_compatible_backends_refuse_the_end_of_turn_in_one_line():
@@ -160,7 +143,6 @@ class EndScripted(ScriptedBackend):
         return values
 
 
-@pytest.mark.skipif(not judges._engine_passes_end_of_turn(), reason="the engine does not pass end_of_turn yet (btkit/calls.py)")
 def test_a_run_with_auto_curates_with_complete_and_records_why(cli, doubles, tmp_path):
     backend = doubles.script("end", EndScripted(default=lambda messages, params: "What does this list say about the subject?"))
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": words(60, i * 100)} for i in range(len(GAINS))])
@@ -202,7 +184,6 @@ def test_eval_judge_says_what_auto_chose_and_keeps_the_parts(cli, scripted, tmp_
     assert rep[1]["item_scores"][0]["pmi"] == 1.0 and rep[1]["item_scores"][0]["cond_tokens"] == 2
 
 
-@pytest.mark.skipif(not judges._engine_passes_end_of_turn(), reason="the engine does not pass end_of_turn yet (btkit/calls.py)")
 def test_eval_judge_reports_complete_beside_pmi_per_negative_kind(cli, doubles, tmp_path):
     GAINS[:] = [0.5, 0.4, 0.3]
     gold = write_jsonl(tmp_path / "gold.jsonl", [{"instruction": f"Q{i}?", "response": words(60, i * 100)} for i in range(3)])
@@ -215,3 +196,19 @@ def test_eval_judge_reports_complete_beside_pmi_per_negative_kind(cli, doubles, 
     assert set(rep[0]["auc_by_negative"]) == {"swapped", "truncated", "text_ref"} and rep[0]["scored"] == rep[0]["items"]
     assert rep[0]["threshold"] == 0.0  # auto resolved to a likelihood mode keeps score >= 0, not the rubric's 5
     assert all("end_cond_logprob" in it for it in rep[0]["item_scores"])
+
+
+def test_the_run_says_what_auto_chose_and_a_scripted_backend_can_script_the_end_of_turn(cli, scripted, tmp_path):
+    """The shipped ScriptedBackend declares END_OF_TURN when given ``end_of_turn_logprob``; a run (not
+    quiet) prints auto's choice once per judging stage, after the input checks."""
+    backend, spec = scripted(default="What does this list say about the subject?",
+                             continuation_logprobs=lambda m, c: [-1.5] * 3 if m else [-2.0] * 3,
+                             end_of_turn_logprob=lambda m, c: -25.0)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": words(60)}])
+    r = cli("run", "humpback", corpus, "-o", tmp_path / "out", "--model", spec)
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if "--judge-mode auto ->" in line]
+    assert len(lines) == 1 and lines[0].startswith("humpback.curate: --judge-mode auto -> complete (")
+    meta = [c["meta"] for c in read_jsonl(tmp_path / "out" / "candidates.jsonl") if c["meta"].get("curate_mode")][0]
+    assert meta["score"] == pytest.approx(0.5 + COMPLETE_WEIGHT * (-25.0 - END_FLOOR))  # pmi 0.5, 13 nats below the floor
+    assert [h.get("end_of_turn") for h in backend.history if h["kind"] == "score_continuation"].count(True) == 1

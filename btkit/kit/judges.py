@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from btkit.backends import NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
+from btkit.backends import END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION
 from btkit.errors import BtkitError
 from btkit.methods import ParseError, Stage
 from btkit.options import PERCENT, SCORE
@@ -80,7 +80,7 @@ __all__ = [
     "judge_mode_option", "deprecated_alias", "JudgeModeType",
     "JudgingStage", "PairCurateStage", "pair_curate_options", "Curator", "rank_value", "top_percent_cutoff",
     "parse_score", "parse_error_details", "rubric_score", "logprob_score", "likelihood_score", "likelihood_parts",
-    "invalid_logprobs", "LOGPROB_SLACK", "END_OF_TURN", "auto_choice_line", "can_score_complete", "COMPLETE_WEIGHT", "END_FLOOR", "complete_term",
+    "invalid_logprobs", "LOGPROB_SLACK", "auto_choice_line", "can_score_complete", "COMPLETE_WEIGHT", "END_FLOOR", "complete_term",
 ]
 
 _NUM = r"(\d+(?:[.,]\d+)?)(?!\w|[.,]\d)"  # "1e1", "4x", "12abc" are not scores
@@ -236,9 +236,6 @@ async def logprob_score(ctx: Any, template: str, variables: dict[str, Any], top:
 #: also :data:`END_OF_TURN`).
 LIKELIHOOD_MODES = ("pmi", "ifd", "complete")
 
-#: Backend capability: ``score_continuation(messages, continuation, end_of_turn=True)`` returns one
-#: more value after the continuation's, log P(the chat template's end-of-turn token | ..., continuation).
-END_OF_TURN = "end_of_turn_logprob"
 
 #: ``complete``'s completeness term: log P(end of turn | instruction, response) below this floor (nats;
 #: e^-12 = 6e-6) costs :data:`COMPLETE_WEIGHT` per nat. Chosen on the shipped gold set, where whole
@@ -380,22 +377,12 @@ def check_judge_mode(mode: str | None, stage: str, supported: Iterable[str]) -> 
     return mode
 
 
-def _engine_passes_end_of_turn() -> bool:
-    """Whether the engine's ``StageCtx.score_continuation`` takes ``end_of_turn`` (``complete``
-    needs it to reach the backend, cached and counted as every scoring call)."""
-    import inspect
-
-    from btkit.calls import StageCtx
-
-    return "end_of_turn" in inspect.signature(StageCtx.score_continuation).parameters
-
-
 def can_score_complete(backend: Any) -> bool:
     """Whether ``complete`` can run on ``backend``: continuation scores with the end-of-turn logprob.
 
     The end of the turn is asked first: a backend without it (``openai:``) is never made to probe
     its server for continuation scores it would not use."""
-    return backend.supports(END_OF_TURN) and backend.supports(SCORE_CONTINUATION) and _engine_passes_end_of_turn()
+    return backend.supports(END_OF_TURN) and backend.supports(SCORE_CONTINUATION)
 
 
 def resolve_judge_mode(requested: str, backend: Any, supported: Iterable[str] = JUDGE_MODES) -> tuple[str, str]:
@@ -438,9 +425,6 @@ def require_judge_mode(mode: str, backend: Any, stage: str, supported: Iterable[
     for capability in needs:
         backend.require(capability, f"--judge-mode {mode}{formerly} in stage {stage} (or use --judge-mode pmi or rubric)"
                         if capability == END_OF_TURN else f"--judge-mode {mode}{formerly} in stage {stage} (or use --judge-mode rubric)")
-    if mode == "complete" and not _engine_passes_end_of_turn():
-        raise BtkitError(f"--judge-mode complete in stage {stage}: this btkit's engine cannot pass end_of_turn to the backend "
-                         f"(StageCtx.score_continuation); use --judge-mode pmi")
 
 
 def auto_choice_line(stage: Any, backend: Any) -> str | None:
@@ -543,6 +527,10 @@ class JudgingStage(Stage):
     def resolve_mode(self, backend: Any) -> str:
         """The mode this stage judges with on ``backend`` (``auto`` decided by :func:`resolve_judge_mode`)."""
         return resolve_judge_mode(self.judge_mode, backend, self.judge_modes)[0]
+
+    def announce(self, backend: Any) -> str | None:
+        """What ``auto`` chose on ``backend`` and why (:func:`auto_choice_line`), for the run's output."""
+        return auto_choice_line(self, backend)
 
 
 def rank_value(meta: dict[str, Any]) -> float | None:

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from btkit.backends import CHAT, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
+from btkit.backends import CHAT, END_OF_TURN, MULTI_SAMPLE, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
 
@@ -44,10 +44,13 @@ class ScriptedBackend(Backend):
 
     def __init__(self, replies: list[Any] | None = None, default: Any = None, logprobs: Callable[..., dict[str, float]] | dict[str, float] | None = None,
                  continuation_logprobs: Callable[..., list[float]] | None = None, delay: float = 0.0, name: str = "test",
-                 multi_sample: bool = False):
+                 multi_sample: bool = False, end_of_turn_logprob: Callable[..., float] | None = None):
         self.replies = list(replies or [])
         if multi_sample:  # an instance attribute, so other scripted backends keep the class's set
             self.capabilities = self.capabilities | {MULTI_SAMPLE}
+        if end_of_turn_logprob is not None:  # declares END_OF_TURN: --judge-mode complete (and auto) can use it
+            self.capabilities = self.capabilities | {END_OF_TURN}
+        self.end_of_turn_logprob = end_of_turn_logprob
         self.default = default
         self.logprobs = logprobs
         self.continuation_logprobs = continuation_logprobs
@@ -97,11 +100,20 @@ class ScriptedBackend(Backend):
             return lp(messages, assistant_prefix, candidates)
         return {c: float(lp.get(c, -30.0)) for c in candidates}
 
-    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str) -> list[float]:
-        self.history.append({"kind": "score_continuation", "messages": messages, "continuation": continuation})
+    async def score_continuation(self, messages: list[dict[str, str]] | None, continuation: str, *,
+                                 end_of_turn: bool = False) -> list[float]:
+        """``continuation_logprobs(messages, continuation)``; with ``end_of_turn`` (asked only when the
+        script declares ``END_OF_TURN``), ``end_of_turn_logprob(messages, continuation)`` appended."""
+        self.history.append({"kind": "score_continuation", "messages": messages, "continuation": continuation,
+                             **({"end_of_turn": True} if end_of_turn else {})})
         if self.continuation_logprobs is None:
             raise BackendError("scripted backend has no continuation script")
-        return list(self.continuation_logprobs(messages, continuation))
+        values = list(self.continuation_logprobs(messages, continuation))
+        if end_of_turn:
+            if self.end_of_turn_logprob is None:
+                raise BackendError("scripted backend has no end-of-turn script")
+            values.append(float(self.end_of_turn_logprob(messages, continuation)))
+        return values
 
 
 def _choice(reply: Any) -> dict[str, Any]:

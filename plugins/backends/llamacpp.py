@@ -34,14 +34,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from btkit.backends import CHAT, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
+from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
-#: Capability: ``score_continuation(..., end_of_turn=True)`` appends log P(end-of-turn token) after
-#: the continuation (same name as ``btkit.kit.judges.END_OF_TURN``).
-END_OF_TURN = "end_of_turn_logprob"
 #: Values of the ``score_weights`` backend option (auto: a 16-bit copy for small Q4_1 models).
 SCORE_WEIGHTS = ("auto", "same", "f16", "bf16", "q8_0")
 #: GGUF ``general.file_type`` values that batch slowly on CPU (measured: Q4_1, see module docstring).
