@@ -115,7 +115,7 @@ def test_truncated_rewrite_is_dropped_with_its_reason(cli, scripted, tmp_path):
 def test_backforth_with_embedded_model(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "btkit.cli", "run", "backforth", str(EXAMPLES / "corpus.jsonl"), "-o", str(out), "--limit", "2",
-           "--threshold", "1", "--shots", "1", "--max-tokens", "48",
+           "--judge-mode", "logprob", "--threshold", "1", "--shots", "1", "--max-tokens", "48",
            # room for the instruction, so that candidates get past augmentation to curation and rewriting
            "-S", "augment.max_tokens=128", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
