@@ -36,6 +36,30 @@ def btkit_register_commands(cli: Any) -> None:
 
 
 @hookspec
+def btkit_register_export_formats(register: Callable[..., None]) -> None:
+    """Register ``btkit export`` formats: ``register(name, writer, description="", suffix=".jsonl")``.
+
+    ``writer(rows, out, options) -> dict`` gets the run's ``data.jsonl`` rows (a list of dicts), the
+    output path ``out`` (a :class:`pathlib.Path`; a file, or a folder for a format that writes one) and
+    the command's options (``split``, ``split_seed``, ``preference``, ``run_dir``...). It returns a
+    summary: counts (e.g. ``{"rows": 120, "train": 108, "validation": 12}``) and ``warnings``, a list of
+    lines such as "format X has no place for field Y", each said once however many rows it concerns.
+    ``suffix`` is the file ending ``-o`` gets when none is given (``""`` for a folder).
+    """
+
+
+@hookspec
+def btkit_register_report_sections(register: Callable[..., None]) -> None:
+    """Register sections of the ``btkit report`` page: ``register(name, render, order=100)``.
+
+    ``render(run_dir, context) -> str | None`` gets the run directory (a :class:`pathlib.Path`) and a
+    dict the report shares between sections (the run's files read once); it returns an HTML fragment,
+    or None when the section has nothing to show for this run. Sections appear sorted by ``order``
+    (then name).
+    """
+
+
+@hookspec
 def btkit_run_start(run: Any) -> None:
     """Called once before the first record of a run is processed."""
 

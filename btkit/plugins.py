@@ -92,6 +92,27 @@ def _warn(message: str) -> None:
 
 
 @dataclass
+class ExportFormat:
+    """A ``btkit export`` format: ``writer(rows, out, options) -> dict`` (see the hookspec)."""
+
+    name: str
+    writer: Callable[[list, Any, dict], dict]
+    description: str
+    suffix: str
+    plugin: str
+
+
+@dataclass
+class ReportSection:
+    """A section of the ``btkit report`` page: ``render(run_dir, context) -> str | None``."""
+
+    name: str
+    render: Callable[[Any, dict], str | None]
+    order: float
+    plugin: str
+
+
+@dataclass
 class BackendFactory:
     prefix: str
     factory: Callable[[str, dict[str, Any]], Backend]
@@ -113,6 +134,8 @@ class Registry:
         self._entry_points: dict[str, list[Any]] | None = None
         self._backends: dict[str, BackendFactory] | None = None
         self._methods: dict[str, Method] | None = None
+        self._export_formats: dict[str, ExportFormat] | None = None
+        self._report_sections: list[ReportSection] | None = None
         if load_entry_points:
             self._load("none")  # the general group and BTKIT_EXTRA_PLUGINS now; the kinds when asked for
 
@@ -126,7 +149,7 @@ class Registry:
             if group in self._pending_groups:
                 self._pending_groups.remove(group)
                 self._load_group(group)
-                self._backends = self._methods = None
+                self._clear()
         if first:
             self._load_extra_plugins()
             self._warn_unmatched()
@@ -200,12 +223,18 @@ class Registry:
         """Register a plugin object/module by hand (tests, embedding)."""
         registered = self.pm.register(plugin, name=name)
         self.pm.check_pending()
-        self._backends = self._methods = None
+        self._clear()
         return registered or ""
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
+        self._clear()
+
+    def _clear(self) -> None:
+        """Forget what plugins registered (a plugin came or went): asked again on next use."""
         self._backends = self._methods = None
+        self._export_formats = None
+        self._report_sections = None
 
     @property
     def hook(self) -> Any:
@@ -276,6 +305,56 @@ class Registry:
         if name not in methods:
             raise BtkitError(f"unknown method '{name}'; known methods: {', '.join(sorted(methods)) or 'none'}")
         return methods[name]
+
+    # -- export formats and report sections -------------------------------------------------
+    def export_formats(self) -> dict[str, ExportFormat]:
+        """The ``btkit export`` formats by name (every group is loaded: any plugin may add one)."""
+        self._load()
+        if self._export_formats is None:
+            found: dict[str, ExportFormat] = {}
+            for impl in self.pm.hook.btkit_register_export_formats.get_hookimpls():
+                plugin_name = self.pm.get_name(impl.plugin) or "?"
+
+                def register(name: str, writer: Callable[..., dict], description: str = "", suffix: str = ".jsonl",
+                             _p=plugin_name) -> None:
+                    if not name or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+                        raise BtkitError(f"plugin '{_p}': export format name '{name}' must be a word (letters, digits, - _ .)")
+                    if not callable(writer):
+                        raise BtkitError(f"plugin '{_p}': export format '{name}' needs a callable writer, got {writer!r}")
+                    if name in found:
+                        raise BtkitError(f"export format '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
+                    found[name] = ExportFormat(name, writer, description, suffix, _p)
+
+                impl.function(register=register)
+            self._export_formats = found
+        return self._export_formats
+
+    def export_format(self, name: str) -> ExportFormat:
+        formats = self.export_formats()
+        if name not in formats:
+            raise BtkitError(f"unknown export format '{name}'; known formats: {', '.join(sorted(formats)) or 'none'}")
+        return formats[name]
+
+    def report_sections(self) -> list[ReportSection]:
+        """The ``btkit report`` sections, sorted by ``order`` then name (every group is loaded)."""
+        self._load()
+        if self._report_sections is None:
+            found: dict[str, ReportSection] = {}
+            for impl in self.pm.hook.btkit_register_report_sections.get_hookimpls():
+                plugin_name = self.pm.get_name(impl.plugin) or "?"
+
+                def register(name: str, render: Callable[..., str | None], order: float = 100, _p=plugin_name) -> None:
+                    if not name:
+                        raise BtkitError(f"plugin '{_p}': a report section needs a name")
+                    if not callable(render):
+                        raise BtkitError(f"plugin '{_p}': report section '{name}' needs a callable render, got {render!r}")
+                    if name in found:
+                        raise BtkitError(f"report section '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
+                    found[name] = ReportSection(name, render, float(order), _p)
+
+                impl.function(register=register)
+            self._report_sections = sorted(found.values(), key=lambda s: (s.order, s.name))
+        return list(self._report_sections)
 
     def plugin_rows(self) -> list[dict[str, str]]:
         """One row per plugin: loaded ones (``status`` ``loaded``, their hooks) and ones that failed
