@@ -388,7 +388,7 @@ def _free_port() -> int:
 def openai_server(tmp_path):
     """llama-cpp-python's OpenAI-compatible server with the embedded model on 127.0.0.1; stopped by PID."""
     pytest.importorskip("llama_cpp.server")
-    from btkit_plugins.backends.llamacpp import embedded_model_path
+    from btkit.kit.models import embedded_model_path
 
     port = _free_port()
     log = tmp_path / "server.log"

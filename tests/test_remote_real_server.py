@@ -51,7 +51,7 @@ def llama_cpp_server(log: Path, *args: str) -> Iterator[dict]:
     """
     if not HAS_SERVER:
         pytest.skip("llama-cpp-python[server] is not installed")
-    from btkit_plugins.backends.llamacpp import embedded_model_path
+    from btkit.kit.models import embedded_model_path
 
     port = free_port()
     with open(log, "wb") as f:
@@ -282,7 +282,7 @@ def test_openai_continuation_scores_match_llama_cpp_run_in_process(echo_server):
     import llama_cpp
     import numpy as np
 
-    from btkit_plugins.backends.llamacpp import embedded_model_path
+    from btkit.kit.models import embedded_model_path
     from btkit_plugins.backends.openai_compat import OpenAICompatBackend, text_frame
 
     question = [{"role": "user", "content": "What is the capital of France?"}]

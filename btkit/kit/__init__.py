@@ -10,6 +10,7 @@
 - :mod:`btkit.kit.instructions`: cleaning a generated instruction (labels, quotes, fences, copies).
 - :mod:`btkit.kit.seeds`: seed pairs and reproducible few-shot choices.
 - :mod:`btkit.kit.text`: words, sentences, paragraphs, ROUGE-L and near-duplicates.
+- :mod:`btkit.kit.models`: where the embedded default model lies (llama.cpp and finetuning load it).
 - :mod:`btkit.kit.http`: what remote backends share: settings, retries with a run-wide budget,
   Retry-After, one aiohttp session, secret redaction.
 

