@@ -46,6 +46,10 @@ class Calls:
         self._calls_total = self._failures_total = 0
         #: Set (with the reason as its exception) when the run must stop; made by :meth:`start`.
         self.fatal: asyncio.Future | None = None
+        #: Called after every call that reached a backend and succeeded (the run checks ``--max-cost`` there).
+        self.after_call: Callable[[], None] | None = None
+        #: Once set (``--max-cost`` reached), no further request is sent: each raises this instead.
+        self.closed: BtkitError | None = None
 
     def start(self) -> asyncio.Future:
         """A fresh stop signal for the running event loop."""
@@ -87,6 +91,8 @@ class Calls:
         async def call_and_store() -> tuple[Any, int]:
             # Calls of one kind and template share their prompt prefix: the limiter sends them back to back.
             async with self.limiter_for(backend).slot(group or kind):
+                if self.closed is not None:  # the budget is spent: a call waiting for its slot is not sent
+                    raise BtkitError(str(self.closed))
                 ATTEMPTS.set(1)
                 try:
                     value = await call()
@@ -96,6 +102,8 @@ class Calls:
                     raise
                 attempts = ATTEMPTS.get()
             self.finished(backend, None)
+            if self.after_call is not None:
+                self.after_call()
             if valid(value):  # another process may have stored this request first: use its answer, as a re-run would
                 value = self.cache.put(key, kind, backend.spec, value)
             return value, attempts

@@ -12,6 +12,15 @@ from . import DEFAULT_MODEL, __version__
 from .errors import BtkitError
 from .options import CONCURRENCY, DEFAULT_CONCURRENCY, GENERAL_OPTIONS, INPUT_DEFAULTS, LIMIT, MAX_TOKENS
 
+#: ``--dry-run`` and ``--max-cost``, on ``btkit run METHOD`` and ``btkit run PIPELINE``. Neither is a setting
+#: of the run (run.json): a dry run writes nothing, and a higher ``--max-cost`` continues a stopped run.
+BUDGET_OPTIONS = [
+    click.Option(["--dry-run"], is_flag=True, help="Print per stage the calls the run would make, and an estimate of tokens and cost "
+                 "(litellm's price table; 'no price' for local models); no model is called, nothing is written."),
+    click.Option(["--max-cost"], type=click.FloatRange(0, min_open=True), default=None, metavar="USD",
+                 help="Stop cleanly (resumable) once the run's calls cost this many dollars; re-run with a higher limit to continue."),
+]
+
 COMMON_RUN_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
     click.Option(["--model", "model"], default=None, help=f"Model spec, e.g. llamacpp:PATH.gguf, openai:NAME, vllm:NAME. Default: the embedded SmolLM2-135M ({DEFAULT_MODEL})."),
@@ -34,6 +43,7 @@ COMMON_RUN_OPTIONS = [
     click.Option(["--cache", "cache_path"], type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file (default ~/.cache/btkit/cache.sqlite or $BTKIT_CACHE_DIR)."),
     click.Option(["--overwrite"], is_flag=True, help="Start over in a run directory that holds a run with other settings (old files are moved aside, never deleted)."),
     click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
+    *BUDGET_OPTIONS,
 ]
 
 
@@ -46,9 +56,10 @@ def _registry() -> Any:
 def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Build a one-method run from ``btkit run METHOD`` parameters and run it."""
     from .config import method_stage_specs, parse_key_values, run_config
-    from .engine import run_pipeline
+    from .engine import estimate_run, format_estimate, run_pipeline
 
     registry = _registry()
+    dry_run, max_cost = params.pop("dry_run", False), params.pop("max_cost", None)
     method = registry.method(method_name)
     sampling = {"temperature": params.pop("temperature"), "top_p": params.pop("top_p"),
                 "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed"),
@@ -70,7 +81,10 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
         overwrite=params.pop("overwrite"),
         options={**params, **sampling},  # what is left: the method's own options and the input fields
     )
-    return run_pipeline(config, registry)
+    if dry_run:
+        click.echo(format_estimate(estimate_run(config, registry)))
+        return None
+    return run_pipeline(config, registry, max_cost=max_cost)
 
 
 def summarize(stats: dict[str, Any], out_dir: Path) -> str:
@@ -99,7 +113,8 @@ class RunGroup(click.Group):
         def callback(corpus: Path, **params: Any) -> None:
             out_dir = params["out_dir"]
             stats = run_method(name, corpus, params)
-            click.echo(summarize(stats, out_dir), err=True)
+            if stats is not None:  # None: a dry run, which printed its estimate
+                click.echo(summarize(stats, out_dir), err=True)
 
         params = [click.Argument(["corpus"], type=click.Path(path_type=Path))] + list(COMMON_RUN_OPTIONS) + list(method.cli_options)
         return click.Command(name, params=params, callback=callback, help=f"{method.description} {method.paper}".strip())
@@ -120,6 +135,7 @@ PIPELINE_OPTIONS = [
     click.Option(["--overwrite"], is_flag=True, help="Start over in a run directory that holds a run with other settings."),
     click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
     click.Option(["--check"], is_flag=True, help="Check the file (keys, values, and that each stage gets the fields it needs) and print the stages it would run; no model calls."),
+    *BUDGET_OPTIONS,
 ]
 
 
@@ -128,18 +144,22 @@ def pipeline_command(name: str) -> click.Command:
 
     def callback(**params: Any) -> None:
         from .config import parse_key_values
-        from .engine import run_pipeline
+        from .engine import estimate_run, format_estimate, run_pipeline
         from .pipeline import describe, load_pipeline
 
         registry = _registry()
         overrides = dict(params)
+        dry_run, max_cost = overrides.pop("dry_run"), overrides.pop("max_cost")
         overrides["backend_options"] = parse_key_values(overrides.pop("backend_option"), "--backend-option")
         overrides["base_url"] = overrides.get("base_url") or None
         config = load_pipeline(name, registry, overrides)
         if params["check"]:
             click.echo(describe(config))
             return
-        stats = run_pipeline(config, registry)
+        if dry_run:
+            click.echo(format_estimate(estimate_run(config, registry)))
+            return
+        stats = run_pipeline(config, registry, max_cost=max_cost)
         click.echo(summarize(stats, config.out_dir), err=True)
 
     return click.Command(name, params=list(PIPELINE_OPTIONS), callback=callback,

@@ -55,14 +55,18 @@ from .units import UnitSource, unit_digest
 
 HELD_JOURNAL = "candidates.held.jsonl"
 
-__all__ = ["Run", "run_pipeline", "HELD_JOURNAL"]
+__all__ = ["Run", "run_pipeline", "HELD_JOURNAL", "BudgetSpent", "spent_cost", "price_of", "estimate_run", "format_estimate"]
 
 
 class Run:
     """One execution of a pipeline over an input file into a run directory."""
 
-    def __init__(self, config: RunConfig, registry: Registry):
+    def __init__(self, config: RunConfig, registry: Registry, max_cost: float | None = None):
         self.config = config
+        #: ``--max-cost``: stop cleanly once the run's spent cost (journal + this invocation) reaches it.
+        self.max_cost = max_cost
+        #: What the journal's calls cost before this invocation (set at start under ``--max-cost``).
+        self.spent_before = 0.0
         self.registry = registry
         self.out = Path(config.out_dir)
         self.first_method: Method = registry.method(config.stages[0].method)
@@ -87,7 +91,8 @@ class Run:
         self._stage_backends: dict[int, Backend] = {}
         self.live_counts: dict[str, collections.Counter] = {}
         self.progress: dict[str, Any] = {"finished": 0, "total": 0, "kept": 0, "dropped": 0, "skipped": 0,
-                                         "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
+                                         "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "failed": 0,
+                                         "stages": {label: 0 for label in dict.fromkeys(s.label for s in self.stages)}}
         self.retried_units = 0
         self._appends_in_order = True
 
@@ -198,7 +203,9 @@ class Run:
         except BtkitError:  # configuration problems stop the run with their message
             raise
         except Exception as e:  # a backend fault, or a bug in a stage, loses one record, not the run
+            self._count_stage(stage, failed=True)
             return [failed_record(record, stage.label, e)]
+        self._count_stage(stage, failed=False)
         if not outs:  # a stage that returns nothing would make the record vanish: record why instead
             return [record.drop(stage.label, "no_output")]
         for rec in outs:
@@ -208,6 +215,26 @@ class Run:
                         rec.drop(stage.label, str(reason))
                         break
         return outs
+
+    def _count_stage(self, stage: Stage, failed: bool) -> None:
+        """Records a stage finished (and failed) in this invocation, for the progress display."""
+        stages = self.progress["stages"]
+        stages[stage.label] = stages.get(stage.label, 0) + 1
+        self.progress["failed"] += failed
+
+    def _check_budget(self) -> None:
+        """After each call that reached a model: stop the run cleanly once ``--max-cost`` is spent."""
+        if self.max_cost is None or self.calls.closed is not None:
+            return
+        spent = self.spent_before + float(self.progress["cost_usd"])
+        if spent >= self.max_cost:
+            self.calls.closed = BudgetSpent(self.budget_message(spent))
+            self.calls.stop(self.calls.closed)
+
+    def budget_message(self, spent: float) -> str:
+        return (f"--max-cost {self.max_cost:g}: ${spent:.6f} spent, the limit is reached; stopped. Finished units are kept in "
+                f"{self.out}: re-run the same command with a higher --max-cost (or without it) to continue "
+                f"(calls already paid come from the cache)")
 
     def _unit_done(self, task: asyncio.Future) -> None:
         """A unit finished (in any order): progress counts it now, and a config error stops the run."""
@@ -275,6 +302,16 @@ class Run:
                 line = stage.announce(self.backend_for(stage))
                 if line:
                     print(line, file=sys.stderr)
+        if self.max_cost is not None:
+            self.spent_before = spent_cost(self.out)
+            if self.spent_before >= self.max_cost and found.units < n_units:
+                raise BudgetSpent(self.budget_message(self.spent_before))
+            self.calls.after_call = self._check_budget
+            if not cfg.quiet:
+                unpriced = sorted({self.model_for(st) for st in self.stages if price_of(self.model_for(st)) is None})
+                if unpriced:
+                    print(f"warning: --max-cost: no price is known for {', '.join(unpriced)}; its calls count $0 "
+                          f"unless the backend reports a cost", file=sys.stderr)
         self.registry.hook.btkit_run_start(run=self)
         t0 = time.monotonic()
         self.calls.start()
@@ -545,6 +582,54 @@ class Run:
         }
 
 
+class BudgetSpent(BtkitError):
+    """``--max-cost`` reached: the run stopped cleanly, finished units kept; a higher limit continues it."""
+
+
+def spent_cost(out: Path) -> float:
+    """What the calls recorded in a run directory's journals cost (the ``cost`` of each lineage step).
+
+    Calls of units that were in flight when a run stopped are not in a journal; they were cached, so
+    the run that resumes gets them back at no cost."""
+    total = 0.0
+    for name in ("candidates.jsonl", HELD_JOURNAL):
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line: resume cuts it
+                seen = set()
+                for step in rec.get("lineage") or []:
+                    if isinstance(step, dict) and step.get("cost") and step.get("step") not in seen:
+                        seen.add(step.get("step"))
+                        total += float(step["cost"])
+    return total
+
+
+def price_of(spec: str) -> tuple[float, float] | None:
+    """Dollars per (prompt, completion) token for a model spec, from litellm's price table (read as a
+    file); None for a model it does not list and for local backends (``llamacpp:``, ``transformers:``...)."""
+    from .backends import split_spec
+
+    prefix, rest = split_spec(spec)
+    if prefix not in ("openai", "litellm") or not rest:
+        return None
+    from .kit.http import price_table
+
+    table = price_table()
+    entry = table.get(rest) or table.get(rest.rsplit("/", 1)[-1])
+    if not isinstance(entry, dict):
+        return None
+    pin, pout = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
+    if pin is None and pout is None:
+        return None
+    return float(pin or 0), float(pout or 0)
+
+
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str, sort_keys=True))
 
@@ -560,18 +645,217 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def run_pipeline(config: RunConfig, registry: Registry) -> dict[str, Any]:
+def run_pipeline(config: RunConfig, registry: Registry, max_cost: float | None = None) -> dict[str, Any]:
     """Run synchronously (the CLI's entry point into the async engine).
 
     Ctrl-C and filesystem faults (disk full, a read-only or vanished directory) become one line:
     whatever they interrupted, finished units are in the journal and the same command resumes.
+    ``max_cost`` (``--max-cost``, dollars) stops the run cleanly once its calls cost that much
+    (:class:`BudgetSpent`, resumable; not part of the run's settings, so a higher limit continues it).
     """
     log_warnings_to_stderr()
     try:
-        return asyncio.run(Run(config, registry).execute())
+        return asyncio.run(Run(config, registry, max_cost=max_cost).execute())
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; finished units are kept in {config.out_dir}: re-run the same command to resume") from None
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         raise BtkitError(f"{where}{e.strerror or e}; finished units are kept in {config.out_dir}: "
                          f"fix that, then re-run the same command to resume") from None
+
+
+# -- --dry-run ------------------------------------------------------------------------------------
+#: Characters per token in the dry run's estimate (no tokenizer is loaded: that would load the model).
+CHARS_PER_TOKEN = 4.0
+#: Completion tokens assumed for a call whose max_tokens the probe could not see.
+DEFAULT_COMPLETION_TOKENS = 256
+
+
+class _ProbeDone(BaseException):
+    """Ends a stage's probe at its first model call (a BaseException, so no stage's ``except Exception`` keeps it)."""
+
+
+class _ProbeBackend(Backend):
+    """What a probed stage sees as its backend: chat only, no network, never called."""
+
+    capabilities = frozenset({"chat"})
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def identity(self) -> dict[str, Any]:
+        return {"spec": self.spec}
+
+    def require(self, capability: str, why: str) -> None:
+        """A stage that insists on a capability is probed as if the real backend had it (checked at run time)."""
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:  # pragma: no cover
+        raise _ProbeDone()
+
+
+class _ProbeCtx:
+    """A stage context that renders the stage's first call and stops there: what it would send, never sent."""
+
+    def __init__(self, run: "Run", stage: Stage, record: Record):
+        self.run, self.stage, self.record = run, stage, record
+        self.seen: dict[str, Any] | None = None
+
+    @property
+    def prompts(self) -> PromptLibrary:
+        return self.run.prompts_for(self.stage)
+
+    def backend(self) -> Backend:
+        return _ProbeBackend(self.run.model_for(self.stage))
+
+    def for_record(self, record: Record) -> "_ProbeCtx":
+        return self
+
+    def count(self, key: str, n: int = 1) -> None:
+        pass
+
+    def _seen(self, template: str | None, variables: dict[str, Any], completion: int | None, extra_chars: int = 0) -> None:
+        chars = extra_chars
+        if template is not None:
+            prompt = self.prompts.render(template, variables)
+            chars += sum(len(str(m.get("content") or "")) for m in prompt.messages) + len(prompt.assistant_prefix or "")
+        self.seen = {"template": template, "prompt_chars": chars, "max_tokens": completion}
+        raise _ProbeDone()
+
+    async def complete(self, template: str, variables: dict[str, Any], *, parse: Any = None, retries: Any = None,
+                       accept_truncated: bool = False, **params: Any) -> Any:
+        self._seen(template, variables, params.get("max_tokens"))
+
+    async def complete_choices(self, template: str, variables: dict[str, Any], records: list[Record], *, parse: Any,
+                               retries: Any = None, **params: Any) -> Any:
+        self._seen(template, variables, params.get("max_tokens"))
+
+    async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> Any:
+        self._seen(template, variables, 0)
+
+    async def score_continuation(self, template: str | None, variables: dict[str, Any], continuation: str, *,
+                                 end_of_turn: bool = False) -> Any:
+        self._seen(template, variables, 0, extra_chars=len(continuation or ""))
+
+
+def _placeholders(run: "Run", stage: Stage, unit: Record) -> dict[str, Any]:
+    """A unit's fields plus stand-ins for what earlier stages would have added (an instruction, a response)."""
+    fields = dict(unit.fields)
+    text = next((v for k, v in fields.items() if isinstance(v, str) and k in ("text", "response", "instruction")), "")
+    try:
+        info = next(i for i in run.registry.method(stage.method).stages if i.name == stage.name)
+        inputs = info.inputs
+    except (StopIteration, BtkitError):
+        inputs = ()
+    for name in inputs:
+        if name in fields:
+            continue
+        if name in ("response", "document", "text", "answer", "output"):
+            fields[name] = text
+        elif name in ("instruction", "task_instruction", "question", "prompt"):
+            fields[name] = "Explain what the following text says about " + " ".join(str(text).split()[:12]) + "."
+        elif name.endswith("s"):  # constraints, examples, rounds...
+            fields[name] = []
+        else:
+            fields[name] = ""
+    return fields
+
+
+def estimate_run(config: RunConfig, registry: Registry, sample: int = 5) -> dict[str, Any]:
+    """What ``--dry-run`` prints: per stage the calls a run would make, tokens and cost, with no model call.
+
+    The input is read and checked as a run would (the same units, a journal's finished units
+    subtracted); no backend is made, nothing is written. Per stage: records reaching it (every unit
+    alive after preparing, at the first stage; later stages assume every record survives, an
+    upper bound) times :meth:`Stage.calls_per_record`; prompt tokens from the stage's first call
+    rendered for ``sample`` units (stand-ins for fields an earlier stage would add) at
+    :data:`CHARS_PER_TOKEN`; completion tokens from that call's ``max_tokens`` (an upper bound);
+    cost from litellm's price table where it lists the model (:func:`price_of`).
+    """
+    import dataclasses
+
+    run = Run(dataclasses.replace(config, use_cache=False), registry)
+    run.check_templates()
+    path = run.out / "candidates.jsonl"
+    found = journal.scan(path) if path.exists() else journal.JournalScan()
+    n_units = run.source.survey(path, found)
+    done = max(0, found.units - len(found.failed))
+    alive, samples = 0, []
+    for seq, unit in enumerate(run.source.as_surveyed()):
+        if seq < done or isinstance(unit, ExtraUnit) or not unit.alive:
+            continue
+        alive += 1
+        if len(samples) < sample:
+            samples.append(unit)
+
+    async def probe(stage: Stage, unit: Record) -> dict[str, Any] | None:
+        rec = Record(id=unit.id, source_id=unit.source_id, fields=_placeholders(run, stage, unit))
+        ctx = _ProbeCtx(run, stage, rec)
+        try:
+            await stage.process(rec, ctx)
+        except _ProbeDone:
+            return ctx.seen
+        except Exception:  # noqa: BLE001 (a stage that needs more than stand-ins: its tokens stay unknown)
+            return None
+        return {"no_call": True}  # the stage finished this record without calling a model
+
+    async def probe_all() -> list[list[dict[str, Any] | None]]:
+        return [[await probe(stage, u) for u in samples] for stage in run.stages]
+
+    probes = asyncio.run(probe_all()) if samples else [[] for _ in run.stages]
+    rows, records = [], alive
+    for stage, seen in zip(run.stages, probes):
+        no_call = bool(seen) and all(s and s.get("no_call") for s in seen)
+        seen = [s for s in seen if s and not s.get("no_call")]
+        try:
+            per_record = 0.0 if no_call else float(stage.calls_per_record(stage.options))
+        except Exception:  # noqa: BLE001
+            per_record = 1.0
+        calls = records * per_record
+        spec = run.model_for(stage)
+        if no_call:
+            prompt_tokens, completion = 0.0, 0.0
+        elif seen:
+            prompt_tokens = sum(s["prompt_chars"] for s in seen) / len(seen) / CHARS_PER_TOKEN
+            max_tokens = [s["max_tokens"] for s in seen if s["max_tokens"] is not None]
+            completion = (sum(max_tokens) / len(max_tokens)) if max_tokens else float(stage.options.get("max_tokens") or DEFAULT_COMPLETION_TOKENS)
+        else:
+            prompt_tokens, completion = None, float(stage.options.get("max_tokens") or DEFAULT_COMPLETION_TOKENS)
+        price = price_of(spec)
+        tokens_in = None if prompt_tokens is None else calls * prompt_tokens
+        tokens_out = calls * completion
+        cost = 0.0 if calls == 0 else None if price is None or tokens_in is None else tokens_in * price[0] + tokens_out * price[1]
+        rows.append({"stage": stage.label, "model": spec, "records": records, "calls_per_record": per_record,
+                     "calls": calls, "prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                     "prompt_tokens_per_call": prompt_tokens, "max_tokens_per_call": completion,
+                     "price": price, "cost_usd": cost, "probed": len(seen)})
+    costs = [r["cost_usd"] for r in rows]
+    return {"units": n_units, "units_done": done, "records": alive, "stages": rows, "sample": len(samples),
+            "total_calls": sum(r["calls"] for r in rows),
+            "total_cost_usd": sum(c for c in costs if c is not None) if any(c is not None for c in costs) else None,
+            "unpriced": sorted({r["model"] for r in rows if r["price"] is None})}
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "?"
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}"
+
+
+def format_estimate(est: dict[str, Any]) -> str:
+    """The ``--dry-run`` report: one line per stage and a total, every figure called an estimate."""
+    lines = [f"dry run: no model called, nothing written. {est['units']} units"
+             + (f" ({est['units_done']} already finished in the run directory)" if est["units_done"] else "")
+             + f", {est['records']} to send to the first stage.",
+             f"{'stage':<28} {'calls':>9} {'prompt tok':>11} {'completion tok':>15}  cost (estimate)"]
+    for r in est["stages"]:
+        per = "" if r["calls_per_record"] == 1 else f" ({r['calls_per_record']:g}/record)"
+        cost = f"${r['cost_usd']:.4f}" if r["cost_usd"] is not None else (f"no price ({r['model']})" if r["price"] is None else "? (tokens unknown)")
+        lines.append(f"{r['stage']:<28} {_num(r['calls']):>9} {_num(r['prompt_tokens']):>11} {_num(r['completion_tokens']):>15}  {cost}{per}")
+    total = est["total_cost_usd"]
+    lines.append(f"{'total':<28} {_num(est['total_calls']):>9} {'':>11} {'':>15}  "
+                 + (f"${total:.4f}" if total is not None else "no price") + (" (priced stages only)" if total is not None and est["unpriced"] else ""))
+    lines.append(f"Estimate: every record is assumed to reach every stage (an upper bound) with the calls per record a stage "
+                 f"declares (1 where it does not say); prompt tokens from the templates rendered for {est['sample']} sample units "
+                 f"at ~{CHARS_PER_TOKEN:g} characters per token; completion tokens at max_tokens (an upper bound); cached calls "
+                 f"would cost nothing and are not subtracted; prices from litellm's table where it lists the model.")
+    return "\n".join(lines)

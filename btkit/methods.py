@@ -120,6 +120,13 @@ class Stage:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "templates": list(self.templates)}
 
+    def calls_per_record(self, options: dict[str, Any]) -> float:
+        """How many model calls this stage makes per record it gets, on average: what ``--dry-run``
+        multiplies the records reaching the stage by (``options`` are the stage's options). An
+        estimate; the default, 1, is right for a stage that makes one call per record. Override it
+        in a stage that makes several (candidates, rounds, one check per constraint)."""
+        return 1.0
+
     async def process(self, record: Record, ctx: StageContext) -> list[Record]:
         raise NotImplementedError
 

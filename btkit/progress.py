@@ -11,11 +11,20 @@ from typing import Any
 
 
 def progress_text(progress: dict[str, Any]) -> str:
-    """The progress bar's counts: records kept and dropped, tokens (and cost) of this invocation's calls."""
-    text = (f"kept={progress['kept']} dropped={progress['dropped']} "
-            f"tokens={_short(progress['tokens_in'])}+{_short(progress['tokens_out'])}")
+    """The progress bar's counts: records kept and dropped, failed calls, tokens (and cost) of this
+    invocation's calls, then the records each stage finished (``augment=12 curate=10``)."""
+    text = f"kept={progress['kept']} dropped={progress['dropped']}"
+    if progress.get("failed"):
+        text += f" failed={progress['failed']}"
+    text += f" tokens={_short(progress['tokens_in'])}+{_short(progress['tokens_out'])}"
     if progress.get("cost_usd"):
         text += f" cost=${progress['cost_usd']:.4f}"
+    stages = progress.get("stages") or {}
+    if stages:
+        names = [label.rsplit(".", 1)[-1] for label in stages]
+        if len(set(names)) < len(names):  # two methods with a stage of one name: keep the method
+            names = list(stages)
+        text += " | " + " ".join(f"{n}={v}" for n, v in zip(names, stages.values()))
     return text
 
 
@@ -26,8 +35,10 @@ def _short(n: int) -> str:
 class Progress:
     """Progress of finished units (in any order) against the units left to do.
 
-    On a terminal: a tqdm bar with rate and ETA. Otherwise (a log file, CI, ``nohup``): one status
-    line every ``every`` seconds, so a stalled server is visible there too. Silent when quiet.
+    On a terminal: a tqdm bar with units done/total, rate and ETA, and :func:`progress_text` (kept,
+    dropped, failed calls, tokens, cost, records per stage). Otherwise (a log file, CI, ``nohup``)
+    no bar, nothing redrawn: one status line every ``every`` seconds ($BTKIT_STATUS_EVERY, default
+    30; 0 for none), so a stalled server is visible there too. Silent when quiet.
     """
 
     def __init__(self, quiet: bool, total: int, every: float):
@@ -67,7 +78,7 @@ class Progress:
 
 
 def status_line(progress: dict[str, Any], elapsed: float) -> str:
-    """``progress: 12/40 units (30%), 0.52 units/s, ETA 54s, kept=... dropped=... tokens=...``"""
+    """``progress: 12/40 units (30%), 0.52 units/s, ETA 54s, kept=... dropped=... failed=... tokens=... cost=... | augment=12 curate=10``"""
     done, total = progress["finished"], progress["total"]
     pct = f" ({100 * done / total:.0f}%)" if total else ""
     rate = done / elapsed if elapsed > 0 else 0.0
