@@ -231,6 +231,16 @@ class Run:
             self.calls.closed = BudgetSpent(self.budget_message(spent))
             self.calls.stop(self.calls.closed)
 
+    def _save_spend(self) -> None:
+        """Add this invocation's paid calls to ``spent.json`` (what ``--max-cost`` counts on the next run:
+        calls of units that were in flight at a stop are paid but in no journal)."""
+        cost = float(self.progress["cost_usd"])
+        if cost <= 0:
+            return
+        before = self.spent_before if self.max_cost is not None else recorded_spend(self.out)
+        atomic_write_json(self.out / SPENT_FILE, {"started": _run_started(self.out), "cost_usd": round(before + cost, 9),
+                                                  "note": "dollars paid for this run's model calls, every invocation"})
+
     def budget_message(self, spent: float) -> str:
         return (f"--max-cost {self.max_cost:g}: ${spent:.6f} spent, the limit is reached; stopped. Finished units are kept in "
                 f"{self.out}: re-run the same command with a higher --max-cost (or without it) to continue "
@@ -303,7 +313,7 @@ class Run:
                 if line:
                     print(line, file=sys.stderr)
         if self.max_cost is not None:
-            self.spent_before = spent_cost(self.out)
+            self.spent_before = max(recorded_spend(self.out), spent_cost(self.out))
             if self.spent_before >= self.max_cost and found.units < n_units:
                 raise BudgetSpent(self.budget_message(self.spent_before))
             self.calls.after_call = self._check_budget
@@ -332,6 +342,7 @@ class Run:
             for backend in self._backends.values():
                 await backend.aclose()  # after every unit unwound (see _stream): llama.cpp frees under no thread
             self.dir.save_elapsed(t0)
+            self._save_spend()
         self._finish_journal()
         os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
         stats = self.stats(time.monotonic() - t0, write_failures=True)
@@ -584,6 +595,28 @@ class Run:
 
 class BudgetSpent(BtkitError):
     """``--max-cost`` reached: the run stopped cleanly, finished units kept; a higher limit continues it."""
+
+
+#: What a run's model calls cost over every invocation (written when a call reported a cost).
+SPENT_FILE = "spent.json"
+
+
+def _run_started(out: Path) -> Any:
+    try:
+        return json.loads((Path(out) / "run.json").read_text(encoding="utf-8")).get("started")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def recorded_spend(out: Path) -> float:
+    """``spent.json``'s dollars, if it belongs to the run now in ``out`` (same start), else 0."""
+    try:
+        d = json.loads((Path(out) / SPENT_FILE).read_text(encoding="utf-8"))
+        if d.get("started") == _run_started(out):
+            return float(d.get("cost_usd") or 0.0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return 0.0
 
 
 def spent_cost(out: Path) -> float:

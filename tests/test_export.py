@@ -273,6 +273,15 @@ def test_report_sections_are_sorted_by_order(registry):
     assert names[0] == "aa-early" and names[-1] == "zz-late"
 
 
+def test_a_run_that_kept_nothing_is_one_error_line(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data.jsonl").write_text("")
+    for fmt in ("hf", "alpaca"):
+        r = cli("export", run, "--format", fmt, "-o", tmp_path / fmt)
+        assert r.exit_code == 2 and r.output.startswith("error:") and "holds no records" in r.output
+
+
 def test_a_method_without_pairs_is_refused_by_chat_formats_and_kept_by_hf(cli, tmp_path):
     datasets = pytest.importorskip("datasets")
     run = tmp_path / "run"
@@ -297,12 +306,15 @@ def test_export_of_a_run_with_the_embedded_model(cli, tmp_path):
                               "pour the tea so that it does not keep steeping in the pot."},
     ])
     out = tmp_path / "run"
-    r = cli("run", "humpback", corpus, "-o", out, "--judge-mode", "rubric", "--threshold", "1", "--max-tokens", "48", "-q")
+    r = cli("run", "humpback", corpus, "-o", out, "--judge-mode", "logprob", "--threshold", "1", "-S", "augment.max_tokens=64", "-q")
     assert r.exit_code == 0, r.output
     data = read_jsonl(out / "data.jsonl")
+    assert data, (out / "stats.json").read_text()
     export(cli, out, "hf", tmp_path / "hf", "--split", "0")
     ds = datasets.load_from_disk(str(tmp_path / "hf"))["train"]
     assert len(ds) == len(data)
     assert [row["instruction"] for row in ds] == [d["instruction"] for d in data]
+    assert all(row["system"] == SYSTEM for row in ds)
     export(cli, out, "sharegpt", tmp_path / "s.jsonl")
-    assert len(jsonl(tmp_path / "s.jsonl")) == len(data)
+    share = jsonl(tmp_path / "s.jsonl")
+    assert [s["conversations"][1]["value"] for s in share] == [d["response"] for d in data]

@@ -251,8 +251,11 @@ def render_card(run: Any, stats: dict[str, Any]) -> str:
 
     lines += ["## How to reproduce", ""]
     command = _command(run)
-    if command:
+    if command.startswith("btkit "):
         lines += ["The command that made this run (from `run.json`):", "", "```bash", command, "```", ""]
+    elif command:  # btkit driven from another program (a test, a notebook): its command line, as recorded
+        lines += ["This run was started from another program; its command line, as `run.json` recorded it:", "",
+                  "```", command, "```", "", "The stages and their settings are listed above.", ""]
     lines += ["Re-running it on the same directory resumes the run (nothing is paid twice: every model call is cached by content); "
               "the same command in a new directory with the same input, models and templates remakes it.", ""]
     return "\n".join(lines)

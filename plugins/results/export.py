@@ -305,8 +305,7 @@ def _table_writer(fmt: str) -> Callable[..., dict[str, Any]]:
         parts = {"train": table_rows(train, bool(options.get("preference")))}
         if val:
             parts["validation"] = table_rows(val, bool(options.get("preference")))
-        dd = datasets.DatasetDict({name: datasets.Dataset.from_list(part) if part else datasets.Dataset.from_dict({})
-                                   for name, part in parts.items()})
+        dd = datasets.DatasetDict({name: datasets.Dataset.from_list(part) for name, part in parts.items()})
         out = Path(out)
         if fmt == "hf":
             dd.save_to_disk(str(out))
@@ -364,6 +363,8 @@ def export_command(run_dir: Path, fmt: str, out: Path | None, split: float | Non
 
     spec = get_registry().export_format(fmt)
     rows = read_run(run_dir)
+    if not rows:  # (a datasets table of no rows does not even load back)
+        raise BtkitError(f"{run_dir}: data.jsonl holds no records (the run kept none); nothing to export")
     if out is None:
         out = Path(run_dir) / "export" / f"{fmt}{'-preference' if preference else ''}{spec.suffix}"
     options = {"split": SPLIT_BY_DEFAULT.get(fmt, 0.0) if split is None else split, "split_seed": split_seed,
