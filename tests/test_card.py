@@ -160,3 +160,14 @@ def test_two_identical_runs_write_the_same_card(cli, tmp_path):
     finally:
         os.chdir(cwd)
     assert cards[0] == cards[1]
+
+
+def test_a_readme_of_the_users_is_never_overwritten(cli, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# my notes\n")
+    _, r = det_run(cli, tmp_path, docs(3))
+    assert r.exit_code == 0, r.output
+    assert (out / "README.md").read_text() == "# my notes\n"
+    front, _ = split_card(out / "dataset-card.md")
+    assert front["license"] == "unknown"

@@ -31,13 +31,33 @@ LANGUAGE_SAMPLE = 200
 _EN_WORDS = frozenset("the and of to a in is that for it with as on are be this by or from which an".split())
 
 
+#: The card's last line: tells a card btkit may rewrite from a README.md of the user's (never overwritten).
+MARKER = "<!-- btkit dataset card: rewritten each time this run finishes -->"
+#: Where the card goes when the run directory holds a README.md that is not btkit's.
+FALLBACK_NAME = "dataset-card.md"
+
+
+def card_path(out: Path) -> Path:
+    """``README.md``, unless the directory holds a README.md btkit did not write (then :data:`FALLBACK_NAME`)."""
+    readme = Path(out) / "README.md"
+    try:
+        if readme.exists() and MARKER not in readme.read_text(encoding="utf-8", errors="replace"):
+            return Path(out) / FALLBACK_NAME
+    except OSError:
+        return Path(out) / FALLBACK_NAME
+    return readme
+
+
 def write_card(run: Any, stats: dict[str, Any]) -> Path | None:
     """Write ``RUN/README.md``; a failure is one warning line, never a failed run."""
     from btkit.io import atomic_write_text
 
     try:
         text = render_card(run, stats)
-        path = Path(run.out) / "README.md"
+        path = card_path(run.out)
+        if path.name != "README.md" and not run.config.quiet:
+            print(f"warning: {run.out}/README.md is not a btkit dataset card; the card is written to {path} instead",
+                  file=sys.stderr)
         atomic_write_text(path, text)
         return path
     except Exception as e:  # noqa: BLE001 (the card must never cost the run)
@@ -73,6 +93,9 @@ def scan_input(path: Path, limit: int | None) -> dict[str, Any]:
                 if rows >= cap:
                     break
                 rows += 1
+                if '"licen' not in line and '"lang' not in line:  # most corpora: no need to parse the line
+                    licenses["unknown"] += 1
+                    continue
                 try:
                     row = json.loads(line)
                 except ValueError:
@@ -257,5 +280,5 @@ def render_card(run: Any, stats: dict[str, Any]) -> str:
         lines += ["This run was started from another program; its command line, as `run.json` recorded it:", "",
                   "```", command, "```", "", "The stages and their settings are listed above.", ""]
     lines += ["Re-running it on the same directory resumes the run (nothing is paid twice: every model call is cached by content); "
-              "the same command in a new directory with the same input, models and templates remakes it.", ""]
+              "the same command in a new directory with the same input, models and templates remakes it.", "", MARKER, ""]
     return "\n".join(lines)
