@@ -318,3 +318,28 @@ def test_export_of_a_run_with_the_embedded_model(cli, tmp_path):
     export(cli, out, "sharegpt", tmp_path / "s.jsonl")
     share = jsonl(tmp_path / "s.jsonl")
     assert [s["conversations"][1]["value"] for s in share] == [d["response"] for d in data]
+
+
+def test_air_preference_rejects_the_last_answer_that_missed_a_constraint():
+    from btkit_plugins.results.export import preference_pairs
+
+    rounds = [{"round": 1, "instruction": "Explain tea.", "answer": "Tea is a drink.", "status": "added", "constraint": "name the temperature"},
+              {"round": 2, "instruction": "Explain tea at 80 C.", "answer": "Brew it at 80 C.", "status": "added", "constraint": "say how long"},
+              {"round": 3, "instruction": "Explain tea at 80 C for 3 min.", "answer": "Brew at 80 C for 3 min.", "status": "none"}]
+    air = {"instruction": "Explain tea at 80 C for 3 min.", "response": "The document.", "system": "",
+           "meta": {"id": "a", "initial_instruction": "Explain tea.", "rounds": rounds}}
+    plain = {"instruction": "x", "response": "y", "system": "", "meta": {"id": "b"}}
+    pairs, skipped = preference_pairs([air, plain])
+    assert skipped == 1 and len(pairs) == 1
+    assert pairs[0]["chosen"] == "The document." and pairs[0]["rejected"] == "Brew it at 80 C."
+
+
+def test_btkit_help_imports_no_datasets():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom btkit.cli import cli\n"
+            "try:\n    cli(['export', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', [m for m in ('datasets', 'pyarrow', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "alpaca" in out.stdout and "HEAVY []" in out.stdout, out.stdout + out.stderr
