@@ -746,12 +746,13 @@ class _ProbeCtx:
     def count(self, key: str, n: int = 1) -> None:
         pass
 
-    def _seen(self, template: str | None, variables: dict[str, Any], completion: int | None, extra_chars: int = 0) -> None:
+    def _seen(self, template: str | None, variables: dict[str, Any], completion: int | None, extra_chars: int = 0,
+              choices: int = 1) -> None:
         chars = extra_chars
         if template is not None:
             prompt = self.prompts.render(template, variables)
             chars += sum(len(str(m.get("content") or "")) for m in prompt.messages) + len(prompt.assistant_prefix or "")
-        self.seen = {"template": template, "prompt_chars": chars, "max_tokens": completion}
+        self.seen = {"template": template, "prompt_chars": chars, "max_tokens": completion, "choices": choices}
         raise _ProbeDone()
 
     async def complete(self, template: str, variables: dict[str, Any], *, parse: Any = None, retries: Any = None,
@@ -760,7 +761,7 @@ class _ProbeCtx:
 
     async def complete_choices(self, template: str, variables: dict[str, Any], records: list[Record], *, parse: Any,
                                retries: Any = None, **params: Any) -> Any:
-        self._seen(template, variables, params.get("max_tokens"))
+        self._seen(template, variables, params.get("max_tokens"), choices=len(records))
 
     async def next_token_logprobs(self, template: str, variables: dict[str, Any], candidates: list[str]) -> Any:
         self._seen(template, variables, 0)
@@ -843,6 +844,10 @@ def estimate_run(config: RunConfig, registry: Registry, sample: int = 5) -> dict
             per_record = 0.0 if no_call else float(stage.calls_per_record(stage.options))
         except Exception:  # noqa: BLE001
             per_record = 1.0
+        if seen and not no_call and type(stage).calls_per_record is Stage.calls_per_record:
+            # a stage that says nothing but asks for N candidates at once: N calls (one per candidate
+            # where the backend cannot sample several in one request, the upper bound)
+            per_record = max(per_record, sum(x.get("choices", 1) for x in seen) / len(seen))
         calls = records * per_record
         spec = run.model_for(stage)
         if no_call:
@@ -861,6 +866,8 @@ def estimate_run(config: RunConfig, registry: Registry, sample: int = 5) -> dict
                      "calls": calls, "prompt_tokens": tokens_in, "completion_tokens": tokens_out,
                      "prompt_tokens_per_call": prompt_tokens, "max_tokens_per_call": completion,
                      "price": price, "cost_usd": cost, "probed": len(seen)})
+        if seen:  # N candidates of one record are N records for the stages after it
+            records *= sum(x.get("choices", 1) for x in seen) / len(seen)
     costs = [r["cost_usd"] for r in rows]
     return {"units": n_units, "units_done": done, "records": alive, "stages": rows, "sample": len(samples),
             "total_calls": sum(r["calls"] for r in rows),

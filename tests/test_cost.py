@@ -125,3 +125,11 @@ def test_progress_text_shows_failures_and_records_per_stage():
     assert text == "kept=2 dropped=1 failed=1 tokens=1200+30 cost=$0.0200 | augment=3 curate=2"
     line = status_line(p, 6.0)
     assert line.startswith("progress: 3/6 units (50%), 0.50 units/s, ETA 6s, ") and line.endswith(text)
+
+
+def test_dry_run_counts_candidates_as_calls_and_records(cli, tmp_path):
+    c = corpus(tmp_path)
+    r = cli("run", "humpback", c, "-o", tmp_path / "o", "--candidates", "3", "--dry-run")
+    assert r.exit_code == 0, r.output
+    calls = {line.split()[0]: line.split()[1] for line in r.output.splitlines() if line.startswith("humpback.")}
+    assert calls == {"humpback.augment": "18", "humpback.curate": "18"}
