@@ -339,16 +339,21 @@ FORMATS: dict[str, tuple[Callable[..., dict[str, Any]], str, str]] = {
 SPLIT_BY_DEFAULT = {"hf": 0.1, "parquet": 0.1}
 
 
-def _format_help() -> str:
-    try:
-        from btkit.plugins import get_registry
+class _ExportCommand(click.Command):
+    """``btkit export``, whose help lists every registered format (plugins' included) with its description."""
 
-        return "; ".join(f"{n}: {f.description}" for n, f in sorted(get_registry().export_formats().items()))
-    except Exception:  # noqa: BLE001 (help text must never fail)
-        return ", ".join(FORMATS)
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        try:
+            from btkit.plugins import get_registry
+
+            rows = [(n, f.description) for n, f in sorted(get_registry().export_formats().items())]
+        except Exception:  # noqa: BLE001 (help must never fail)
+            rows = [(n, d) for n, (_, d, _) in FORMATS.items()]
+        with formatter.section("Formats"):
+            formatter.write_dl(rows)
 
 
-@click.command("export")
+@click.command("export", cls=_ExportCommand)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "-f", "fmt", required=True, help="Export format (see below; plugins may add more).")
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
@@ -376,5 +381,3 @@ def export_command(run_dir: Path, fmt: str, out: Path | None, split: float | Non
     click.echo(f"exported {summary.get('rows', len(rows))} {'pairs' if preference else 'records'} as {fmt}"
                f"{f' ({counts})' if counts else ''} -> {out}", err=True)
 
-
-export_command.help = (export_command.help or "") + "\n\nFormats: " + ", ".join(FORMATS) + "."
