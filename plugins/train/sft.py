@@ -193,6 +193,10 @@ def train_model(rows: list[dict[str, Any]], out_dir: Path, base: str | Path | No
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[progress.as_trainer_callback(TrainerCallback)])
     trainer.remove_callback(PrinterCallback)  # our own progress line says the same, once
+    usable = len(trainer.train_dataset)
+    if usable == 0:  # TRL drops rows whose completion the length cap cut away entirely
+        raise BtkitError(f"{out_dir}: every one of the {len(rows)} rows has its prompt cut by max_length {settings.max_length}, "
+                         "so no response token is left to learn; raise --max-length")
     resume = latest_checkpoint(out_dir)
     if resume is not None and not quiet:
         print(f"resuming training from {resume}", file=sys.stderr)
@@ -209,6 +213,7 @@ def train_model(rows: list[dict[str, Any]], out_dir: Path, base: str | Path | No
         "base_dir": str(base_dir),
         "base_sha256": model_digest(base_dir),
         "model_sha256": model_digest(out_dir),
+        "rows_used": usable,  # rows whose response was cut away entirely by max_length are not trained on
         "steps": trainer.state.global_step,
         "resumed_from": str(resume) if resume else None,
         "train_loss": result.training_loss,

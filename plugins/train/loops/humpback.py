@@ -87,15 +87,15 @@ def run_humpback_loop(registry: Any, corpus: Path, loop_dir: Path, *, seed_file:
             if threshold is not None:
                 curate_stage["threshold"] = threshold
             stats = run_stages(registry, [
-                {"use": "humpback.augment", "model": backward["model"], "shots": 0, "seed_file": str(seed_path),
-                 "max_tokens": max_tokens, "seed": sample_seed, "mix_seed": True},
+                {"use": "humpback.augment", "model": backward["model"], "shots": 0, "seed": str(seed_path),
+                 "max_tokens": max_tokens, "sample_seed": sample_seed, "mix_seed": True},
                 curate_stage,
             ], input=corpus, out_dir=folder, limit=limit, concurrency=concurrency, quiet=quiet,
                 cache_path=cache_path, use_cache=use_cache)
             return {"curator": curator["model"], "curator_sha256": curator["model_sha256"],
                     "augmenter": backward["model"], "augmenter_sha256": backward["model_sha256"],
                     "kept": stats["kept"], "dropped": stats["dropped"], "units": stats["units"],
-                    "drops": stats.get("drop_reasons", {}), "scores": score_histogram(folder / "candidates.jsonl")}
+                    "drops": stats.get("dropped_by_reason", {}), "scores": score_histogram(folder / "candidates.jsonl")}
 
         curated = loop.step(run_name, curate)
         data = loop.path(run_name) / "data.jsonl"
