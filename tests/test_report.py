@@ -352,7 +352,7 @@ def test_scripted_run_page_in_chromium(cli, scripted_run, tmp_path):
 MODEL_RUNS = {
     "humpback": ["--seed", str(EXAMPLES / "seed.jsonl"), "--limit", "2"],
     "kun": ["--seed", str(EXAMPLES / "seed.jsonl"), "--limit", "2"],
-    "air": ["--limit", "2"],
+    "air": ["--limit", "2", "-S", "augment.max_tokens=128", "--rounds", "1"],  # an instruction long enough to be scored
 }
 
 
@@ -396,10 +396,16 @@ def test_report_on_a_real_run(method, model_runs, tmp_path):
     for key in stats["dropped_by_reason"]:
         stage, _, reason = key.rpartition(":")
         assert f"{stage}: {reason}" in page
+    # every score a stage recorded with its threshold gets a histogram with the threshold marked
+    thresholds = {series: t for line in read_jsonl(run_dir / "candidates.jsonl")
+                  for series, (_, t) in rep.record_scores(line.get("meta") or {}).items() if t is not None}
+    for series, t in thresholds.items():
+        assert f"<h3>{series}" in page and f"keep threshold {rep._fmt(t)}" in page
     assert_self_contained(page)
     if os.path.exists(CHROMIUM):
-        img = screenshot(out, tmp_path / f"{method}.png")
-        assert_page_is_rendered(img, (rep.BAR, rep.KEPT), min_headings=4)
+        img = screenshot(out, tmp_path / f"{method}.png", height=4000)
+        drawn = (rep.BAR, rep.KEPT) + ((rep.DROPPED,) if stats["dropped"] else ()) + ((rep.THRESHOLD,) if thresholds else ())
+        assert_page_is_rendered(img, drawn, min_headings=5)
         keep = os.environ.get("BTKIT_KEEP_SCREENSHOTS")
         if keep:  # to look at them: BTKIT_KEEP_SCREENSHOTS=/tmp/shots
             Path(keep).mkdir(parents=True, exist_ok=True)

@@ -371,6 +371,7 @@ def render_overview(run_dir: Path, ctx: dict[str, Any]) -> str | None:
         ["model calls (failed)", f"{stats.get('calls', '-')} ({stats.get('failed_calls', 0)})"],
         ["tokens in / out", f"{stats.get('tokens_in', '-')} / {stats.get('tokens_out', '-')}"],
         ["cost (USD)", stats.get("cost_usd")],
+        ["paid over every invocation (spent.json, USD)", _number(_read_json(run_dir / "spent.json").get("cost_usd")) if run_dir.is_dir() else None],
         ["wall time (s)", stats.get("wall_time_s", run.get("elapsed_s"))],
         ["btkit", stats.get("btkit") or fp.get("btkit")],
     ]
@@ -439,7 +440,7 @@ def render_drops(run_dir: Path, ctx: dict[str, Any]) -> str | None:
     if not reasons:
         reasons = ctx["summary"].reasons
     if not reasons:
-        return '<p class="note">No record was dropped.</p>'
+        return f'<p class="note">{"No record was dropped." if ctx["summary"].records else "The journal holds no record yet."}</p>'
     pairs = [(k, float(v)) for k, v in reasons.most_common()]
     return _barh(pairs, "records dropped", DROPPED, "drops by reason") + table(["stage: reason", "records"], [[k, int(v)] for k, v in pairs])
 
