@@ -10,6 +10,9 @@ Shape of a run directory:
   signals between pages), and a last unit with fewer lines than announced is cut and redone.
 - ``data.jsonl`` appears only when a run is complete (written as ``data.jsonl.partial`` while it
   runs, then renamed), so a reader never mistakes a half-written file for a finished one.
+- ``spent.json`` (only when a backend reports costs) adds up what every invocation's calls cost,
+  which ``--max-cost`` counts against; plugins add their own files at the end (the results
+  plugin's dataset card, ``README.md``).
 - ``run.json`` records the settings, written first; re-running the same command continues the
   run. Finished units are always the first N of the deterministic unit stream, so resuming skips
   N units in constant memory, after checking that their ids and contents hash the same (an input
