@@ -326,6 +326,12 @@ def test_report_of_eval_judge_json(cli, eval_json, tmp_path):
             assert f"{kind} (AUC" in page
     assert "all negatives (AUC" in page and page.count("<svg") == 3
     assert_self_contained(page)
+    # one mode's report (what eval-judge writes for a single --judge-mode) works the same way
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(payload["modes"][0]))
+    assert cli("report", single).exit_code == 0
+    page = single.with_suffix(".html").read_text()
+    assert headings(page) == ["Judge evaluation", "ROC curve", "Score distributions per negative kind"] and page.count("<svg") == 2
 
 
 @needs_chromium

@@ -1,7 +1,7 @@
 """``btkit report``: one self-contained HTML page about a run directory or an ``eval-judge --json`` file.
 
-The page holds everything it shows: plots are inline SVG made with matplotlib (Agg, imported only
-when a plot is drawn), styles are one inline ``<style>``, and there is no script, font, image or
+The page holds everything it shows: plots are inline SVG made with matplotlib (figures drawn
+without a display, imported only when a plot is drawn), styles are one inline ``<style>``, and there is no script, font, image or
 link to fetch, so it opens offline and can be mailed or attached to an issue as one file.
 
 What a run shows is read from the run itself, never from a table of methods: stage labels and their
@@ -29,6 +29,7 @@ import math
 import random
 import sys
 from pathlib import Path
+from array import array
 from typing import Any, Callable, Iterator
 
 import click
@@ -178,9 +179,10 @@ class Summary:
         for name in ("instruction", "response"):
             n = _words(fields.get(name))
             if n is not None:
-                self.lengths.setdefault(name, {"kept": [], "dropped": []})[status].append(n)
+                self.lengths.setdefault(name, {"kept": array("l"), "dropped": array("l")})[status].append(n)
         for series, (value, threshold) in record_scores(meta).items():
-            s = self.scores.setdefault(series, {"kept": [], "dropped": [], "thresholds": collections.Counter(), "stages": collections.Counter()})
+            s = self.scores.setdefault(series, {"kept": array("d"), "dropped": array("d"), "thresholds": collections.Counter(),
+                                                "stages": collections.Counter()})
             s[status].append(value)
             if threshold is not None:
                 s["thresholds"][threshold] += 1
@@ -229,7 +231,7 @@ def load_context(path: Path, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> dic
       (cells escaped unless they are :class:`Markup`); ``colours``: the palette;
     - for a run: ``run`` (run.json), ``stats`` (stats.json, or counted from the journal while the run
       is unfinished), ``complete`` (bool), ``labels`` (stage labels in order), ``stage_options``,
-      ``summary`` (:class:`Summary`), ``failures`` (the lines of failures.jsonl) and
+      ``summary`` (:class:`Summary`), ``iter_failures()`` (a pass over failures.jsonl) and
       ``iter_candidates()`` (a fresh pass over candidates.jsonl);
     - for eval-judge: ``results`` (one report dict per judge mode).
     """
@@ -262,7 +264,7 @@ def load_context(path: Path, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> dic
     for line in iter_jsonl(journal):
         summary.add(line)
     ctx.update(kind="run", run=run, stats=stats, complete=complete, labels=stage_labels(run, stats),
-               stage_options=stage_options(run), summary=summary, failures=list(iter_jsonl(path / "failures.jsonl")),
+               stage_options=stage_options(run), summary=summary, iter_failures=lambda: iter_jsonl(path / "failures.jsonl"),
                iter_candidates=lambda: iter_jsonl(journal))
     return ctx
 
@@ -298,10 +300,13 @@ def table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (no display), imported on first use."""
+    """``matplotlib.pyplot`` for sections that like it, on the Agg backend (no display) unless the
+    process chose a backend before (a notebook's is left alone). The built-in plots use
+    :class:`matplotlib.figure.Figure` directly: no global figure state."""
     import matplotlib
 
-    matplotlib.use("Agg", force=True)
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -320,7 +325,8 @@ def svg(fig: Any, alt: str = "") -> str:
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"btkit-report-{_SVG_COUNT[0]}"}):
         fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
-    pyplot().close(fig)
+    if "matplotlib.pyplot" in sys.modules:  # a figure a section made with pyplot is released
+        sys.modules["matplotlib.pyplot"].close(fig)
     text = buf.getvalue()
     start = text.find("<svg")
     label = f' role="img" aria-label="{html.escape(alt)}"' if alt else ""
@@ -328,8 +334,10 @@ def svg(fig: Any, alt: str = "") -> str:
 
 
 def _figure(width: float = 7.5, height: float = 3.2, ncols: int = 1):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(1, ncols, squeeze=False)
     for ax in axes[0]:
         ax.spines["top"].set_visible(False)
         ax.spines["right"].set_visible(False)
@@ -479,7 +487,7 @@ def render_scores(run_dir: Path, ctx: dict[str, Any]) -> str | None:
         else:
             n = min(30, max(5, int(math.sqrt(len(values))) + 1))
             bins = [lo + (hi - lo) * i / n for i in range(n + 1)] if hi > lo else [lo - 0.5, lo + 0.5]
-        ax.hist([s["kept"], s["dropped"]], bins=bins, stacked=True, color=[KEPT, DROPPED], label=[f"kept ({len(s['kept'])})", f"dropped ({len(s['dropped'])})"])
+        ax.hist([list(s["kept"]), list(s["dropped"])], bins=bins, stacked=True, color=[KEPT, DROPPED], label=[f"kept ({len(s['kept'])})", f"dropped ({len(s['dropped'])})"])
         if threshold is not None:
             ax.axvline(threshold, color=THRESHOLD, linestyle="--", linewidth=2, label=f"keep threshold {_fmt(threshold)}")
         for cutoff in ctx["summary"].keep_top_cutoffs if series == "score" else ():
@@ -508,7 +516,7 @@ def render_lengths(run_dir: Path, ctx: dict[str, Any]) -> str | None:
         d = lengths[name]
         both = d["kept"] + d["dropped"]
         bins = min(30, max(5, int(math.sqrt(len(both))) + 1))
-        ax.hist([d["kept"], d["dropped"]], bins=bins, stacked=True, color=[KEPT, DROPPED], label=["kept", "dropped"])
+        ax.hist([list(d["kept"]), list(d["dropped"])], bins=bins, stacked=True, color=[KEPT, DROPPED], label=["kept", "dropped"])
         ax.set_xlabel(f"{name} length (words)")
         ax.set_ylabel("records")
         ax.legend(fontsize=8, frameon=False)
@@ -563,7 +571,13 @@ def _failure_kind(line: dict[str, Any]) -> str:
 def render_failures(run_dir: Path, ctx: dict[str, Any]) -> str | None:
     if ctx["kind"] != "run":
         return None
-    kinds: collections.Counter = collections.Counter(_failure_kind(f) for f in ctx["failures"])
+    kinds: collections.Counter = collections.Counter()
+    examples = {}  # the first failure of each kind
+    for f in ctx["iter_failures"]():
+        kind = _failure_kind(f)
+        kinds[kind] += 1
+        if kind not in examples:
+            examples[kind] = [kind, f.get("id"), _clip(str(f.get("error") or "")), _clip(str(f.get("raw") or ""), 300)]
     parse: collections.Counter = collections.Counter()
     for label, st in (ctx["stats"].get("stages") or {}).items():
         for reason, n in (st.get("parse_failures") or {}).items():
@@ -573,16 +587,8 @@ def render_failures(run_dir: Path, ctx: dict[str, Any]) -> str | None:
     pairs = [(k, float(v)) for k, v in (kinds + parse).most_common()]
     out = _barh(pairs, "count", DROPPED, "failures by kind")
     out += table(["kind", "count"], [[k, int(v)] for k, v in pairs])
-    if ctx["failures"]:
-        examples = []
-        seen = set()
-        for f in ctx["failures"]:
-            kind = _failure_kind(f)
-            if kind in seen:
-                continue
-            seen.add(kind)
-            examples.append([kind, f.get("id"), _clip(str(f.get("error") or "")), _clip(str(f.get("raw") or ""), 300)])
-        out += "<h3>One failure of each kind</h3>" + table(["kind", "record", "error", "raw reply"], examples)
+    if examples:
+        out += "<h3>One failure of each kind</h3>" + table(["kind", "record", "error", "raw reply"], list(examples.values()))
     if parse:
         out += ('<p class="note">Unparseable replies are counted per call (retried calls included); a record is dropped only '
                 "when its last attempt fails.</p>")
@@ -749,7 +755,6 @@ def render_roc(path: Path, ctx: dict[str, Any]) -> str | None:
         ax.set_title(f"mode {_mode_name(r)}", fontsize=10)
         ax.legend(fontsize=7, frameon=False, loc="lower right")
     if not drawn:
-        pyplot().close(fig)
         return '<p class="note">No ROC curve: the items hold only one class.</p>'
     return svg(fig, "ROC curves") + ('<p class="note">Only the first three modes are drawn.</p>' if len(results) > 3 else "")
 
@@ -922,9 +927,10 @@ def report_command(run_dir: Path, output: Path | None, sample: int, seed: int) -
     """Write one self-contained HTML page about a run directory (or an 'eval-judge --json' file).
 
     The page shows records through each stage, drops by reason, score histograms with the keep
-    threshold, instruction and response lengths, tokens, cost and time per stage, failures by kind
-    and a sample of kept and dropped records with their lineage; for eval-judge JSON, ROC curves and
-    score distributions per negative kind. Plots are inline SVG: the page needs no network.
+    threshold, instruction and response lengths, calls, tokens and cost per stage with the run's
+    time, failures by kind and a sample of kept and dropped records with their lineage; for
+    eval-judge JSON, ROC curves and score distributions per negative kind. Plots are inline SVG:
+    the page needs no network.
     """
     try:
         import matplotlib  # noqa: F401
