@@ -69,3 +69,15 @@ def words(n: int, start: int = 0) -> str:
     """A deterministic text of n distinct-ish words (for segment length tests)."""
     vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon".split()
     return " ".join(f"{vocab[(start + i) % len(vocab)]}{(start + i) // len(vocab)}" for i in range(n))
+
+
+@pytest.fixture(scope="session")
+def hf_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded GGUF dequantized once per test session into an HF model folder (training starts here).
+
+    Every test has its own BTKIT_CACHE_DIR, which would otherwise convert the GGUF again (~25 s) per test.
+    """
+    pytest.importorskip("transformers")
+    from btkit_plugins.train.base_model import hf_model_dir
+
+    return hf_model_dir(None, cache_dir=tmp_path_factory.mktemp("hf-models"))

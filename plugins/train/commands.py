@@ -125,7 +125,7 @@ def _finish(report: dict[str, Any], out_dir: Path) -> None:
     click.echo(f"loop complete -> {out_dir}/report.json", err=True)
 
 
-@loop_group.command("humpback")
+@click.command("humpback")
 @click.argument("corpus", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--seed", "seed_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, help="Seed pairs (JSONL of instruction/response); default: btkit's three hand-written pairs.")
 @click.option("--iterations", type=click.IntRange(1, 10), default=2, show_default=True, help="Curate-and-train iterations after M0 (2: M1 and M2, as in the paper).")
@@ -148,14 +148,26 @@ def loop_humpback(corpus: Path, out_dir: Path, **params: Any) -> None:
 
 
 def _add_common(command: click.Command) -> None:
-    command.params[1:1] = list(LOOP_COMMON) + list(TRAIN_OPTIONS)
+    """Every loop takes the loop directory, run and training options after its first argument (once)."""
+    if not getattr(command, "_btkit_common", False):
+        command.params[1:1] = list(LOOP_COMMON) + list(TRAIN_OPTIONS)
+        command._btkit_common = True  # type: ignore[attr-defined]
 
-
-_add_common(loop_humpback)
 
 
 def register(cli: Any) -> None:
-    """Add the finetune plugin's commands (and the loops of the loop modules that exist)."""
+    """Add the finetune plugin's commands: train, loop (with every loop) and export-gguf."""
+    import importlib
+
+    loops = [loop_humpback]
+    for module, name in (("self_lengthen", "loop_self_lengthen"), ("cycle_instruct", "loop_cycle_instruct")):  # TEMP until both exist
+        try:
+            loops.append(getattr(importlib.import_module(f"{__package__}.loops.{module}"), name))
+        except (ModuleNotFoundError, AttributeError):
+            pass
+    for command in loops:
+        _add_common(command)
+        loop_group.add_command(command)
     cli.add_command(train_command)
     cli.add_command(loop_group)
     from .gguf_export import export_gguf_command

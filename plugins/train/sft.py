@@ -156,6 +156,12 @@ def train_model(rows: list[dict[str, Any]], out_dir: Path, base: str | Path | No
     except ImportError as e:
         raise BtkitError(f"finetuning needs the train extra: pip install 'btkit[train]' ({e})") from None
 
+    if quiet or not sys.stderr.isatty():  # datasets' and transformers' own bars: one per map and save
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
     base_dir = hf_model_dir(base)
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
