@@ -274,6 +274,32 @@ def test_record_scores_reads_scores_thresholds_and_verdicts():
     assert rep.record_scores({"score": float("nan"), "x": {"score": True}}) == {}
 
 
+def test_a_run_read_from_its_files_alone_with_option_thresholds(cli, tmp_path):
+    """No method is looked up: a stage this btkit has never heard of, its labels, reasons and a measure
+    (``meta.gain``) thresholded by its ``min_gain`` option are all read from the run directory."""
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"fingerprint": {"model": "x:y", "stages": [
+        {"method": "zeta", "stage": "ask", "options": {}}, {"method": "zeta", "stage": "gate", "options": {"min_gain": 0.25}}]}}))
+    lines = []
+    for i in range(40):
+        gain = round(-0.5 + i * 0.03, 3)
+        kept = gain >= 0.25
+        lines.append({"id": f"u{i}", "source_id": f"s{i}", "unit_seq": i, "unit": f"s{i}", "status": "kept" if kept else "dropped",
+                      "dropped_at": None if kept else "zeta.gate", "reason": None if kept else "low_gain",
+                      "fields": {"instruction": f"Question {i}?", "response": words(10 + i)}, "meta": {"gain": gain},
+                      "lineage": [{"step": f"u{i}/zeta.ask/0", "stage": "zeta.ask", "kind": "chat", "model": "x:y", "tokens": [5, 7]},
+                                  {"step": f"u{i}/zeta.gate/1", "stage": "zeta.gate", "kind": "score_continuation", "model": "x:y", "tokens": [9, 0]}]})
+    write_jsonl(out / "candidates.jsonl", lines)
+    r = cli("report", out, "-o", tmp_path / "f.html")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "f.html").read_text()
+    assert "zeta.ask → zeta.gate" in page and "zeta.gate: low_gain" in page
+    assert "<td>zeta.gate</td><td>40</td><td>15</td><td>25</td>" in page  # counted from the journal (no stats.json)
+    assert "<h3>gain</h3>" in page and "keep threshold 0.25 (keep &gt;=)" in page and "run.json: min_gain" in page
+    assert rep.option_thresholds({"a": {"max_perplexity": 80, "min_words": None, "max_name": "x"}}) == {"perplexity": (80.0, "<=")}
+
+
 # -- eval-judge JSON ---------------------------------------------------------------------------------
 def test_roc_points_match_eval_judges_auc():
     from btkit_plugins.commands.eval_judge import roc_auc

@@ -139,6 +139,31 @@ def record_scores(meta: dict[str, Any]) -> dict[str, tuple[float, float | None]]
     return found
 
 
+#: Measures stages record at the top of ``meta`` under these names (the kit's ROUGE-L, likelihood
+#: gain, perplexity) are plotted like scores, without a threshold unless an option gives one.
+METRIC_KEYS = ("rouge_l", "gain", "perplexity")
+
+
+def option_thresholds(options: dict[str, dict[str, Any]]) -> dict[str, tuple[float, str]]:
+    """``{meta key: (threshold, ">=" or "<=")}`` from numeric ``min_KEY``/``max_KEY`` stage options in
+    run.json (``--min-gain 0.1`` keeps ``meta.gain >= 0.1``; ``--max-perplexity`` keeps ``meta.perplexity <=``)."""
+    out: dict[str, tuple[float, str]] = {}
+    for opts in options.values():
+        for key, value in opts.items():
+            if key.startswith(("min_", "max_")) and (v := _number(value)) is not None:
+                out.setdefault(key[4:], (v, ">=" if key.startswith("min_") else "<="))
+    return out
+
+
+def measured(meta: dict[str, Any], linked: dict[str, tuple[float, str]]) -> dict[str, tuple[float, float | None]]:
+    """:func:`record_scores` plus the top-level measures of :data:`METRIC_KEYS` and those an option thresholds."""
+    found = record_scores(meta)
+    for key in (*METRIC_KEYS, *linked):
+        if key not in found and (v := _number(meta.get(key))) is not None:
+            found[key] = (v, linked[key][0] if key in linked else None)
+    return found
+
+
 def _words(text: Any) -> int | None:
     return len(text.split()) if isinstance(text, str) else None
 
@@ -147,8 +172,10 @@ class Summary:
     """What the report needs from ``candidates.jsonl``, gathered in one pass with bounded memory
     (lengths and scores are numbers; the record sample is a seeded reservoir)."""
 
-    def __init__(self, sample: int = DEFAULT_SAMPLE, seed: int = 0):
+    def __init__(self, sample: int = DEFAULT_SAMPLE, seed: int = 0, linked: dict[str, tuple[float, str]] | None = None):
         self.sample_size = sample
+        #: Meta keys a stage option thresholds (:func:`option_thresholds`).
+        self.linked = dict(linked or {})
         self.rng = random.Random(seed)
         self.records = 0
         self.status: collections.Counter = collections.Counter()
@@ -180,7 +207,7 @@ class Summary:
             n = _words(fields.get(name))
             if n is not None:
                 self.lengths.setdefault(name, {"kept": array("l"), "dropped": array("l")})[status].append(n)
-        for series, (value, threshold) in record_scores(meta).items():
+        for series, (value, threshold) in measured(meta, self.linked).items():
             s = self.scores.setdefault(series, {"kept": array("d"), "dropped": array("d"), "thresholds": collections.Counter(),
                                                 "stages": collections.Counter()})
             s[status].append(value)
@@ -260,7 +287,7 @@ def load_context(path: Path, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> dic
             stats = {"status": "unfinished", "model": (run.get("fingerprint") or {}).get("model"), **journal_stats(journal, labels)}
         except Exception as e:  # noqa: BLE001 (a damaged journal: show what the records give)
             stats = {"status": f"unfinished (journal not countable: {e})"}
-    summary = Summary(sample, seed)
+    summary = Summary(sample, seed, linked=option_thresholds(stage_options(run)))
     for line in iter_jsonl(journal):
         summary.add(line)
     ctx.update(kind="run", run=run, stats=stats, complete=complete, labels=stage_labels(run, stats),
@@ -455,6 +482,10 @@ def render_drops(run_dir: Path, ctx: dict[str, Any]) -> str | None:
 
 def _threshold(series: str, s: dict[str, Any], ctx: dict[str, Any]) -> tuple[float | None, str]:
     """The keep threshold of a score series and where it came from."""
+    linked = ctx["summary"].linked
+    if series in linked:
+        value, keep = linked[series]
+        return value, f"run.json: {'min' if keep == '>=' else 'max'}_{series}"
     if s["thresholds"]:
         value, _ = s["thresholds"].most_common(1)[0]
         return value, "recorded with the scores"
@@ -489,7 +520,8 @@ def render_scores(run_dir: Path, ctx: dict[str, Any]) -> str | None:
             bins = [lo + (hi - lo) * i / n for i in range(n + 1)] if hi > lo else [lo - 0.5, lo + 0.5]
         ax.hist([list(s["kept"]), list(s["dropped"])], bins=bins, stacked=True, color=[KEPT, DROPPED], label=[f"kept ({len(s['kept'])})", f"dropped ({len(s['dropped'])})"])
         if threshold is not None:
-            ax.axvline(threshold, color=THRESHOLD, linestyle="--", linewidth=2, label=f"keep threshold {_fmt(threshold)}")
+            keep = ctx["summary"].linked[series][1] if series in ctx["summary"].linked else ">="
+            ax.axvline(threshold, color=THRESHOLD, linestyle="--", linewidth=2, label=f"keep threshold {_fmt(threshold)} (keep {keep})")
         for cutoff in ctx["summary"].keep_top_cutoffs if series == "score" else ():
             ax.axvline(cutoff, color=THRESHOLD, linestyle=":", linewidth=2, label=f"keep-top cutoff {_fmt(cutoff)}")
         ax.set_xlabel(series)
