@@ -111,8 +111,11 @@ def render_record(line: dict[str, Any], limit: int | None, show_lineage: bool = 
     steps = [s for s in (line.get("lineage") or []) if isinstance(s, dict)]
     if steps and show_lineage:
         lin = Table(title=f"lineage ({len(steps)} step{'s' if len(steps) != 1 else ''})", title_justify="left", show_lines=True, expand=True)
-        for col, ratio in (("#", None), ("stage", 1), ("call", 1), ("template", 1), ("result", 4)):
-            lin.add_column(col, overflow="fold", no_wrap=col == "#", ratio=ratio)
+        # what the step was (stage, call, template: one per line) beside what it returned, which takes the room left
+        meta_width = min(34, max(len(str(s.get(k) or "")) + (9 if k == "template" else 0) for s in steps for k in ("stage", "template")) + 2)
+        lin.add_column("#", no_wrap=True)
+        lin.add_column("step", overflow="fold", width=max(16, meta_width))
+        lin.add_column("result", overflow="fold", ratio=1)
         for i, s in enumerate(steps, 1):
             call = " ".join(x for x in (str(s.get("kind") or ""), str(s.get("model") or "")) if x)
             flags = []
@@ -142,7 +145,11 @@ def render_record(line: dict[str, Any], limit: int | None, show_lineage: bool = 
             if s.get("logprobs") is not None and s.get("raw") is None:
                 result.append("logprobs: ", style="dim")
                 result.append(_text(s["logprobs"], limit))
-            lin.add_row(str(i), Text(str(s.get("stage") or "")), Text(call), Text(template), result)
+            step = Text(str(s.get("stage") or ""), style="bold")
+            step.append(f"\n{call}")
+            if template:
+                step.append(f"\n{template}", style="dim")
+            lin.add_row(str(i), step, result)
         parts.append(lin)
     return Panel(Group(*parts), title=title, title_align="left", border_style="green" if kept else "red")
 
