@@ -138,9 +138,9 @@ class TransformersBackend(Backend):
     # -- model -------------------------------------------------------------------------------
     def load(self):
         """(model, tokenizer), loaded on first use."""
-        if self._closed:
-            raise BackendError(f"{self.spec}: the backend was closed (the run is ending)")
         if self._model is None:
+            if self._closed:  # a call in flight when aclose came keeps its model; a later one gets none
+                raise BackendError(f"{self.spec}: the backend was closed (the run is ending)")
             try:
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
