@@ -42,7 +42,7 @@ def screenshot(page: Path, out: Path, height: int = 3000) -> "np.ndarray":  # no
 
     profile = out.parent / f"{out.stem}-profile"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
            f"--window-size=1200,{height}", f"--screenshot={out}", page.resolve().as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.exists(), f"chromium wrote no screenshot (rc {r.returncode}): {r.stderr[-2000:]}"
@@ -54,7 +54,7 @@ def screenshot(page: Path, out: Path, height: int = 3000) -> "np.ndarray":  # no
 def dump_dom(page: Path, tmp: Path) -> str:
     """The DOM Chromium built from the page (what a browser makes of it, not what we wrote)."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp / 'dom-profile'}",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'dom-profile'}",
            "--dump-dom", page.resolve().as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
