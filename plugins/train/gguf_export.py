@@ -10,7 +10,11 @@ tensor-name map (``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.we
 llama.cpp's rotary permutation of the Q and K projections re-applied (transformers undid it when
 it read the GGUF: ``LlamaModel.permute`` in llama.cpp's converter), 1-D tensors (norms) in F32 as
 llama.cpp's converter writes them, matrices in F16 or, with ``--type q8_0``, quantized by gguf's
-numpy Q8_0 quantizer (a matrix whose rows do not split into 32-value blocks stays F16).
+numpy Q8_0 quantizer (a matrix whose rows do not split into 32-value blocks stays F16). The smaller
+types (``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q4_k_m``, ``q5_k_m``, ``q6_k``) go through llama.cpp's
+own quantizer (``llama_model_quantize`` in llama-cpp-python) from the F16 file, which picks the
+per-tensor types as llama-quantize does (e.g. a k-quant falls back where rows are not a multiple
+of 256, as SmolLM2's 576-wide ones are).
 
 Refused, in one line, before anything is written: an architecture other than llama's (another
 architecture needs its own tensor fix-ups, e.g. Gemma's norm offset, which this does not know), a
@@ -30,7 +34,11 @@ import click
 
 from btkit.errors import BtkitError
 
-OUT_TYPES = ("f16", "q8_0")
+#: Types written here with the gguf package.
+GGUF_TYPES = ("f16", "q8_0")
+#: Types llama.cpp's quantizer makes from the F16 file (llama_cpp.LLAMA_FTYPE_MOSTLY_<NAME>).
+LLAMA_QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
+OUT_TYPES = GGUF_TYPES + LLAMA_QUANT_TYPES
 #: HF ``model_type`` values whose weights llama.cpp's ``llama`` architecture runs (its converter's LlamaModel).
 LLAMA_MODEL_TYPES = ("llama", "mistral")
 
@@ -156,13 +164,8 @@ def export_gguf(model_dir: Path, like: Path | str | None = None, out: Path | Non
 
     ``like``: the GGUF the model was trained from (its metadata and tokenizer are copied), the
     embedded model when None. ``out``: the file to write, ``<model_dir>.<out_type>.gguf`` beside the
-    folder when None. Returns the path written.
+    folder when None. ``out_type``: one of :data:`OUT_TYPES`. Returns the path written.
     """
-    try:
-        import gguf
-        import numpy as np
-    except ImportError as e:
-        raise BtkitError(f"export-gguf needs the train extra: pip install 'btkit[train]' ({e})") from None
     model_dir = Path(model_dir)
     out_type = out_type.lower()
     if out_type not in OUT_TYPES:
@@ -171,6 +174,47 @@ def export_gguf(model_dir: Path, like: Path | str | None = None, out: Path | Non
         raise BtkitError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     like = resolve_like(like)
     out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}.{out_type}.gguf"
+    if out_type in GGUF_TYPES:
+        return _write(model_dir, like, out, out_type)
+    f16 = out.with_name(f".{out.name}.{os.getpid()}.f16.tmp")
+    try:
+        _write(model_dir, like, f16, "f16")
+        return _llama_quantize(f16, out, out_type)
+    finally:
+        f16.unlink(missing_ok=True)
+
+
+def _llama_quantize(source: Path, out: Path, out_type: str) -> Path:
+    """``source`` (a GGUF) quantized to ``out_type`` by llama.cpp, written to ``out`` through a temporary file."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    from btkit_plugins.backends.llamacpp import default_threads
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{out_type.upper()}")
+    params.nthread = default_threads()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with suppress_stdout_stderr(disable=False):
+            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise BtkitError(f"llama.cpp could not quantize {source.name} to {out_type} (llama_model_quantize returned {rc})")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write(model_dir: Path, like: Path, out: Path, out_type: str) -> Path:
+    """The gguf-package writer behind :func:`export_gguf` (``out_type`` f16 or q8_0)."""
+    try:
+        import gguf
+        import numpy as np
+    except ImportError as e:
+        raise BtkitError(f"export-gguf needs the train extra: pip install 'btkit[train]' ({e})") from None
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     reader = read_gguf(like)
     arch = check_compatible(config, reader, model_dir, like)
@@ -255,7 +299,7 @@ def export_gguf(model_dir: Path, like: Path | str | None = None, out: Path | Non
 @click.option("--like", default=None, metavar="SOURCE.gguf",
               help="The GGUF the model was trained from: its metadata, tokenizer and chat template are copied. Default: the embedded SmolLM2-135M.")
 @click.option("--type", "out_type", type=click.Choice(OUT_TYPES, case_sensitive=False), default="f16", show_default=True,
-              help="Weight type of the matrices (norms stay F32).")
+              help="Weight type of the matrices (norms stay F32): f16 and q8_0 written here, the others by llama.cpp's quantizer from the F16 file.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The GGUF file to write. Default: MODEL_DIR.TYPE.gguf beside the folder.")
 def export_gguf_command(model_dir: Path, like: str | None, out_type: str, out: Path | None) -> None:
