@@ -201,18 +201,28 @@ def test_parity_transformers_and_llamacpp_after_f16_export(hf_dir, f16_file):
 @pytest.mark.slow
 def test_q8_0_export_through_the_command(hf_dir, f16_file, tmp_path):
     """The command writes Q8_0 matrices (norms F32) that dequantize to the F16 file's weights within
-    Q8_0's rounding, and llama.cpp reads it with logprobs within its 8-bit kernels' error."""
+    Q8_0's rounding, and llama.cpp reads it with logprobs within its 8-bit kernels' error. The
+    folder's own chat template (here: edited) replaces the source's."""
     import gguf
 
     from btkit_plugins.backends.llamacpp import LlamaCppBackend
     from btkit_plugins.backends.transformers_backend import TransformersBackend
     from btkit_plugins.train.gguf_export import export_gguf_command
 
+    folder = tmp_path / "model"  # the same weights, another template
+    folder.mkdir()
+    for f in hf_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "chat_template.jinja").unlink()
+    template = (hf_dir / "chat_template.jinja").read_text() + "{# trained with this one #}"
+    (folder / "chat_template.jinja").write_text(template)
     out = tmp_path / "smol.q8_0.gguf"
-    r = CliRunner().invoke(export_gguf_command, [str(hf_dir), "--type", "q8_0", "-o", str(out)])
+    r = CliRunner().invoke(export_gguf_command, [str(folder), "--type", "q8_0", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert f"llamacpp:{out}" in r.output
     q8, f16 = gguf.GGUFReader(str(out)), {t.name: t for t in gguf.GGUFReader(str(f16_file)).tensors}
+    assert q8.get_field("tokenizer.chat_template").contents() == template
+    assert gguf.GGUFReader(str(f16_file)).get_field("tokenizer.chat_template").contents() != template
     for t in q8.tensors:
         ref = np.asarray(f16[t.name].data, dtype=np.float32)
         if len(t.shape) == 1:

@@ -4,7 +4,8 @@ llama.cpp's own converter (``convert_hf_to_gguf.py``) is in no installed wheel, 
 file with the ``gguf`` package, for the case btkit makes: a finetune of the same architecture and
 tokenizer as a source GGUF (``--like``, the embedded SmolLM2-135M by default). Everything that is
 not a trained weight comes from that source: its metadata and tokenizer (vocabulary, merges, special
-tokens, chat template) are copied key by key, and its tensor list says which tensors to write, in
+tokens) are copied key by key (the chat template too, unless the folder has its own: that one is
+what ``transformers:`` formats with, so it wins), and its tensor list says which tensors to write, in
 which order and shape. The weights come from the folder's safetensors, renamed with gguf's
 tensor-name map (``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``), with
 llama.cpp's rotary permutation of the Q and K projections re-applied (transformers undid it when
@@ -122,6 +123,20 @@ def _hf_vocab(model_dir: Path) -> list[str] | None:
     if not by_id:
         return None
     return [by_id.get(i, "") for i in range(max(by_id) + 1)]
+
+
+def folder_chat_template(model_dir: Path) -> str | None:
+    """The chat template the folder's tokenizer uses (``chat_template.jinja``, else a string in
+    ``tokenizer_config.json``): what ``transformers:`` formats with, so the GGUF gets it too."""
+    path = model_dir / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
 
 
 def check_compatible(config: dict[str, Any], reader: Any, model_dir: Path, like: Path) -> str:
@@ -258,13 +273,18 @@ def _write(model_dir: Path, like: Path, out: Path, out_type: str) -> Path:
     if alignment is not None:
         writer.data_alignment = alignment
     file_type = gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    template = folder_chat_template(model_dir)
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
             continue  # written by GGUFWriter itself
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         value = int(file_type) if field.name == "general.file_type" else field.contents()
+        if field.name == "tokenizer.chat_template" and template is not None:
+            value, template = template, None
         writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+    if template is not None:
+        writer.add_chat_template(template)
     if _field(reader, "general.file_type") is None:
         writer.add_file_type(int(file_type))
     q8 = gguf.GGMLQuantizationType.Q8_0
