@@ -317,7 +317,7 @@ def _write(model_dir: Path, like: Path, out: Path, out_type: str) -> Path:
 @click.command("export-gguf")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--like", default=None, metavar="SOURCE.gguf",
-              help="The GGUF the model was trained from: its metadata, tokenizer and chat template are copied. Default: the embedded SmolLM2-135M.")
+              help="The GGUF the model was trained from: its metadata and tokenizer are copied (the folder's own chat template wins). Default: the embedded SmolLM2-135M.")
 @click.option("--type", "out_type", type=click.Choice(OUT_TYPES, case_sensitive=False), default="f16", show_default=True,
               help="Weight type of the matrices (norms stay F32): f16 and q8_0 written here, the others by llama.cpp's quantizer from the F16 file.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
