@@ -10,45 +10,20 @@ written under a temporary name and renamed into place, so a kill leaves no half-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from btkit.errors import BtkitError
-from btkit.kit.models import embedded_model_path
+from btkit.kit.models import embedded_model_path, file_digest, model_digest
 
-#: Files whose bytes decide what a model folder computes (weights, config, tokenizer).
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
-
+__all__ = ["cache_root", "hf_model_dir", "model_digest", "resolve_gguf"]
 
 def cache_root() -> Path:
     """Where converted models live: next to btkit's call cache."""
     base = os.environ.get("BTKIT_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "btkit")
     return Path(base) / "hf-models"
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_digest(model_dir: Path) -> str:
-    """sha256 over a model folder's weight, config and tokenizer files (names and bytes), for lineage.
-
-    Training metadata files btkit writes (``training.json``) are left out, so the digest names what the
-    model computes, not how it was made.
-    """
-    h = hashlib.sha256()
-    for p in sorted(Path(model_dir).iterdir()):
-        if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES and p.name not in ("training.json", "source.json"):
-            h.update(p.name.encode() + b"\0")
-            h.update(file_digest(p).encode())
-    return h.hexdigest()
 
 
 def resolve_gguf(base: str | Path | None) -> Path | None:

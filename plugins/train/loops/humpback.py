@@ -85,7 +85,7 @@ def run_humpback_loop(registry: Any, corpus: Path, loop_dir: Path, *, seed_file:
         def curate(folder: Path, curator: dict[str, Any] = curator) -> dict[str, Any]:
             curate_stage: dict[str, Any] = {"use": "humpback.curate", "model": curator["model"], "judge_mode": judge_mode}
             if threshold is not None:
-                curate_stage["threshold"] = threshold
+                curate_stage["score_threshold"] = threshold  # any judge mode (the rubric's --threshold is 1..5 only)
             stats = run_stages(registry, [
                 {"use": "humpback.augment", "model": backward["model"], "shots": 0, "seed": str(seed_path),
                  "max_tokens": max_tokens, "sample_seed": sample_seed, "mix_seed": True},
