@@ -23,7 +23,7 @@ from .errors import BtkitError
 from .io import atomic_write_json
 
 #: Files a run writes (``--overwrite`` moves these aside).
-RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json")
+RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json", "README.md", "spent.json")
 
 
 def create(out: Path) -> None:
@@ -162,7 +162,8 @@ class RunDirectory:
 def redact_argv(argv: list[str]) -> list[str]:
     """The command line for run.json with credential-like values masked (``-B api_key=sk-...``) and
     ``user:password@`` cut from every URL in it (``--base-url http://user:KEY@host/v1``)."""
-    masked = [re.sub(r"(?i)((?:key|token|secret|password)[\w-]*=).*", r"\1***", a) for a in argv]
+    # the credential word must end the key name: api_key=, --api-key=, auth_token= are masked, max_tokens= is not
+    masked = [re.sub(r"(?i)((?:key|token|secret|password|passwd)=).*", r"\1***", a) for a in argv]
     return [re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda m: public_url(m.group(0)), a) for a in masked]
 
 

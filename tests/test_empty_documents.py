@@ -12,7 +12,7 @@ from conftest import read_jsonl, write_jsonl
 
 LONG = " ".join(f"word{i}" for i in range(60)) + "."
 #: Every segmenting method, and the stage its prepare step journals drops under.
-SEGMENTING = {"humpback": "humpback.segment", "kun": "kun.clean", "backforth": "backforth.segment", "air": "air.segment"}
+SEGMENTING = {"humpback": "humpback.segment", "kun": "kun.clean", "backforth": "backforth.segment", "air": "air.segment", "cycle_instruct": "cycle_instruct.segment"}
 
 
 def run_process(method: str, corpus, out) -> subprocess.CompletedProcess:

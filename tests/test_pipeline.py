@@ -42,6 +42,7 @@ EXPECTED = {
     "linguist.yaml": ["linguist.generate"],
     "tegit.yaml": ["tegit.augment", "tegit.curate"],
     "self_lengthen.yaml": ["self_lengthen.self_instruct", "self_lengthen.generate", "self_lengthen.extend"],
+    "cycle_instruct.yaml": ["cycle_instruct.question", "cycle_instruct.answer", "cycle_instruct.score"],
     "chain.yaml": ["humpback.augment", "humpback.curate", "backforth.rewrite", "crab.constrain", "crab.verify", "crab.compose"],
 }
 

@@ -122,6 +122,15 @@ def test_redacted_command_line_drops_userinfo_from_every_url():
                                  "-S", "augment.base_url=http://h:2/v1", "-B", "api_key=***", "--model", "openai:x"]
 
 
+def test_redaction_masks_credentials_not_token_counts():
+    """``max_tokens=128`` is a setting, not a secret: the report once showed it as ``max_tokens=***``."""
+    from btkit.rundir import redact_argv
+
+    argv = ["-S", "augment.max_tokens=128", "--max-tokens=64", "-B", "access_token=abc", "--api-key=sk-1", "-B", "db_password=p"]
+    assert redact_argv(argv) == ["-S", "augment.max_tokens=128", "--max-tokens=64", "-B", "access_token=***", "--api-key=***",
+                                 "-B", "db_password=***"]
+
+
 # -- 9: a key echoed inside a successful reply ------------------------------------------------
 @pytest.mark.parametrize("model", REMOTE_LITELLM_SLOW)
 def test_a_key_echoed_in_a_successful_reply_never_reaches_cache_or_data(cli, srv, tmp_path, isolated_cache, monkeypatch, model):
