@@ -8,17 +8,23 @@ loads the model. A row's figure: generated tokens / wall seconds over all prompt
 ``--repeats`` rounds. A second column times likelihood scoring (``score_continuation`` of one
 ~200-token response, what ``--judge-mode pmi|ifd|complete`` costs per pair): tokens scored per
 second, median. Both backends use their default threads (half the CPUs: 1 on a 2-core machine).
-The shipped Q4_1 file (``llamacpp:default``) is a third row for reference. Prints a markdown table.
+A row with ``-B dtype=float16`` and the shipped Q4_1 file (``llamacpp:default``) are there for reference. Prints a markdown table.
 
-Measured 2026-12-02 on the 2-core machine while other work kept its load average at 4-7 (so read
-the ratios, not the absolute rates): transformers 7.1 tokens/s (140 ms/token), the F16 export in
-llama.cpp 41.4 (24 ms), the shipped Q4_1 54.3 (18 ms); scoring 172, 151 and 136 tokens/s. Generating
-is bound by reading the weights once per token: a profile of transformers' step puts 2/3 of its time
-in ``torch.nn.functional.linear`` over 0.54 GB of F32 weights (llama.cpp reads 0.27 GB of F16), the
-rest in Python module overhead; ``model.generate`` was no faster (173 ms/token). Scoring is one
-batched pass, where torch's F32 GEMM is as fast as llama.cpp's.
+Measured 2026-12-02 on the 2-core machine while other work kept its load average at 3-7, so the
+rates moved by 2x between runs; read the ratios within a run. Generation tokens/s (ms/token),
+scoring tokens/s:
 
-    BTKIT_CACHE_DIR=/tmp/somewhere .venv/bin/python benchmarks/bench_transformers_gen.py [--max-tokens 64] [--repeats 3]
+| run | transformers F32 | transformers -B dtype=float16 | llamacpp: F16 export | llamacpp: shipped Q4_1 |
+|---|---:|---:|---:|---:|
+| 10:20, load 4-7 | 7.1 (140), 172 | - | 41.4 (24), 151 | 54.3 (18), 136 |
+| 10:39, load 3-7 | 7.9 (127), 117 | 10.5 (95), 26 | 22.5 (44), 83 | 21.7 (46), 49 |
+
+So transformers: generates 3-6x slower than the same model in llama.cpp and scores about as fast
+or faster (one batched pass, where torch's F32 GEMM does well). Generating is bound by reading the
+weights once per token: a profile of transformers' step puts 2/3 of its time in
+``torch.nn.functional.linear`` over 0.54 GB of F32 weights (llama.cpp reads 0.27 GB of F16), the
+rest in Python module overhead; ``model.generate`` was no faster (173 ms/token). For a loop that
+generates much, export the trained model (``btkit export-gguf``) and generate with ``llamacpp:``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ def main() -> None:
         rows = []
         for label, make in (
             (f"transformers:DIR (F32, {args.device})", lambda: TransformersBackend(str(model_dir), {"device": args.device})),
+            (f"transformers:DIR -B dtype=float16 ({args.device})",
+             lambda: TransformersBackend(str(model_dir), {"device": args.device, "dtype": "float16"})),
             ("llamacpp:export.f16.gguf", lambda: LlamaCppBackend(str(f16), {"score_weights": "same"})),
             ("llamacpp:default (shipped Q4_1)", lambda: LlamaCppBackend("default", {"score_weights": "same"})),
         ):
