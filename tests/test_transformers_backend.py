@@ -146,6 +146,10 @@ def test_length_and_stop_strings(backend):
     assert stopped.text == "The capital of France is " and stopped.finish_reason == "stop"
     prefixed = run(backend.chat(FRANCE, {"temperature": 0, "max_tokens": 40, "assistant_prefix": "Paris"}))
     assert prefixed.ok and not prefixed.text.startswith("Paris")  # the reply continues after the prefill
+    penalised = run(backend.chat([{"role": "user", "content": "Say 'la' ten times."}],
+                                 {"temperature": 0, "max_tokens": 12, "repetition_penalty": 1.5}))
+    plain = run(backend.chat([{"role": "user", "content": "Say 'la' ten times."}], {"temperature": 0, "max_tokens": 12}))
+    assert penalised.completion_tokens > 0 and penalised.text != plain.text
 
 
 @pytest.mark.model
