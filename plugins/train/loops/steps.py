@@ -41,7 +41,7 @@ class LoopDirectory:
                 if not overwrite:
                     changed = sorted(k for k in set(wanted["settings"]) | set(have.get("settings", {}))
                                      if have.get("settings", {}).get(k) != wanted["settings"].get(k))
-                    what = f"loop '{have.get('loop')}'" if have.get("loop") != loop else f"other settings ({', '.join(changed)})"
+                    what = f"'{have.get('loop')}' loop" if have.get("loop") != loop else f"loop with other settings ({', '.join(changed)})"
                     raise BtkitError(f"{self.root}: holds a {what}; use another folder or --overwrite (the old one is moved aside)")
                 aside = self.root.with_name(f"{self.root.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.root, aside)
