@@ -63,6 +63,20 @@ def test_training_rows_are_the_prompts_the_stages_send(tmp_path):
     assert q_row == {"prompt": question_prompt(rec).messages, "completion": [{"role": "assistant", "content": q}]}
 
 
+def test_generation_runs_where_training_runs(registry, scripted, tmp_path):
+    """On a GPU box the runs pass device=cuda to their backends (the run is built as run_stages builds it)."""
+    from btkit_plugins.train.loops.cycle_instruct import _run_stages, generation_options
+    from btkit_plugins.train.sft import TrainSettings
+
+    assert generation_options(TrainSettings(device="cpu")) == {} and generation_options(TrainSettings(device="cuda")) == {"device": "cuda"}
+    backend, spec = scripted(default=lambda m, p: "What do the Greek letters stand for?" if m[0]["role"] == "system" else "Numbers.")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(40)}])
+    stats = _run_stages(registry, [{"use": "cycle_instruct.question", "model": spec}, {"use": "cycle_instruct.answer", "model": spec}],
+                        backend_options={"device": "cuda"}, input=corpus, out_dir=tmp_path / "run", quiet=True)
+    assert stats["kept"] == 1 and len(backend.history) == 2
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["fingerprint"]["backend_options"] == {"device": "cuda"}
+
+
 def test_held_back_option_refuses_what_is_neither_a_count_nor_a_share(cli, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(40)}])
     for bad in ("0", "-1", "2.5", "nan", "x"):

@@ -31,7 +31,8 @@ Both rows are in exactly the frame each stage prompts in, so a trained model is 
 trained. Each round's generators continue from the previous round's (``--from-base``: each is
 trained from the base model instead, on that round's rows only). The base model is used through its
 Hugging Face copy (``transformers:`` for every round, the base included, so all rounds are measured
-by the same backend and precision).
+by the same backend and precision), on the device the training uses (``--device``; auto: the GPU
+when there is one).
 
 ``LOOP/report.json`` holds per round the models (spec and sha256), the rows each was trained on,
 its training loss, the training run's counts and mean ROUGE-L, and the held-back figures. The number
@@ -152,6 +153,32 @@ def run_summary(folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
             "drops": stats.get("dropped_by_reason", {}), "rouge_l": _mean(_figures(folder, "rouge_l"))}
 
 
+def generation_options(train: TrainSettings) -> dict[str, Any]:
+    """Backend options of the loop's runs: the generators run where the training runs, so a GPU box
+    generates on its GPU with the same command (``transformers:`` runs on the CPU unless told)."""
+    device = train.device
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:  # training will say what is missing
+            return {}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"device": device} if device != "cpu" else {}
+
+
+def _run_stages(registry: Any, stages: list[dict[str, Any]], *, backend_options: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """:func:`run_stages`, with backend options when there are any (``run_stages`` takes none: the
+    same construction, through :func:`btkit.config.run_config`, plus ``backend_options``)."""
+    if not backend_options:
+        return run_stages(registry, stages, **kw)
+    from btkit.config import OptionChecker, run_config
+    from btkit.engine import run_pipeline
+
+    check = OptionChecker(Path(kw["out_dir"]) / "loop-step", registry)
+    specs = [check.stage(dict(raw), i) for i, raw in enumerate(stages)]
+    return run_pipeline(run_config(specs, backend_options=backend_options, **kw), registry)
+
+
 def _eval_summary(folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
     """A run summary with the mean likelihood gain, and what charges failures: ROUGE-L over every
     segment that reached the question stage (a segment with no question or no answer counts 0),
@@ -234,9 +261,10 @@ def run_cycle_instruct_loop(registry: Any, corpus: Path, loop_dir: Path, *, roun
 
     def run(questioner: dict[str, Any], answerer: dict[str, Any], evaluate: bool) -> Callable[[Path], dict[str, Any]]:
         def go(folder: Path) -> dict[str, Any]:
-            stats = run_stages(registry, stages(questioner["model"], answerer["model"], evaluate=evaluate),
-                               input=held_docs if evaluate else train_docs, out_dir=folder, options=run_options,
-                               concurrency=concurrency, quiet=quiet, cache_path=cache_path, use_cache=use_cache)
+            stats = _run_stages(registry, stages(questioner["model"], answerer["model"], evaluate=evaluate),
+                                backend_options=generation_options(train), input=held_docs if evaluate else train_docs,
+                                out_dir=folder, options=run_options, concurrency=concurrency, quiet=quiet,
+                                cache_path=cache_path, use_cache=use_cache)
             figures = _eval_summary(folder, stats) if evaluate else run_summary(folder, stats)
             return {"questioner": questioner["model"], "questioner_sha256": questioner["model_sha256"],
                     "answerer": answerer["model"], "answerer_sha256": answerer["model_sha256"], **figures}
