@@ -23,7 +23,7 @@ from .errors import BtkitError
 from .io import atomic_write_json
 
 #: Files a run writes (``--overwrite`` moves these aside).
-RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json", "README.md", "spent.json")
+RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json", "spent.json")
 
 
 def create(out: Path) -> None:

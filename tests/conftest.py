@@ -80,4 +80,4 @@ def hf_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
     from btkit_plugins.train.base_model import hf_model_dir
 
-    return hf_model_dir(None, cache_dir=tmp_path_factory.mktemp("hf-models"))
+    return hf_model_dir(None, cache_dir=tmp_path_factory.getbasetemp() / "hf-models")

@@ -44,13 +44,10 @@ CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hid
 
 
 @pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory) -> Path:
-    """The embedded GGUF dequantized into an HF folder, once per session (shared with test_transformers_backend)."""
-    pytest.importorskip("transformers")
+def hf_dir(hf_base: Path) -> Path:
+    """The embedded GGUF dequantized into an HF folder once per session (conftest's ``hf_base``)."""
     pytest.importorskip("gguf")
-    from btkit_plugins.train.base_model import hf_model_dir
-
-    return hf_model_dir(None, cache_dir=tmp_path_factory.getbasetemp() / "hf-models")
+    return hf_base
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def test_worked_examples_pass_their_own_checks():
     ("#instruction#: How do I print the document I am editing in the terminal?\n#input#:\n#output#: Use lpr followed by the file name.",
      {"instruction": "How do I print the document I am editing in the terminal?", "input": "", "output": "Use lpr followed by the file name."}),
     # a multi-line output keeps its lines; a '#' that is no tag is content
-    (f"#instruction#: Show the command.\n#input#:\n#output#: Run:\n\n    # apt install vim\n\nas root.",
+    ("#instruction#: Show the command.\n#input#:\n#output#: Run:\n\n    # apt install vim\n\nas root.",
      {"instruction": "Show the command.", "input": "", "output": "Run:\n\n    # apt install vim\n\nas root."}),
 ])
 def test_parser_reads_tasks(reply, expected):

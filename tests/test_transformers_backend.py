@@ -29,13 +29,10 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory) -> Path:
-    """The embedded GGUF dequantized into an HF folder, once per session (shared with test_export_gguf)."""
-    pytest.importorskip("transformers")
+def hf_dir(hf_base: Path) -> Path:
+    """The embedded GGUF dequantized into an HF folder once per session (conftest's ``hf_base``)."""
     pytest.importorskip("gguf")
-    from btkit_plugins.train.base_model import hf_model_dir
-
-    return hf_model_dir(None, cache_dir=tmp_path_factory.getbasetemp() / "hf-models")
+    return hf_base
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +88,11 @@ def test_identity_names_path_and_weights_and_keys_the_cache(tmp_path, monkeypatc
     """Two models trained into one folder never share cache entries; an unchanged folder is hashed
     once per process (the hash is what a loop's lineage compares with btkit train's digest)."""
     from btkit_plugins.backends import transformers_backend as tb
-    from btkit_plugins.train import base_model
+    from btkit.kit import models
 
     calls = []
-    real = base_model.model_digest
-    monkeypatch.setattr(base_model, "model_digest", lambda d: calls.append(d) or real(d))
+    real = models.model_digest
+    monkeypatch.setattr(models, "model_digest", lambda d: calls.append(d) or real(d))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"first model")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
-import importlib.util
 import math
 import os
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
+from btkit.kit.inprocess import CandidateLogprobs, ContinuationLogprobs, default_threads, merged_candidate_ids
 from btkit.kit.models import embedded_model_path
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
@@ -46,44 +46,6 @@ SCORE_WEIGHTS = ("auto", "same", "f16", "bf16", "q8_0")
 SLOW_BATCH_FILE_TYPES = {3: "Q4_1"}
 #: ``auto`` converts only models up to this size: the 16-bit copy is ~3.5x larger on disk and in memory.
 AUTO_CONVERT_MAX_BYTES = 600 * 2**20
-
-
-def default_threads() -> int:
-    """llama.cpp's threads unless ``-B n_threads`` says: half the CPUs this process may use, at least 1.
-
-    llama.cpp's threads wait for each other by spinning, so one that loses its core to anything
-    else (btkit's own loop, the user's other work) stalls the rest. On a 2-core machine shared with
-    other work (2026-12-02, 12 documents of examples/corpus.jsonl, humpback, --no-cache, four runs
-    each, interleaved): 1 thread took 56-57 s wall and CPU every time; 2 threads took 34-43 s
-    (65-70 s CPU) while the other core was free, and 205 s (195 s CPU) while it was not. Reading a
-    138-token prompt took 0.95 s with 1 thread, 0.48 s or 8 s with 2. ``n_threads_batch`` (prompts,
-    scoring) follows ``n_threads``: llama-cpp-python would otherwise use every CPU for it whatever
-    ``n_threads`` says. Half the logical CPUs is one thread per physical core where cores run two
-    hardware threads.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))  # what this process may use (taskset, containers)
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
-
-
-class CandidateLogprobs(dict):
-    """``next_token_logprobs``' answer (candidate -> logprob) and ``prompt_tokens``, the tokens the
-    forward pass read, so the run's stats count them as a chat call's prompt is counted."""
-
-    def __init__(self, logprobs: dict[str, float], prompt_tokens: int):
-        super().__init__(logprobs)
-        self.prompt_tokens = prompt_tokens
-
-
-class ContinuationLogprobs(list):
-    """``score_continuation``'s answer (one logprob per continuation token) and ``prompt_tokens``,
-    the tokens scored: chat frame, instruction and continuation, as a remote echo call bills them."""
-
-    def __init__(self, logprobs: list[float], prompt_tokens: int):
-        super().__init__(logprobs)
-        self.prompt_tokens = prompt_tokens
 
 
 class LlamaCppBackend(Backend):
@@ -230,7 +192,7 @@ class LlamaCppBackend(Backend):
             if all(f[: len(base)] == base and len(f) == len(base) + 1 for f in fulls):
                 self._digit_cache[key] = (0, [f[-1] for f in fulls], base)
             else:
-                self._digit_cache[key] = (*_merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
+                self._digit_cache[key] = (*merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
         strip, ids, base = self._digit_cache[key]
         if not strip:
             return prefix_tokens, ids
@@ -469,33 +431,6 @@ def _log_softmax_picked(logits: Any, picks: list[int]) -> list[float]:
     np.exp(logits, out=logits)
     log_z = np.log(logits.sum(axis=1, dtype=np.float64))
     return [float(v) for v in picked - log_z]
-
-
-def _merged_candidate_ids(assistant_prefix: str, candidates: list[str], base: list[int], fulls: list[list[int]],
-                          tok: Any) -> tuple[int, list[int]]:
-    """(prefix tokens to strip, candidate ids) when the tokenizer merges the prefix's trailing
-    whitespace into the candidates (``'Score:'`` + ``' 5'``); BackendError when it does not cleanly.
-
-    ``base``: tokens of ``assistant_prefix``; ``fulls``: tokens of ``assistant_prefix + c`` per candidate.
-    """
-    def unusable(why: str) -> BackendError:
-        return BackendError(f"cannot read candidates {candidates!r} as one token each after {assistant_prefix!r}: {why}")
-
-    trimmed = assistant_prefix.rstrip()
-    if trimmed == assistant_prefix:
-        odd = [c for c, f in zip(candidates, fulls) if not (f[: len(base)] == base and len(f) == len(base) + 1)]
-        raise unusable(f"{odd!r} are not single tokens after it")
-    tbase = tok(trimmed)
-    strip = len(base) - len(tbase)
-    if strip <= 0 or base[: len(tbase)] != tbase:
-        raise unusable(f"the tokens of {trimmed!r} ({tbase}) are not a prefix of those of {assistant_prefix!r} ({base})")
-    ids = []
-    for c, f in zip(candidates, fulls):
-        if f[: len(tbase)] != tbase or len(f) != len(tbase) + 1:
-            raise unusable(f"{c!r} tokenizes as {f[len(tbase):] if f[: len(tbase)] == tbase else f} after {trimmed!r}, "
-                           f"not as one token (the candidates must all merge the whitespace or none)")
-        ids.append(f[len(tbase)])
-    return strip, ids
 
 
 def _cpu_has_bf16() -> bool:

@@ -7,7 +7,8 @@ only (``btkit --help`` imports neither); they come with ``pip install btkit[trai
 
 Backend options (``-B KEY=VALUE``, shared with every backend of the run):
 
-- ``device``: ``cpu`` (default), ``cuda``, ``cuda:1``, ``mps``.
+- ``device``: ``auto`` (default: ``cuda`` when torch sees a GPU, else ``cpu``), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+  ``auto`` means a loop's trained models generate on the GPU they were trained on with no option.
 - ``dtype``: ``float32`` (default: what a trained CPU model is saved in), ``bfloat16``, ``float16``.
   Part of the cache key: another dtype gives (slightly) other replies. On this 2-core AVX2 machine
   (2026-12-02) ``float16`` generated 1.5x faster than ``float32`` (20 against 13.5 tokens/s, the
@@ -58,7 +59,7 @@ from typing import Any
 from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
-from btkit_plugins.backends.llamacpp import CandidateLogprobs, ContinuationLogprobs, _merged_candidate_ids, default_threads
+from btkit.kit.inprocess import CandidateLogprobs, ContinuationLogprobs, default_threads, merged_candidate_ids
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,12 +70,12 @@ _HASHES_LOCK = threading.Lock()
 
 def content_hash(folder: Path) -> str:
     """sha256 of a model folder's weight, config and tokenizer files: the same digest ``btkit train``
-    records (:func:`btkit_plugins.train.base_model.model_digest`), so a loop can compare the two.
+    records (:func:`btkit.kit.models.model_digest`), so a loop can compare the two.
 
     Computed once per process for a folder in a given state (file names, sizes, modification
     times): a folder rewritten by a later training step is hashed again, an unchanged one is not.
     """
-    from btkit_plugins.train.base_model import model_digest
+    from btkit.kit.models import model_digest
 
     folder = Path(folder).resolve()
     files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -111,7 +112,7 @@ class TransformersBackend(Backend):
             value = options.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise BtkitError(f"backend option {name}={value!r} must be a whole number >= 1")
-        self.device = str(options.get("device") or "cpu")
+        self.device = str(options.get("device") or "auto")
         self.dtype = str(options.get("dtype") or "float32").lower()
         if self.dtype not in DTYPES:
             raise BtkitError(f"-B dtype={self.dtype}: choose one of {', '.join(DTYPES)}")
@@ -149,6 +150,8 @@ class TransformersBackend(Backend):
                 from transformers import AutoModelForCausalLM, AutoTokenizer
             except ImportError as e:
                 raise BtkitError(f"{self.spec}: needs torch and transformers ({e}); pip install 'btkit[train]'") from None
+            if self.device == "auto":
+                self.device = "cuda" if torch.cuda.is_available() else "cpu"
             try:
                 device = torch.device(self.device)
             except (RuntimeError, ValueError) as e:
@@ -362,7 +365,7 @@ class TransformersBackend(Backend):
             if all(f[: len(base)] == base and len(f) == len(base) + 1 for f in fulls):
                 self._candidate_cache[key] = (0, [f[-1] for f in fulls], base)
             else:
-                self._candidate_cache[key] = (*_merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
+                self._candidate_cache[key] = (*merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
         strip, ids, base = self._candidate_cache[key]
         if not strip:
             return prefix_tokens, ids

@@ -157,14 +157,10 @@ def _add_common(command: click.Command) -> None:
 
 def register(cli: Any) -> None:
     """Add the finetune plugin's commands: train, loop (with every loop) and export-gguf."""
-    import importlib
+    from .loops.cycle_instruct import loop_cycle_instruct
+    from .loops.self_lengthen import loop_self_lengthen
 
-    loops = [loop_humpback]
-    for module, name in (("self_lengthen", "loop_self_lengthen"), ("cycle_instruct", "loop_cycle_instruct")):  # TEMP until both exist
-        try:
-            loops.append(getattr(importlib.import_module(f"{__package__}.loops.{module}"), name))
-        except (ModuleNotFoundError, AttributeError):
-            pass
+    loops = [loop_humpback, loop_self_lengthen, loop_cycle_instruct]
     for command in loops:
         _add_common(command)
         loop_group.add_command(command)
