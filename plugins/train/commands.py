@@ -30,6 +30,7 @@ TRAIN_OPTIONS = [
     click.Option(["--save-steps"], type=int, default=None, help="Checkpoint every N steps; a killed training resumes from the newest (default 50)."),
     click.Option(["--warmup-steps"], type=int, default=None, help="Linear warm-up steps (default 0)."),
     click.Option(["--device"], type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="auto: cuda when available (default)."),
+    click.Option(["--gradient-checkpointing/--no-gradient-checkpointing"], default=None, help="Recompute activations in the backward pass: less memory, about a third more time (default off)."),
 ]
 
 _SETTING_OF_OPTION = {"train_seed": "seed"}

@@ -166,19 +166,6 @@ def generation_options(train: TrainSettings) -> dict[str, Any]:
     return {"device": device} if device != "cpu" else {}
 
 
-def _run_stages(registry: Any, stages: list[dict[str, Any]], *, backend_options: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    """:func:`run_stages`, with backend options when there are any (``run_stages`` takes none: the
-    same construction, through :func:`btkit.config.run_config`, plus ``backend_options``)."""
-    if not backend_options:
-        return run_stages(registry, stages, **kw)
-    from btkit.config import OptionChecker, run_config
-    from btkit.engine import run_pipeline
-
-    check = OptionChecker(Path(kw["out_dir"]) / "loop-step", registry)
-    specs = [check.stage(dict(raw), i) for i, raw in enumerate(stages)]
-    return run_pipeline(run_config(specs, backend_options=backend_options, **kw), registry)
-
-
 def _eval_summary(folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
     """A run summary with the mean likelihood gain, and what charges failures: ROUGE-L over every
     segment that reached the question stage (a segment with no question or no answer counts 0),
@@ -261,7 +248,7 @@ def run_cycle_instruct_loop(registry: Any, corpus: Path, loop_dir: Path, *, roun
 
     def run(questioner: dict[str, Any], answerer: dict[str, Any], evaluate: bool) -> Callable[[Path], dict[str, Any]]:
         def go(folder: Path) -> dict[str, Any]:
-            stats = _run_stages(registry, stages(questioner["model"], answerer["model"], evaluate=evaluate),
+            stats = run_stages(registry, stages(questioner["model"], answerer["model"], evaluate=evaluate),
                                 backend_options=generation_options(train), input=held_docs if evaluate else train_docs,
                                 out_dir=folder, options=run_options, concurrency=concurrency, quiet=quiet,
                                 cache_path=cache_path, use_cache=use_cache)

@@ -93,7 +93,7 @@ def _write_json(path: Path, value: Any) -> None:
 def run_stages(registry: Any, stages: list[dict[str, Any]], *, input: Path, out_dir: Path, model: str | None = None,
                options: dict[str, Any] | None = None, concurrency: int | None = None, limit: int | None = None,
                quiet: bool = False, cache_path: Path | None = None, use_cache: bool = True,
-               prompt_overrides: list[Path] | None = None) -> dict[str, Any]:
+               prompt_overrides: list[Path] | None = None, backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A btkit run of ``stages`` (pipeline-file stage mappings: ``{"use": "humpback.curate", "model": ...}``).
 
     Built exactly as a pipeline file's stages are (:class:`btkit.config.OptionChecker`), so a loop
@@ -105,7 +105,7 @@ def run_stages(registry: Any, stages: list[dict[str, Any]], *, input: Path, out_
     specs = [check.stage(dict(raw), i) for i, raw in enumerate(stages)]
     config = run_config(specs, input=input, out_dir=out_dir, model=model, options=options, concurrency=concurrency,
                         limit=limit, quiet=quiet, cache_path=cache_path, use_cache=use_cache,
-                        prompt_overrides=list(prompt_overrides or []))
+                        prompt_overrides=list(prompt_overrides or []), backend_options=backend_options)
     return run_pipeline(config, registry)
 
 
