@@ -96,7 +96,8 @@ def recovered(run_dir: Path) -> dict[str, dict]:
         if c["id"] == "extra" or c["source_id"] in out:
             continue
         ok = c["status"] == "kept" and c["fields"].get("instruction")
-        out[c["source_id"]] = {"instruction": c["fields"]["instruction"] if ok else None, "reason": None if ok else c.get("reason")}
+        out[c["source_id"]] = {"instruction": c["fields"]["instruction"] if ok else None,
+                               "reason": None if ok else (c.get("reason") or "empty instruction")}
     return out
 
 
@@ -256,14 +257,14 @@ def main() -> None:
     print("| generator | model | shots | ROUGE-L mean | median | failed | mean of generated |")
     print("|---|---|---|---|---|---|---|")
     for r in recovery:
-        print(f"| {r['generator']} | {r['model'].replace(str(out), 'OUT')} | {r['shots']} | {f(r['rouge_l'].get('mean'))} | "
+        print(f"| {r['generator']} | {r['model'].replace(str(out) + '/', 'OUT/')} | {r['shots']} | {f(r['rouge_l'].get('mean'))} | "
               f"{f(r['rouge_l'].get('median'))} | {r['failed']} | {f(r['rouge_l_generated_only'].get('mean'))} |")
     print(f"\njudge AUC, eval-judge --judge-mode {args.judge_mode}, same {len(sample)} pairs ({auc[0]['items']} items):\n")
     print("| judge | model | AUC | swapped / truncated / text_ref | precision | recall | s/item |")
     print("|---|---|---|---|---|---|---|")
     for r in auc:
         k = r["auc_by_negative"]
-        print(f"| {r['judge']} | {r['model'].replace(str(out), 'OUT')} | {f(r['auc'])} | {f(k.get('swapped'))} / {f(k.get('truncated'))} / "
+        print(f"| {r['judge']} | {r['model'].replace(str(out) + '/', 'OUT/')} | {f(r['auc'])} | {f(k.get('swapped'))} / {f(k.get('truncated'))} / "
               f"{f(k.get('text_ref'))} | {f(r['precision'])} | {f(r['recall'])} | {f(r['seconds_per_item'])} |")
     print(f"\nload average (1/5/15 min): {loads}; total {result['wall_s']:.0f} s; JSON: {out / 'loop_gains.json'}")
 
