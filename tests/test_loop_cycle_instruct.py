@@ -64,15 +64,16 @@ def test_training_rows_are_the_prompts_the_stages_send(tmp_path):
 
 
 def test_generation_runs_where_training_runs(registry, scripted, tmp_path):
-    """On a GPU box the runs pass device=cuda to their backends (the run is built as run_stages builds it)."""
-    from btkit_plugins.train.loops.cycle_instruct import _run_stages, generation_options
+    """On a GPU box the runs pass device=cuda to their backends (through run_stages' backend options)."""
+    from btkit_plugins.train.loops.cycle_instruct import generation_options
+    from btkit_plugins.train.loops.steps import run_stages
     from btkit_plugins.train.sft import TrainSettings
 
     assert generation_options(TrainSettings(device="cpu")) == {} and generation_options(TrainSettings(device="cuda")) == {"device": "cuda"}
     backend, spec = scripted(default=lambda m, p: "What do the Greek letters stand for?" if m[0]["role"] == "system" else "Numbers.")
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "text": words(40)}])
-    stats = _run_stages(registry, [{"use": "cycle_instruct.question", "model": spec}, {"use": "cycle_instruct.answer", "model": spec}],
-                        backend_options={"device": "cuda"}, input=corpus, out_dir=tmp_path / "run", quiet=True)
+    stats = run_stages(registry, [{"use": "cycle_instruct.question", "model": spec}, {"use": "cycle_instruct.answer", "model": spec}],
+                       backend_options={"device": "cuda"}, input=corpus, out_dir=tmp_path / "run", quiet=True)
     assert stats["kept"] == 1 and len(backend.history) == 2
     assert json.loads((tmp_path / "run" / "run.json").read_text())["fingerprint"]["backend_options"] == {"device": "cuda"}
 
