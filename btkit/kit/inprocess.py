@@ -6,11 +6,11 @@ assistant prefix whose trailing space the tokenizer merges into them.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BackendError
 
-__all__ = ["CandidateLogprobs", "ContinuationLogprobs", "default_threads", "merged_candidate_ids"]
+__all__ = ["CandidateLogprobs", "ContinuationLogprobs", "candidate_tokens", "default_threads", "merged_candidate_ids"]
 
 
 def default_threads() -> int:
@@ -76,3 +76,31 @@ def merged_candidate_ids(assistant_prefix: str, candidates: list[str], base: lis
                            f"not as one token (the candidates must all merge the whitespace or none)")
         ids.append(f[len(tbase)])
     return strip, ids
+
+
+def candidate_tokens(prefix_tokens: list[int], assistant_prefix: str, candidates: list[str],
+                     tok: Callable[[str], list[int]], cache: dict[Any, Any]) -> tuple[list[int], list[int]]:
+    """(prompt tokens to evaluate, one token id per candidate) for reading candidates as the next token.
+
+    Either every candidate is its own token after the prefix's tokens (SmolLM2: ``'Score: '`` then
+    ``'5'``), or the tokenizer merges the prefix's trailing whitespace into the candidate (``' 5'``
+    as one token): then the whitespace's tokens are cut off the prompt, which must end with the
+    prefix's tokens, and each candidate must be exactly one token after the trimmed prefix. Anything
+    else raises :class:`BackendError`. ``tok`` tokenizes text without special tokens; ``cache`` (a
+    dict the backend keeps) remembers the answer per prefix and candidates.
+    """
+    key = (assistant_prefix, tuple(candidates))
+    if key not in cache:
+        base = tok(assistant_prefix)
+        fulls = [tok(assistant_prefix + c) for c in candidates]
+        if all(f[: len(base)] == base and len(f) == len(base) + 1 for f in fulls):
+            cache[key] = (0, [f[-1] for f in fulls], base)
+        else:
+            cache[key] = (*merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
+    strip, ids, base = cache[key]
+    if not strip:
+        return prefix_tokens, ids
+    if list(prefix_tokens[len(prefix_tokens) - len(base):]) != base:
+        raise BackendError(f"the prompt does not end with the tokens of the assistant prefix {assistant_prefix!r}, "
+                           f"so its trailing whitespace cannot be moved onto the candidates")
+    return prefix_tokens[: len(prefix_tokens) - strip], ids

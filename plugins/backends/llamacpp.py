@@ -36,7 +36,7 @@ from typing import Any
 from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
-from btkit.kit.inprocess import CandidateLogprobs, ContinuationLogprobs, default_threads, merged_candidate_ids
+from btkit.kit.inprocess import CandidateLogprobs, ContinuationLogprobs, candidate_tokens, default_threads
 from btkit.kit.models import embedded_model_path
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
@@ -171,35 +171,13 @@ class LlamaCppBackend(Backend):
         return await asyncio.to_thread(self._next_token_sync, messages, assistant_prefix, candidates)
 
     def candidate_tokens(self, prefix_tokens: list[int], assistant_prefix: str, candidates: list[str]) -> tuple[list[int], list[int]]:
-        """Work out which single token each candidate is after the prefix, as the tokenizer would.
-
-        Either every candidate is its own token after the prefix's tokens (SmolLM2: ``'Score: '``
-        then ``'5'``), or the tokenizer merges the prefix's trailing whitespace into the candidate
-        (``' 5'`` as one token): then the whitespace's tokens are cut off the prompt, which must
-        end with the prefix's tokens, and each candidate must be exactly one token after the
-        trimmed prefix. Anything else (a candidate of two tokens, candidates that disagree, a
-        trimmed prefix that tokenizes differently) cannot be read from one next-token
-        distribution and raises :class:`BackendError`.
-        """
+        """Which single token each candidate is after the prefix (:func:`btkit.kit.inprocess.candidate_tokens`)."""
         llm = self.llm()
-        key = (assistant_prefix, tuple(candidates))
-        if key not in self._digit_cache:
-            def tok(text: str) -> list[int]:
-                return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-            base = tok(assistant_prefix)
-            fulls = [tok(assistant_prefix + c) for c in candidates]
-            if all(f[: len(base)] == base and len(f) == len(base) + 1 for f in fulls):
-                self._digit_cache[key] = (0, [f[-1] for f in fulls], base)
-            else:
-                self._digit_cache[key] = (*merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
-        strip, ids, base = self._digit_cache[key]
-        if not strip:
-            return prefix_tokens, ids
-        if list(prefix_tokens[len(prefix_tokens) - len(base):]) != base:
-            raise BackendError(f"the prompt does not end with the tokens of the assistant prefix {assistant_prefix!r}, "
-                               f"so its trailing whitespace cannot be moved onto the candidates")
-        return prefix_tokens[: len(prefix_tokens) - strip], ids
+        def tok(text: str) -> list[int]:
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+        return candidate_tokens(prefix_tokens, assistant_prefix, candidates, tok, self._digit_cache)
 
     def _eval_reusing_prefix(self, tokens: list[int], llm: Any = None) -> None:
         """Evaluate ``tokens``, reusing the KV cache for the prefix shared with the previous call."""

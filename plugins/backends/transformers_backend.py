@@ -59,7 +59,7 @@ from typing import Any
 from btkit.backends import CHAT, END_OF_TURN, NEXT_TOKEN_LOGPROBS, SCORE_CONTINUATION, UNCONDITIONAL_MESSAGES, Backend, Completion
 from btkit.errors import BackendError, BtkitError
 from btkit.hookspecs import hookimpl
-from btkit.kit.inprocess import CandidateLogprobs, ContinuationLogprobs, default_threads, merged_candidate_ids
+from btkit.kit.inprocess import CandidateLogprobs, ContinuationLogprobs, candidate_tokens, default_threads
 
 _SENTINEL = "\x00BTKIT_MSG_{}\x00"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -353,26 +353,10 @@ class TransformersBackend(Backend):
         return await asyncio.to_thread(self._next_token_sync, messages, assistant_prefix, candidates)
 
     def candidate_tokens(self, prefix_tokens: list[int], assistant_prefix: str, candidates: list[str]) -> tuple[list[int], list[int]]:
-        """Which single token each candidate is after the prefix (see ``LlamaCppBackend.candidate_tokens``:
-        the same rule, this model's tokenizer)."""
-        key = (assistant_prefix, tuple(candidates))
-        if key not in self._candidate_cache:
-            def tok(text: str) -> list[int]:
-                return self._ids(text, special=False)
-
-            base = tok(assistant_prefix)
-            fulls = [tok(assistant_prefix + c) for c in candidates]
-            if all(f[: len(base)] == base and len(f) == len(base) + 1 for f in fulls):
-                self._candidate_cache[key] = (0, [f[-1] for f in fulls], base)
-            else:
-                self._candidate_cache[key] = (*merged_candidate_ids(assistant_prefix, candidates, base, fulls, tok), base)
-        strip, ids, base = self._candidate_cache[key]
-        if not strip:
-            return prefix_tokens, ids
-        if list(prefix_tokens[len(prefix_tokens) - len(base):]) != base:
-            raise BackendError(f"the prompt does not end with the tokens of the assistant prefix {assistant_prefix!r}, "
-                               f"so its trailing whitespace cannot be moved onto the candidates")
-        return prefix_tokens[: len(prefix_tokens) - strip], ids
+        """Which single token each candidate is after the prefix: the rule ``llamacpp:`` uses
+        (:func:`btkit.kit.inprocess.candidate_tokens`), with this model's tokenizer."""
+        return candidate_tokens(prefix_tokens, assistant_prefix, candidates, lambda text: self._ids(text, special=False),
+                                self._candidate_cache)
 
     def _next_token_sync(self, messages: list[dict[str, str]], assistant_prefix: str, candidates: list[str]) -> CandidateLogprobs:
         with self._lock:

@@ -47,7 +47,6 @@ word-count phrases to queries after the last round; it also rank-drops the initi
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from pathlib import Path
@@ -56,6 +55,7 @@ from typing import Any, Iterable, Iterator
 import click
 
 from btkit.hookspecs import hookimpl
+from btkit.kit.runfiles import iter_jsonl
 from btkit.methods import Method, ParseError, Stage, StageInfo
 from btkit.options import SHARE, FiniteFloatRange
 from btkit.records import Record, failed_record, journal_key
@@ -614,18 +614,6 @@ def length_report(lines: Iterable[dict[str, Any]], label: str = f"{NAME}.extend"
     }
 
 
-def _journal_lines(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as fh:
-        for raw in fh:
-            if raw.endswith(b"\n"):
-                try:
-                    line = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(line, dict):
-                    yield line
-
-
 @hookimpl
 def btkit_run_end(run, stats):
     """Add the ``self_lengthen`` section to ``stats.json`` (runs just before the engine writes it), from the
@@ -635,7 +623,7 @@ def btkit_run_end(run, stats):
     out = getattr(run, "out", None)
     if extend not in labels or out is None or not (Path(out) / "candidates.jsonl").is_file():
         return
-    stats[NAME] = length_report(_journal_lines(Path(out) / "candidates.jsonl"), extend)
+    stats[NAME] = length_report(iter_jsonl(Path(out) / "candidates.jsonl"), extend)
 
 
 # -- the method ----------------------------------------------------------------------------------

@@ -30,9 +30,11 @@ import random
 import sys
 from pathlib import Path
 from array import array
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
+
+from btkit.kit.runfiles import iter_jsonl
 
 #: Colours the plots use; the page's own styles use none of them (the tests look for them in a screenshot).
 KEPT = "#2a9d8f"
@@ -59,22 +61,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except ValueError as e:
         raise click.ClickException(f"{path}: not valid JSON ({e})") from None
     return value if isinstance(value, dict) else {}
-
-
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSONL file, lazily; a torn last line (a run killed mid-write) is skipped."""
-    if not path.exists():
-        return
-    with path.open("rb") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(line, dict):
-                yield line
 
 
 def stage_labels(run: dict[str, Any], stats: dict[str, Any]) -> list[str]:
