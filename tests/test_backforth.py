@@ -117,7 +117,9 @@ def test_backforth_with_embedded_model(tmp_path):
     cmd = [sys.executable, "-m", "btkit.cli", "run", "backforth", str(EXAMPLES / "corpus.jsonl"), "-o", str(out), "--limit", "2",
            "--judge-mode", "logprob", "--threshold", "1", "--shots", "1", "--max-tokens", "48",
            # room for the instruction, so that candidates get past augmentation to curation and rewriting
-           "-S", "augment.max_tokens=128", "-q"]
+           "-S", "augment.max_tokens=128",
+           # seeded: unseeded llama.cpp sampling differs per process, and some draws truncate every instruction
+           "--sample-seed", "2", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for name in ("data.jsonl", "candidates.jsonl", "stats.json"):
