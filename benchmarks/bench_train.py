@@ -70,7 +70,8 @@ def worker_btkit(a: argparse.Namespace) -> dict:
 
     rows = read_rows(Path(a.rows))
     settings = TrainSettings(max_steps=a.max_steps, batch_size=a.batch_size, max_length=a.max_length,
-                             learning_rate=a.learning_rate, lora_r=a.lora_r, seed=0, device="cpu")
+                             learning_rate=a.learning_rate, lora_r=a.lora_r, seed=0, device="cpu",
+                             gradient_checkpointing=a.gradient_checkpointing)
     t0 = time.monotonic()
     summary = train_model(rows, Path(a.run_dir), base=a.base_dir, settings=settings, quiet=False)
     total = time.monotonic() - t0
@@ -97,7 +98,9 @@ def worker_bare(a: argparse.Namespace) -> dict:
         peft_config = LoraConfig(r=a.lora_r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     config = SFTConfig(output_dir=a.run_dir, max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
                        max_length=a.max_length, learning_rate=a.learning_rate, seed=0, logging_steps=1,
-                       report_to=[], use_cpu=True, disable_tqdm=True)
+                       report_to=[], use_cpu=True, disable_tqdm=True,
+                       # TRL's own default is True; set as btkit's run has it, so both do the same work
+                       gradient_checkpointing=a.gradient_checkpointing)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config)
     setup = time.monotonic() - t0
@@ -125,6 +128,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--lora-r", type=int, default=16, help="0: full finetuning")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="both runs with gradient checkpointing (btkit's default is off, TRL's SFTConfig's on)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_train"))
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: unset)")
     a = ap.parse_args()
@@ -148,7 +153,7 @@ def main() -> None:
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
-    common = ["--max-steps", str(a.max_steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
+    common = [*(["--gradient-checkpointing"] if a.gradient_checkpointing else []), "--max-steps", str(a.max_steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
               "--learning-rate", str(a.learning_rate), "--lora-r", str(a.lora_r), "--rows", a.rows,
               "--rows-json", str(rows_json), "--base-dir", base_dir]
     runs: dict[str, list[dict]] = {"btkit": [], "bare": []}
@@ -186,7 +191,8 @@ def main() -> None:
     }
     (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{a.max_steps} steps, batch {a.batch_size}, max_length {a.max_length}, "
-          f"{'LoRA r=' + str(a.lora_r) if a.lora_r else 'full finetuning'}, {result['settings']['rows_count']} rows, CPU, "
+          f"{'LoRA r=' + str(a.lora_r) if a.lora_r else 'full finetuning'}, gradient checkpointing "
+          f"{'on' if a.gradient_checkpointing else 'off'} in both, {result['settings']['rows_count']} rows, CPU, "
           f"{a.repeats} runs each, interleaved\n")
     print("| trainer | tokens/s per run | median tokens/s | tokens per CPU-s per run | median tokens/CPU-s | train() wall s | tokens | loss |")
     print("|---|---|---|---|---|---|---|---|")
