@@ -60,6 +60,15 @@ def test_digest_follows_content_and_order() -> None:
     assert rows_digest([a, b]) == rows_digest([chat_row("Q1", "A1"), chat_row("Q2", "A2")])
 
 
+def test_runtime_settings_do_not_change_what_a_folder_is_for() -> None:
+    """Device, checkpointing and checkpoint spacing change speed, not the weights: a folder trained with
+    other values (or before such a setting existed) is reused, not refused."""
+    a = TrainSettings(max_steps=3)
+    assert a.identity() == TrainSettings(max_steps=3, device="cpu", gradient_checkpointing=True, save_steps=1).identity()
+    assert a.identity() != TrainSettings(max_steps=4).identity()
+    assert "device" not in a.identity() and "learning_rate" in a.identity()
+
+
 def test_settings_are_checked() -> None:
     assert TrainSettings.from_mapping({"max-steps": "3", "lora_r": 8}).max_steps == 3
     with pytest.raises(BtkitError, match="unknown training setting 'max_step'"):

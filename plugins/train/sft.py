@@ -56,6 +56,14 @@ class TrainSettings:
     # TRL turns it on by default; off here, since the models a laptop trains fit without it.
     gradient_checkpointing: bool = False
 
+    #: Fields that change how fast or where a training runs, not what it learns: left out of
+    #: :meth:`identity`, so changing them (or a new one of them) never refuses a folder.
+    RUNTIME_ONLY = ("device", "gradient_checkpointing", "save_steps")
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the trained weights: the settings a model or loop folder is checked against."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "settings") -> "TrainSettings":
         """Settings from a dict (CLI or a pipeline file's ``train:`` section); unknown keys or bad values: one line."""
@@ -118,10 +126,12 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def _prepare_dir(out_dir: Path, rows: list[dict[str, Any]], base: str, settings: TrainSettings, overwrite: bool) -> dict[str, Any]:
     """Write (or check) the rows and settings a training in ``out_dir`` is for."""
-    wanted = {"base": base, "settings": asdict(settings), "rows_sha256": rows_digest(rows), "rows": len(rows)}
+    wanted = {"base": base, "settings": settings.identity(), "rows_sha256": rows_digest(rows), "rows": len(rows)}
     settings_path = out_dir / SETTINGS_FILE
     if settings_path.is_file():
         have = json.loads(settings_path.read_text())
+        # a folder written before a setting existed had its default
+        have["settings"] = {**TrainSettings().identity(), **{k: v for k, v in have.get("settings", {}).items() if k not in TrainSettings.RUNTIME_ONLY}}
         if have != wanted:
             if not overwrite:
                 changed = sorted(k for k in wanted if have.get(k) != wanted[k])

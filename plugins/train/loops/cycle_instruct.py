@@ -46,7 +46,6 @@ import hashlib
 import heapq
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -223,7 +222,7 @@ def run_cycle_instruct_loop(registry: Any, corpus: Path, loop_dir: Path, *, roun
     method = _method()
     registry.method(method.NAME)  # the method is registered (a clear error if not)
     settings = {"corpus": str(corpus), "held_back": held_back, "split_seed": split_seed, "limit": limit,
-                "base": str(base) if base is not None else "default", "train": asdict(train), "from_base": from_base,
+                "base": str(base) if base is not None else "default", "train": train.identity(), "from_base": from_base,
                 "question_tokens": question_tokens, "answer_tokens": answer_tokens, "sample_seed": sample_seed,
                 "parse_retries": parse_retries, "min_words": min_words, "max_words": max_words,
                 "max_copied_words": max_copied_words}  # not rounds: more rounds extend a finished loop

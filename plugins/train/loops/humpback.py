@@ -64,7 +64,7 @@ def run_humpback_loop(registry: Any, corpus: Path, loop_dir: Path, *, seed_file:
     train = train or TrainSettings()
     seed_path = Path(seed_file) if seed_file else DEFAULT_SEED
     settings = {"corpus": str(corpus), "seed": str(seed_path), "iterations": iterations, "base": base or "default",
-                "train": vars(train) if not hasattr(train, "__dataclass_fields__") else {k: getattr(train, k) for k in train.__dataclass_fields__},
+                "train": train.identity(),
                 "judge_mode": judge_mode, "threshold": threshold, "limit": limit, "max_tokens": max_tokens,
                 "sample_seed": sample_seed}
     loop = LoopDirectory(loop_dir, "humpback", settings, overwrite=overwrite, quiet=quiet)

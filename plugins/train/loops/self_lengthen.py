@@ -135,7 +135,6 @@ def run_self_lengthen_loop(registry: Any, instructions: Path, loop_dir: Path, *,
                            quiet: bool = False, overwrite: bool = False, cache_path: Path | None = None,
                            use_cache: bool = True) -> dict[str, Any]:
     """Run (or resume) the loop in ``loop_dir``; returns the report (also in ``LOOP/report.json``)."""
-    from dataclasses import asdict
 
     from btkit.config import OptionChecker
 
@@ -146,7 +145,7 @@ def run_self_lengthen_loop(registry: Any, instructions: Path, loop_dir: Path, *,
     train = train or TrainSettings()
     first = model or base_backend(base)
     settings = {"instructions": str(instructions), "rounds": rounds, "base": str(base) if base else "default", "model": first,
-                "train": asdict(train), "self_instruct": self_instruct, "samples": samples, "generate_retries": generate_retries,
+                "train": train.identity(), "self_instruct": self_instruct, "samples": samples, "generate_retries": generate_retries,
                 "max_tokens": max_tokens, "extend_rounds": extend_rounds, "extend_attempts": extend_attempts,
                 "extend_max_tokens": extend_max_tokens, "min_growth": min_growth, "length_target": length_target,
                 "drop_lines": drop_share, "stop": list(stop) if stop else None, "sample_seed": sample_seed, "limit": limit}
