@@ -110,7 +110,30 @@ LOOP_COMMON = [
 ]
 
 
-@click.group("loop")
+#: Loop name -> (module under this package, command name): imported when that loop is asked for, so
+#: ``btkit --help`` does not import every loop (and the methods' kit modules they import).
+LOOPS = {"humpback": ("commands", "loop_humpback"), "self_lengthen": ("loops.self_lengthen", "loop_self_lengthen"),
+         "cycle_instruct": ("loops.cycle_instruct", "loop_cycle_instruct")}
+
+
+class LoopGroup(click.Group):
+    """``btkit loop NAME``: one subcommand per loop, imported on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(LOOPS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LOOPS:
+            return None
+        import importlib
+
+        module, attr = LOOPS[name]
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        _add_common(command)
+        return command
+
+
+@click.group("loop", cls=LoopGroup)
 def loop_group() -> None:
     """Self-training loops that train models on their own data (humpback, self_lengthen, cycle_instruct)."""
 
@@ -157,16 +180,9 @@ def _add_common(command: click.Command) -> None:
 
 
 def register(cli: Any) -> None:
-    """Add the finetune plugin's commands: train, loop (with every loop) and export-gguf."""
-    from .loops.cycle_instruct import loop_cycle_instruct
-    from .loops.self_lengthen import loop_self_lengthen
-
-    loops = [loop_humpback, loop_self_lengthen, loop_cycle_instruct]
-    for command in loops:
-        _add_common(command)
-        loop_group.add_command(command)
-    cli.add_command(train_command)
-    cli.add_command(loop_group)
+    """Add the finetune plugin's commands: train, loop (its loops load on demand) and export-gguf."""
     from .gguf_export import export_gguf_command
 
+    cli.add_command(train_command)
+    cli.add_command(loop_group)
     cli.add_command(export_gguf_command)
