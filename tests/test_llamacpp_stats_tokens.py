@@ -16,7 +16,8 @@ pytestmark = pytest.mark.model
 def run(tmp_path, name: str, *extra: str) -> dict:
     out = tmp_path / name
     cmd = [sys.executable, "-m", "btkit.cli", "run", "humpback", str(EXAMPLES / "corpus.jsonl"), "-o", str(out), "--limit", "2",
-           "--max-tokens", "32", "--sample-seed", "1", "--threshold", "1", "--cache", str(tmp_path / "cache.sqlite"), "-q", *extra]
+           # augment gets room for an instruction: at 32 tokens some llama.cpp builds truncate both, and nothing is curated
+           "--max-tokens", "32", "-S", "augment.max_tokens=96", "--sample-seed", "1", "--threshold", "1", "--cache", str(tmp_path / "cache.sqlite"), "-q", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads((out / "stats.json").read_text())
