@@ -654,16 +654,9 @@ def price_of(spec: str) -> tuple[float, float] | None:
     prefix, rest = split_spec(spec)
     if prefix not in ("openai", "litellm") or not rest:
         return None
-    from .kit.http import price_table
+    from .kit.http import price_per_token
 
-    table = price_table()
-    entry = table.get(rest) or table.get(rest.rsplit("/", 1)[-1])
-    if not isinstance(entry, dict):
-        return None
-    pin, pout = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
-    if pin is None and pout is None:
-        return None
-    return float(pin or 0), float(pout or 0)
+    return price_per_token(rest)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

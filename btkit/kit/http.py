@@ -430,8 +430,9 @@ def price_table() -> dict[str, Any]:
     return _PRICES
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """Dollar cost of one call from the price table, or None for a model it does not list."""
+def price_per_token(model: str) -> tuple[float, float] | None:
+    """Dollars per (prompt, completion) token from the price table (the model's name, or its last
+    ``/`` part), or None for a model it does not list."""
     table = price_table()
     entry = table.get(model) or table.get(model.rsplit("/", 1)[-1])
     if not isinstance(entry, dict):
@@ -439,7 +440,13 @@ def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float | 
     pin, pout = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
     if pin is None and pout is None:
         return None
-    return float(pin or 0) * prompt_tokens + float(pout or 0) * completion_tokens
+    return float(pin or 0), float(pout or 0)
+
+
+def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """Dollar cost of one call from the price table, or None for a model it does not list."""
+    price = price_per_token(model)
+    return None if price is None else price[0] * prompt_tokens + price[1] * completion_tokens
 
 
 def env_first(*names: str) -> str | None:
@@ -451,4 +458,4 @@ def env_first(*names: str) -> str | None:
 
 __all__ = ["RETRY_STATUSES", "RAW_LIMIT", "SECRET_ENV_SUFFIXES", "RemoteSettings", "RetryableError", "RetryBudget", "call_with_retries",
            "parse_retry_after", "normalize_base_url", "url_secrets", "basic_auth", "MalformedReply", "content_text", "token_count",
-           "env_secrets", "env_first", "Secret", "HttpClient", "price_table", "cost_usd"]
+           "env_secrets", "env_first", "Secret", "HttpClient", "price_table", "price_per_token", "cost_usd"]
