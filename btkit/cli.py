@@ -21,6 +21,17 @@ BUDGET_OPTIONS = [
                  help="Stop cleanly (resumable) once the run's calls cost this many dollars; re-run with a higher limit to continue."),
 ]
 
+#: Sharding (:mod:`btkit.shards`, :mod:`btkit.executors`), on ``btkit run METHOD`` and ``btkit run PIPELINE``.
+SHARD_OPTIONS = [
+    click.Option(["--shards"], type=click.IntRange(1), default=None, metavar="N",
+                 help="Split the run into N shards by a hash of each unit's text (OUT/shards/K-of-N/). With --shard K: run that "
+                      "shard only (any job launcher); without: the executor runs all N, then merges them into OUT."),
+    click.Option(["--shard"], type=click.IntRange(0), default=None, metavar="K", help="Run shard K (0..N-1) of --shards N only; `btkit merge OUT` when all are done."),
+    click.Option(["--executor"], default="local", show_default=True, help="What runs the shards of --shards N: local (a process per shard) or ray (a Ray task per shard)."),
+    click.Option(["-E", "--executor-option", "executor_option"], multiple=True, metavar="KEY=VALUE",
+                 help="Executor option, e.g. -E address=auto -E retries=3 (ray), -E parallel=2 (local)."),
+]
+
 COMMON_RUN_OPTIONS = [
     click.Option(["-o", "--out", "out_dir"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory (created; re-running the same command resumes it)."),
     click.Option(["--model", "model"], default=None, help=f"Model spec, e.g. llamacpp:PATH.gguf, openai:NAME, vllm:NAME. Default: the embedded SmolLM2-135M ({DEFAULT_MODEL})."),
@@ -44,6 +55,7 @@ COMMON_RUN_OPTIONS = [
     click.Option(["--overwrite"], is_flag=True, help="Start over in a run directory that holds a run with other settings (old files are moved aside, never deleted)."),
     click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
     *BUDGET_OPTIONS,
+    *SHARD_OPTIONS,
 ]
 
 
@@ -56,10 +68,10 @@ def _registry() -> Any:
 def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Build a one-method run from ``btkit run METHOD`` parameters and run it."""
     from .config import method_stage_specs, parse_key_values, run_config
-    from .engine import estimate_run, format_estimate, run_pipeline
 
     registry = _registry()
     dry_run, max_cost = params.pop("dry_run", False), params.pop("max_cost", None)
+    sharding = {k: params.pop(k) for k in ("shards", "shard", "executor", "executor_option")}
     method = registry.method(method_name)
     sampling = {"temperature": params.pop("temperature"), "top_p": params.pop("top_p"),
                 "max_tokens": params.pop("max_tokens"), "seed": params.pop("sample_seed"),
@@ -81,13 +93,43 @@ def run_method(method_name: str, input_path: Path, params: dict[str, Any]) -> di
         overwrite=params.pop("overwrite"),
         options={**params, **sampling},  # what is left: the method's own options and the input fields
     )
+    return dispatch(config, registry, sharding, dry_run=dry_run, max_cost=max_cost)
+
+
+def dispatch(config: Any, registry: Any, sharding: dict[str, Any], dry_run: bool, max_cost: float | None) -> dict[str, Any] | None:
+    """Run ``config`` as asked: whole, one shard of it (``--shard K``), or every shard through an
+    executor and then merged (``--shards N``); a dry run only prints the estimate (of the shard, with ``--shard``)."""
+    from .config import parse_key_values
+    from .engine import estimate_run, format_estimate, run_pipeline
+    from .shards import check_layout, check_shard_args, shard_dir
+
+    shards, shard = sharding.get("shards"), sharding.get("shard")
+    executor, executor_options = sharding.get("executor") or "local", parse_key_values(sharding.get("executor_option") or (), "--executor-option")
+    check_shard_args(shards, shard)
+    if shards is None and (executor != "local" or executor_options):
+        raise BtkitError(f"--executor {executor}: needs --shards N (the executor runs the shards of a sharded run)")
+    if shard is not None:
+        check_layout(config.out_dir, shards)
+        config.out_dir, config.shard = shard_dir(config.out_dir, shard, shards), (shard, shards)
     if dry_run:
         click.echo(format_estimate(estimate_run(config, registry)))
         return None
+    if shards is not None and shard is None:
+        if max_cost is not None:
+            raise BtkitError("--max-cost counts one run directory's calls: with --shards, give it to each --shard K run")
+        from .executors import run_sharded
+
+        return run_sharded(config, registry, shards, executor, executor_options)
     return run_pipeline(config, registry, max_cost=max_cost)
 
 
 def summarize(stats: dict[str, Any], out_dir: Path) -> str:
+    if stats.get("status") == "shard_complete":
+        return (f"shard done: {stats['kept']} records alive, {stats['dropped']} dropped from {stats['units']} units "
+                f"({stats['calls']} calls) in {stats['this_invocation_s']:.1f}s -> {out_dir}; when every shard is done: "
+                f"btkit merge {Path(out_dir).parent.parent}")
+    if stats.get("already_merged"):
+        return f"already merged: {stats.get('kept')} kept from {stats.get('units')} units (no shard changed since) -> {out_dir}/data.jsonl"
     return (
         f"done: {stats['kept']} kept, {stats['dropped']} dropped from {stats['units']} units "
         f"({stats['parse_failures']} parse failures, {stats['backend_failures']} backend failures, "
@@ -111,10 +153,10 @@ class RunGroup(click.Group):
         method = _registry().method(name)
 
         def callback(corpus: Path, **params: Any) -> None:
-            out_dir = params["out_dir"]
+            out_dir, sharding = params["out_dir"], dict(params)
             stats = run_method(name, corpus, params)
             if stats is not None:  # None: a dry run, which printed its estimate
-                click.echo(summarize(stats, out_dir), err=True)
+                click.echo(summarize(stats, _shown_dir(out_dir, sharding, stats)), err=True)
 
         params = [click.Argument(["corpus"], type=click.Path(path_type=Path))] + list(COMMON_RUN_OPTIONS) + list(method.cli_options)
         return click.Command(name, params=params, callback=callback, help=f"{method.description} {method.paper}".strip())
@@ -136,7 +178,17 @@ PIPELINE_OPTIONS = [
     click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
     click.Option(["--check"], is_flag=True, help="Check the file (keys, values, and that each stage gets the fields it needs) and print the stages it would run; no model calls."),
     *BUDGET_OPTIONS,
+    *SHARD_OPTIONS,
 ]
+
+
+def _shown_dir(out_dir: Path, params: dict[str, Any], stats: dict[str, Any]) -> Path:
+    """Where the summary line points: a shard's own directory for one shard, else OUT."""
+    from .shards import shard_dir
+
+    if stats.get("status") == "shard_complete" and params.get("shard") is not None:
+        return shard_dir(out_dir, params["shard"], params["shards"])
+    return out_dir
 
 
 def pipeline_command(name: str) -> click.Command:
@@ -144,23 +196,22 @@ def pipeline_command(name: str) -> click.Command:
 
     def callback(**params: Any) -> None:
         from .config import parse_key_values
-        from .engine import estimate_run, format_estimate, run_pipeline
         from .pipeline import describe, load_pipeline
 
         registry = _registry()
         overrides = dict(params)
         dry_run, max_cost = overrides.pop("dry_run"), overrides.pop("max_cost")
+        sharding = {k: overrides.pop(k) for k in ("shards", "shard", "executor", "executor_option")}
         overrides["backend_options"] = parse_key_values(overrides.pop("backend_option"), "--backend-option")
         overrides["base_url"] = overrides.get("base_url") or None
         config = load_pipeline(name, registry, overrides)
         if params["check"]:
             click.echo(describe(config))
             return
-        if dry_run:
-            click.echo(format_estimate(estimate_run(config, registry)))
-            return
-        stats = run_pipeline(config, registry, max_cost=max_cost)
-        click.echo(summarize(stats, config.out_dir), err=True)
+        out_dir = config.out_dir
+        stats = dispatch(config, registry, sharding, dry_run=dry_run, max_cost=max_cost)
+        if stats is not None:
+            click.echo(summarize(stats, _shown_dir(out_dir, sharding, stats)), err=True)
 
     return click.Command(name, params=list(PIPELINE_OPTIONS), callback=callback,
                          help=f"Run the pipeline file {name} (stages, models and options as the file names them).")
@@ -209,6 +260,34 @@ def plugins(as_json: bool) -> None:
         return
     for r in rows:
         click.echo(f"{r['name']:<16} {r['distribution']} {r['version']}  " + (f"FAILED: {r['error']}" if r["status"] == "failed" else f"[{r['hooks']}]"))
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an earlier merge made from other shards or settings (its files are moved aside).")
+@click.option("--concurrency", type=CONCURRENCY, default=None, help="Model calls in flight for the stages after a whole-run cut (default: the shards').")
+@click.option("-B", "--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE",
+              help="Backend option over the shards' (credentials are not recorded in the shards: give an -B api_key=... here if a stage after a whole-run cut needs one).")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file (default: the shards' setting).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge(out_dir: Path, overwrite: bool, concurrency: int | None, backend_option: tuple[str, ...], cache_path: Path | None, quiet: bool) -> None:
+    """Merge the shards of OUT_DIR (OUT_DIR/shards/K-of-N) into OUT_DIR: data.jsonl, stats.json, failures, card.
+
+    Whole-run decisions (keep-top, de-duplication across units) are made here over every shard;
+    a merge under another shard count or other settings is refused."""
+    from .config import parse_key_values
+    from .shards import merge as merge_shards
+
+    stats = merge_shards(out_dir, _registry(), overwrite=overwrite, quiet=quiet, cache_path=cache_path, concurrency=concurrency,
+                         backend_options=parse_key_values(backend_option, "--backend-option"))
+    click.echo(summarize(stats, out_dir), err=True)
+
+
+@cli.command()
+def executors() -> None:
+    """List shard executors usable with --executor."""
+    for name, f in sorted(_registry().executors().items()):
+        click.echo(f"{name:<12} {f.description}  (plugin {f.plugin})")
 
 
 @cli.command()

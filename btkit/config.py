@@ -56,6 +56,11 @@ class RunConfig:
     cache_path: Path | None = None
     use_cache: bool = True
     overwrite: bool = False
+    #: ``(K, N)``: this run is shard K of N (``--shards N --shard K``, see :mod:`btkit.shards`); None: the whole input.
+    shard: tuple[int, int] | None = None
+    #: The command line run.json records (credentials masked); None: this process's own. A shard run
+    #: started by an executor records the driver's command, and a merge the shards' command.
+    command: list[str] | None = None
     #: Seconds between one-line status reports when stderr is not a terminal (0: none); $BTKIT_STATUS_EVERY.
     status_every: float = field(default_factory=lambda: float(os.environ.get("BTKIT_STATUS_EVERY") or 30))
     #: Stop the run when this many calls to one backend fail in a row ...

@@ -54,11 +54,12 @@ from .records import ExtraUnit, Record, failed_record, journal_key
 from .rundir import RunDirectory, public_urls
 from .stats import journal_stats
 from .stats import write_failures as write_failures_file
+from .shards import SHARD_ASSIGNMENT
 from .units import UnitSource, unit_digest
 
 HELD_JOURNAL = "candidates.held.jsonl"
 
-__all__ = ["Run", "run_pipeline", "HELD_JOURNAL", "BudgetSpent", "spent_cost", "price_of", "estimate_run", "format_estimate"]
+__all__ = ["Run", "run_pipeline", "execute_run", "HELD_JOURNAL", "BudgetSpent", "spent_cost", "price_of", "estimate_run", "format_estimate"]
 
 
 class Run:
@@ -89,7 +90,7 @@ class Run:
         self.cache = (Cache(config.cache_path) if config.use_cache else NullCache())
         self.calls = Calls(self.cache, config)
         self.source = UnitSource(config, self.first_method)
-        self.dir = RunDirectory(self.out)
+        self.dir = RunDirectory(self.out, command=config.command)
         self._backends: dict[str, Backend] = {}
         self._stage_backends: dict[int, Backend] = {}
         self.live_counts: dict[str, collections.Counter] = {}
@@ -98,6 +99,15 @@ class Run:
                                          "stages": {label: 0 for label in dict.fromkeys(s.label for s in self.stages)}}
         self.retried_units = 0
         self._appends_in_order = True
+        #: False for a merge: units whose calls failed stay as the shards recorded them (re-running that
+        #: shard retries them) instead of being redone here.
+        self.retry_failed = True
+        #: Called with the journal's path under the run's lock, before resuming from it: a merge writes
+        #: the shards' journals there (:func:`btkit.shards.merge`).
+        self.journal_source: Callable[[Path], None] | None = None
+        #: False when no unit is left to process and nothing after a whole-run cut (a merge of complete
+        #: shards): backends are then neither made nor checked, so a merge needs no model or server.
+        self.calls_expected = True
 
     # -- setup -----------------------------------------------------------------------------
     def model_for(self, stage: Stage) -> str:
@@ -145,6 +155,8 @@ class Run:
             "backend_options": public_urls({k: v for k, v in self.config.backend_options.items() if "key" not in k.lower()}),
             "stages": [{"method": s.method, "stage": s.stage, "options": _jsonable(public_urls({**self.config.options, **s.options}))} for s in self.config.stages],
             "templates": templates,
+            **({"shard": {"shard": self.config.shard[0], "shards": self.config.shard[1], "assignment": SHARD_ASSIGNMENT}}
+               if self.config.shard is not None else {}),
         }
 
     # -- resume ------------------------------------------------------------------------------
@@ -158,13 +170,16 @@ class Run:
         """
         path = self.out / "candidates.jsonl"
         found = journal.scan(path)
+        if not self.retry_failed:
+            found.failed.clear()
         n_units = surveyed if surveyed is not None and not found.units else self.source.survey(path, found)
         self.retried_units = len(found.failed)
         if found.failed or not found.sorted:
             journal.rewrite(path, journal.iter_sorted(path, found, skip=found.failed.__contains__))
             found = journal.scan(path)
         self._appends_in_order = found.gapless  # else units redone now land after later ones: sorted at the end
-        self._rebuild_data(found)
+        if self.config.shard is None:  # a shard publishes no data: the merge decides what is kept
+            self._rebuild_data(found)
         if found.units < n_units:
             (self.out / "data.jsonl").unlink(missing_ok=True)  # re-published when the run completes
         return found, n_units
@@ -280,6 +295,8 @@ class Run:
         """Templates and backends, before any work: a typo, a missing template variable or a missing
         capability stops here (every model spec is resolved now)."""
         self.check_templates()
+        if not self.calls_expected:
+            return
         for stage in self.stages:
             stage.check_backend(self.backend_for(stage))
 
@@ -289,7 +306,7 @@ class Run:
         # A bad input stops the run before its directory is created or touched.
         surveyed = None
         path = self.out / "candidates.jsonl"
-        if not path.exists():
+        if not path.exists() and self.journal_source is None:
             surveyed = self.source.survey(path, journal.JournalScan())
         else:  # the survey against the journal needs the directory's lock: check the rows alone first
             self.source.validate()
@@ -309,8 +326,10 @@ class Run:
     async def _execute_locked(self, surveyed: int | None) -> dict[str, Any]:
         cfg = self.config
         path = self.out / "candidates.jsonl"
+        if self.journal_source is not None:
+            self.journal_source(path)
         found, n_units = self._resume(surveyed)
-        if not cfg.quiet:
+        if not cfg.quiet and self.calls_expected:
             for stage in self.stages:  # after the input checks: a bad input still fails with its one line
                 line = stage.announce(self.backend_for(stage))
                 if line:
@@ -333,11 +352,12 @@ class Run:
         self.bar = Progress(cfg.quiet, self.progress["total"], cfg.status_every)
         ticker = asyncio.ensure_future(self.bar.tick_every(self.progress))
         hold = self.hold_index()
+        shard = cfg.shard is not None
         try:
             finished = journal.unit_headers(journal.iter_sorted(path, found))
-            await self._stream(self._first_pass_work(finished, hold), path, self.out / "data.jsonl.partial", t0,
-                               hold_alive=hold is not None)
-            if hold is not None:
+            await self._stream(self._first_pass_work(finished, hold), path, None if shard else self.out / "data.jsonl.partial",
+                               t0, hold_alive=hold is not None)
+            if hold is not None and not shard:  # a shard stops before the cut: the merge makes it over every shard
                 await self._second_pass(hold, t0)
         finally:
             ticker.cancel()
@@ -346,11 +366,34 @@ class Run:
                 await backend.aclose()  # after every unit unwound (see _stream): llama.cpp frees under no thread
             self.dir.save_elapsed(t0)
             self._save_spend()
+        if shard:
+            return self._finish_shard(n_units, time.monotonic() - t0)
         self._finish_journal()
         os.replace(self.out / "data.jsonl.partial", self.out / "data.jsonl")
         stats = self.stats(time.monotonic() - t0, write_failures=True)
         self.registry.hook.btkit_run_end(run=self, stats=stats)  # a plugin may add its own section first
         atomic_write_json(self.out / "stats.json", stats)
+        self.cache.close()
+        return stats
+
+    def _finish_shard(self, n_units: int, elapsed: float) -> dict[str, Any]:
+        """A shard's end: its journal in input order, its own counts, and ``shard.json`` written last.
+
+        No end-of-run decision is made and no data is published here: keep-top, de-duplication
+        across units and the stages after a whole-run cut need every shard's records in view,
+        which only the merge has (:func:`btkit.shards.merge`). ``shard.json`` says the shard is
+        complete and holds what the merge needs: the run's settings and the journal's digest.
+        """
+        from .shards import write_shard_marker
+
+        path = self.out / "candidates.jsonl"
+        found = journal.scan(path)
+        if not found.sorted:
+            journal.rewrite(path, journal.iter_sorted(path, found))
+        (self.out / "data.jsonl.partial").unlink(missing_ok=True)
+        stats = {**self.stats(elapsed, write_failures=True), "status": "shard_complete"}
+        atomic_write_json(self.out / "stats.json", stats)
+        write_shard_marker(self.out, self.config, n_units)
         self.cache.close()
         return stats
 
@@ -370,7 +413,7 @@ class Run:
         """``(seq, unit, digest, work)`` for every unit not finished by an earlier invocation."""
         stages = self.stages if hold is None else self.stages[:hold + 1]
         next_finished = next(finished, None)
-        for seq, unit in enumerate(self.source.as_surveyed()):
+        for seq, unit in self.source.as_surveyed():
             if next_finished is not None and next_finished[0] == seq:
                 next_finished = next(finished, None)
                 continue
@@ -682,14 +725,20 @@ def run_pipeline(config: RunConfig, registry: Registry, max_cost: float | None =
     ``max_cost`` (``--max-cost``, dollars) stops the run cleanly once its calls cost that much
     (:class:`BudgetSpent`, resumable; not part of the run's settings, so a higher limit continues it).
     """
+    return execute_run(Run(config, registry, max_cost=max_cost))
+
+
+def execute_run(run: Run) -> dict[str, Any]:
+    """Execute ``run`` synchronously, with :func:`run_pipeline`'s handling of Ctrl-C and filesystem faults."""
     log_warnings_to_stderr()
+    out = run.config.out_dir
     try:
-        return asyncio.run(Run(config, registry, max_cost=max_cost).execute())
+        return asyncio.run(run.execute())
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; finished units are kept in {config.out_dir}: re-run the same command to resume") from None
+        raise Interrupted(f"interrupted; finished units are kept in {out}: re-run the same command to resume") from None
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        raise BtkitError(f"{where}{e.strerror or e}; finished units are kept in {config.out_dir}: "
+        raise BtkitError(f"{where}{e.strerror or e}; finished units are kept in {out}: "
                          f"fix that, then re-run the same command to resume") from None
 
 
@@ -810,8 +859,8 @@ def estimate_run(config: RunConfig, registry: Registry, sample: int = 5) -> dict
     n_units = run.source.survey(path, found)
     done = max(0, found.units - len(found.failed))
     alive, samples = 0, []
-    for seq, unit in enumerate(run.source.as_surveyed()):
-        if seq < done or isinstance(unit, ExtraUnit) or not unit.alive:
+    for i, (_, unit) in enumerate(run.source.as_surveyed()):
+        if i < done or isinstance(unit, ExtraUnit) or not unit.alive:
             continue
         alive += 1
         if len(samples) < sample:

@@ -60,6 +60,17 @@ def btkit_register_report_sections(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def btkit_register_executors(register: Callable[..., None]) -> None:
+    """Register executors for ``btkit run ... --shards N --executor NAME``: ``register(name, factory, description="")``.
+
+    ``factory(options) -> Executor`` gets the ``-E KEY=VALUE`` options as a dict and returns a
+    :class:`btkit.executors.Executor`, whose ``run(jobs, poll)`` runs every shard job to completion
+    (each job is a whole shard run: :func:`btkit.executors.run_shard_job`). Import heavy libraries
+    (ray, a cluster client) inside ``run``, never at module level.
+    """
+
+
+@hookspec
 def btkit_run_start(run: Any) -> None:
     """Called once before the first record of a run is processed."""
 
@@ -67,6 +78,8 @@ def btkit_run_start(run: Any) -> None:
 @hookspec
 def btkit_run_end(run: Any, stats: dict) -> None:
     """Called once after a run finished, just before ``stats.json`` is written from ``stats``.
+
+    Not called for one shard of a sharded run: once, by the merge, for the whole run.
 
     ``data.jsonl`` is published by then. A plugin may add a section of its own to ``stats`` (a key
     named after it, e.g. LINGUIST's per-intent report); it must not change btkit's own keys.

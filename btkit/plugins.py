@@ -4,7 +4,7 @@ First-party plugins (``btkit_plugins.*``) are found exactly like third-party one
 none of them. Registration happens through callbacks so the core owns validation and name clashes.
 
 Entry-point groups say what a plugin provides, so btkit imports only what a command needs:
-``btkit.methods``, ``btkit.backends`` and ``btkit.commands`` are loaded when methods, backends or
+``btkit.methods``, ``btkit.backends``, ``btkit.commands`` and ``btkit.executors`` are loaded when methods, backends or
 commands are first asked for (``btkit run METHOD --help`` imports no backend module, ``btkit
 --help`` no method module), and ``btkit`` (any kind, or several) always with the first of them.
 A plugin that provides two kinds names its module in both groups, under one name; a run, which calls
@@ -59,7 +59,8 @@ from .methods import STAGE_KINDS, Method
 #: The entry-point group of a plugin of any kind (loaded whenever any kind is).
 ENTRY_POINT_GROUP = "btkit"
 #: The group of plugins of one kind, loaded when that kind is first asked for.
-KIND_GROUPS = {"methods": "btkit.methods", "backends": "btkit.backends", "commands": "btkit.commands"}
+KIND_GROUPS = {"methods": "btkit.methods", "backends": "btkit.backends", "commands": "btkit.commands",
+               "executors": "btkit.executors"}
 #: Environment variable naming the plugins to load (see the module docstring).
 LOAD_PLUGINS_ENV = "BTKIT_LOAD_PLUGINS"
 #: Environment variable naming modules to register besides the entry points (see the module docstring).
@@ -113,6 +114,16 @@ class ReportSection:
 
 
 @dataclass
+class ExecutorFactory:
+    """A shard executor (``--executor NAME``): ``factory(options) -> btkit.executors.Executor``."""
+
+    name: str
+    factory: Callable[[dict], Any]
+    description: str
+    plugin: str
+
+
+@dataclass
 class BackendFactory:
     prefix: str
     factory: Callable[[str, dict[str, Any]], Backend]
@@ -136,6 +147,7 @@ class Registry:
         self._methods: dict[str, Method] | None = None
         self._export_formats: dict[str, ExportFormat] | None = None
         self._report_sections: list[ReportSection] | None = None
+        self._executors: dict[str, ExecutorFactory] | None = None
         if load_entry_points:
             self._load("none")  # the general group and BTKIT_EXTRA_PLUGINS now; the kinds when asked for
 
@@ -235,6 +247,7 @@ class Registry:
         self._backends = self._methods = None
         self._export_formats = None
         self._report_sections = None
+        self._executors = None
 
     @property
     def hook(self) -> Any:
@@ -355,6 +368,34 @@ class Registry:
                 impl.function(register=register)
             self._report_sections = sorted(found.values(), key=lambda s: (s.order, s.name))
         return list(self._report_sections)
+
+    # -- executors ----------------------------------------------------------------------------
+    def executors(self) -> dict[str, ExecutorFactory]:
+        """The shard executors by name (``--executor``); only the executor plugins are loaded."""
+        self._load("executors")
+        if self._executors is None:
+            found: dict[str, ExecutorFactory] = {}
+            for impl in self.pm.hook.btkit_register_executors.get_hookimpls():
+                plugin_name = self.pm.get_name(impl.plugin) or "?"
+
+                def register(name: str, factory: Callable[[dict], Any], description: str = "", _p=plugin_name) -> None:
+                    if not name or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+                        raise BtkitError(f"plugin '{_p}': executor name '{name}' must be a word (letters, digits, - _ .)")
+                    if not callable(factory):
+                        raise BtkitError(f"plugin '{_p}': executor '{name}' needs a callable factory, got {factory!r}")
+                    if name in found:
+                        raise BtkitError(f"executor '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
+                    found[name] = ExecutorFactory(name, factory, description, _p)
+
+                impl.function(register=register)
+            self._executors = found
+        return self._executors
+
+    def executor(self, name: str) -> ExecutorFactory:
+        executors = self.executors()
+        if name not in executors:
+            raise BtkitError(f"unknown executor '{name}'; known executors: {', '.join(sorted(executors)) or 'none'}")
+        return executors[name]
 
     def plugin_rows(self) -> list[dict[str, str]]:
         """One row per plugin: loaded ones (``status`` ``loaded``, their hooks) and ones that failed

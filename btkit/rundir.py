@@ -23,7 +23,8 @@ from .errors import BtkitError
 from .io import atomic_write_json
 
 #: Files a run writes (``--overwrite`` moves these aside).
-RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json", "spent.json")
+RUN_FILES = ("candidates.jsonl", "data.jsonl", "data.jsonl.partial", "stats.json", "failures.jsonl", "run.json", "spent.json",
+             "shard.json", "manifest.json")
 
 
 def create(out: Path) -> None:
@@ -98,8 +99,9 @@ def move_aside(out: Path) -> Path | None:
 class RunDirectory:
     """An open run directory: locked for this run, its ``run.json`` (settings and active time) written first."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, command: list[str] | None = None):
         self.out = Path(out)
+        self.command = command
         self.lock: RunLock | None = None
         #: Active seconds of the invocations before this one (from run.json).
         self.elapsed_before = 0.0
@@ -143,7 +145,7 @@ class RunDirectory:
                 print(f"--overwrite: the previous run's files moved to {backup}", file=sys.stderr)
             old = {}
         self.elapsed_before = float(old.get("elapsed_s") or 0.0)
-        self._run_json = {"fingerprint": fp, "command": redact_argv(sys.argv), "started": old.get("started", time.time()),
+        self._run_json = {"fingerprint": fp, "command": self.command or redact_argv(sys.argv), "started": old.get("started", time.time()),
                           "elapsed_s": self.elapsed_before}
         # run.json first: a kill from here on leaves a directory that resumes.
         atomic_write_json(run_json, self._run_json)

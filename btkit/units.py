@@ -6,6 +6,11 @@ before any model call: it validates the input (file, line and field of the first
 refuses two units with one id, counts the units, and checks every unit a journal holds against
 the input, so a resumed run never mixes two inputs. :meth:`UnitSource.as_surveyed` then yields the
 same units again for the run itself and stops the run if the input changed in between.
+
+A shard of a sharded run (``RunConfig.shard``) reads the same stream and keeps the units that
+:func:`btkit.shards.shard_of` assigns to it, each with its position in the whole stream: every
+shard prepares the whole input the same way (segments, de-duplication, ids checked over the whole
+corpus), so the shards' journals merge by position into exactly the journal one process writes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .io import iter_jsonl, validate_jsonl
 from .methods import Method
 from .options import INPUT_DEFAULTS
 from .records import ExtraUnit, Record
+from .shards import shard_of
 
 
 class UnitSource:
@@ -40,6 +46,12 @@ class UnitSource:
         self.counts: dict[str, int] = {}
         self.rows_read = self.survey_rows = 0
         self._input_before: tuple[int, int] | None = None
+        #: ``(shard, shards)``: only the units of that shard (see the module docstring); None: all.
+        self.shard = config.shard
+
+    def mine(self, unit: Record) -> bool:
+        """Whether this run processes ``unit`` (always, unless it is one shard of a sharded run)."""
+        return self.shard is None or shard_of(unit, self.shard[1]) == self.shard[0]
 
     def units(self, counts: dict[str, int] | None = None, max_rows: int | None = None) -> Iterator[Record]:
         """The run's work units, in a deterministic order: the method's extra records, then ``prepare``'s units."""
@@ -65,7 +77,8 @@ class UnitSource:
         validate_jsonl(self.config.input, self.required, self.required, self.encoding_errors)
 
     def survey(self, journal_path: Path, found: journal.JournalScan) -> int:
-        """One pass over the units before any model call (see the module docstring); returns how many there are."""
+        """One pass over the units before any model call (see the module docstring); returns how many
+        this run processes (a shard's own units; ids are checked over every unit)."""
         finished = journal.unit_headers(journal.iter_sorted(journal_path, found, skip=found.failed.__contains__))
         expected = next(finished, None)
         self.counts.clear()
@@ -74,9 +87,11 @@ class UnitSource:
         out = journal_path.parent
         with SeenSet() as ids:
             for seq, unit in enumerate(self.units(counts=self.counts)):
-                count = seq + 1
                 if not isinstance(unit, ExtraUnit) and not ids.add(unit.id):
                     raise self._duplicate_id_error(unit)
+                if not self.mine(unit):
+                    continue
+                count += 1
                 if expected is not None and expected[0] == seq:
                     if expected[1] != unit_digest(unit):
                         raise BtkitError(
@@ -95,12 +110,15 @@ class UnitSource:
         self.survey_rows, self._input_before = self.rows_read, before
         return count
 
-    def as_surveyed(self) -> Iterator[Record]:
-        """The units again, for the run itself: no more rows than the survey saw, and an input that
-        changed since (cut short, appended to, rewritten) stops the run instead of mixing inputs."""
+    def as_surveyed(self) -> Iterator[tuple[int, Record]]:
+        """``(position, unit)`` again for the units the run processes: no more rows than the survey saw,
+        and an input that changed since (cut short, appended to, rewritten) stops the run instead of
+        mixing inputs. The position is the unit's place in the whole stream (a shard's have gaps)."""
         cfg = self.config
         try:
-            yield from self.units(max_rows=self.survey_rows)
+            for seq, unit in enumerate(self.units(max_rows=self.survey_rows)):
+                if self.mine(unit):
+                    yield seq, unit
         except InputError as e:  # it was valid when surveyed: it changed
             raise BtkitError(f"{cfg.input} changed while the run read it ({e}); finished units are kept: "
                              f"re-run the same command to resume") from None

@@ -1,0 +1,1 @@
+"""First-party shard executors (``--executor``): ``local`` (processes on this machine) and ``ray``."""
