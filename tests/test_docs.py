@@ -18,7 +18,8 @@ from btkit import hookspecs
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 #: The modules a plugin may import, besides every module of btkit.kit and btkit.testing.
-API_MODULES = ["btkit.methods", "btkit.backends", "btkit.records", "btkit.errors", "btkit.options", "btkit.parsing", "btkit.config"]
+API_MODULES = ["btkit.methods", "btkit.backends", "btkit.records", "btkit.errors", "btkit.options", "btkit.parsing", "btkit.config",
+               "btkit.executors"]
 
 
 def api_modules() -> list[str]:

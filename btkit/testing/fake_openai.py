@@ -142,6 +142,9 @@ class FakeOpenAIServer:
             self._thread.join(10)
 
 
+__all__ = ["FakeOpenAIServer", "Request", "main", "reply_text", "request_digest"]
+
+
 def main() -> None:
     """Serve until killed; the port is written to ``--port-file`` once the server listens."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
