@@ -171,4 +171,4 @@ def redact_argv(argv: list[str]) -> list[str]:
 
 def public_urls(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` as run.json records them: ``user:password@`` cut from every string value that is a URL."""
-    return {k: public_url(v) if isinstance(v, str) else v for k, v in options.items()}
+    return {k: ",".join(public_url(u) for u in v.split(",")) if isinstance(v, str) else v for k, v in options.items()}

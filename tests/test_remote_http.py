@@ -114,3 +114,35 @@ def test_litellm_needs_a_provider_and_model():
 
     with pytest.raises(BtkitError, match="PROVIDER/MODEL"):
         LiteLLMBackend("", {})
+
+
+def test_several_base_urls_share_the_calls_of_one_model(tmp_path):
+    """``--base-url A,B``: one model behind two servers; the run's calls go to both in turn, the data is
+    what one server gives (the replies are the same function of the request), and run.json names both."""
+    import json
+    import subprocess
+    import sys
+
+    from btkit.testing.fake_openai import FakeOpenAIServer
+
+    a, b = FakeOpenAIServer().start(), FakeOpenAIServer().start()
+    try:
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i} says " + "apt dpkg mirror " * 12}) + "\n" for i in range(6)))
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BTKIT_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_API_KEY": "sk-test"}
+        outs = {}
+        for name, url in (("two", f"{a.base_url},{b.base_url}"), ("one", a.base_url)):
+            done = subprocess.run([sys.executable, "-m", "btkit.cli", "run", "humpback", str(corpus), "-o", str(tmp_path / name),
+                                   "--model", "openai:fake-model", "--base-url", url, "--judge-mode", "rubric", "--min-words", "5",
+                                   "--no-cache", "-q"], env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            outs[name] = [json.loads(line)["instruction"] for line in (tmp_path / name / "data.jsonl").read_text().splitlines()]
+            if name == "two":
+                assert len(a.requests) >= 4 and len(b.requests) >= 4  # 12 calls, taken in turn
+                assert abs(len(a.requests) - len(b.requests)) <= 1
+        assert outs["two"] == outs["one"] and outs["one"]
+        fp = json.loads((tmp_path / "two" / "run.json").read_text())["fingerprint"]
+        assert fp["backend_options"]["base_url"] == f"{a.base_url},{b.base_url}"
+    finally:
+        a.stop()
+        b.stop()

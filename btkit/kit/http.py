@@ -174,6 +174,15 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
+def split_base_urls(value: str) -> list[str]:
+    """Several endpoints serving one model, comma-separated (``http://a:8000/v1,http://b:8000/v1``), each normalized:
+    an :class:`HttpClient` sends its requests to them in turn."""
+    urls = [normalize_base_url(u) for u in str(value).split(",") if u.strip()]
+    if not urls:
+        raise BtkitError(f"base URL '{public_url(str(value))}' names no endpoint")
+    return urls
+
+
 def url_secrets(url: str | None) -> list[str]:
     """The password of ``user:password@`` in a base URL (as written, decoded, and as the Basic auth
     token that carries it), to scrub from reply and error text like a key: a server or library may
@@ -273,13 +282,20 @@ class Secret:
 
 
 class HttpClient:
-    """One aiohttp session per event loop, JSON in and out, one attempt per call (no retries here)."""
+    """One aiohttp session per event loop, JSON in and out, one attempt per call (no retries here).
+
+    ``base_url`` may name several endpoints of one model, comma-separated: calls go to them in turn
+    (round robin; a retried call may land on another one), one-off probes to the first.
+    """
 
     def __init__(self, base_url: str, api_key: Secret, settings: RemoteSettings, headers: dict[str, str] | None = None):
         # ``user:password@`` in the base URL travels as Basic auth (in place of the key, as the OpenAI
         # SDK does), never in the URL itself: so no request line, message or log can carry it
-        self.base_url = public_url(base_url)
-        self._basic_auth = Secret(basic_auth(base_url))
+        urls = [u.strip() for u in base_url.split(",") if u.strip()] or [base_url]
+        self.base_urls = [public_url(u) for u in urls]
+        self.base_url = self.base_urls[0]
+        self._turn = 0
+        self._basic_auth = Secret(basic_auth(urls[0]))
         self.api_key = api_key
         self.settings = settings
         self.headers = dict(headers or {})
@@ -313,7 +329,9 @@ class HttpClient:
         """
         import aiohttp
 
-        url = self.base_url + path
+        base = self.base_urls[self._turn % len(self.base_urls)]
+        self._turn += 1
+        url = base + path
         data = json.dumps(body).encode("utf-8") if body is not None else None
         try:
             async with self.session().request(method, url, data=data) as resp:
@@ -457,5 +475,5 @@ def env_first(*names: str) -> str | None:
 
 
 __all__ = ["RETRY_STATUSES", "RAW_LIMIT", "SECRET_ENV_SUFFIXES", "RemoteSettings", "RetryableError", "RetryBudget", "call_with_retries",
-           "parse_retry_after", "normalize_base_url", "url_secrets", "basic_auth", "MalformedReply", "content_text", "token_count",
+           "parse_retry_after", "normalize_base_url", "split_base_urls", "url_secrets", "basic_auth", "MalformedReply", "content_text", "token_count",
            "env_secrets", "env_first", "Secret", "HttpClient", "price_table", "price_per_token", "cost_usd"]

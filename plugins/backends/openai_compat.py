@@ -59,7 +59,7 @@ from btkit.hookspecs import hookimpl
 
 from btkit.kit.http import (
     RAW_LIMIT, RETRY_STATUSES, HttpClient, RemoteSettings, RetryableError, RetryBudget, Secret, _error_message,
-    MalformedReply, call_with_retries, content_text, cost_usd, env_first, normalize_base_url, public_url, token_count,
+    MalformedReply, call_with_retries, content_text, cost_usd, env_first, public_url, split_base_urls, token_count,
     url_secrets,
 )
 
@@ -170,8 +170,9 @@ class OpenAICompatBackend(Backend):
     def __init__(self, rest: str, options: dict[str, Any]):
         self.requested_model = rest.strip()
         self._model: str | None = self.requested_model or None
-        base_url = normalize_base_url(str(options.get("base_url") or env_first("OPENAI_BASE_URL") or self.default_base_url))
-        self.api_key = Secret(options.get("api_key") or env_first(*self.key_env), also=url_secrets(base_url))
+        urls = split_base_urls(str(options.get("base_url") or env_first("OPENAI_BASE_URL") or self.default_base_url))
+        base_url = ",".join(urls)  # several: one model behind several servers, called in turn
+        self.api_key = Secret(options.get("api_key") or env_first(*self.key_env), also=[s for u in urls for s in url_secrets(u)])
         self.settings = RemoteSettings.from_options(options)
         self.budget = RetryBudget(self.settings.retry_budget, self.settings.retry_ratio)
         self.client = HttpClient(base_url, self.api_key, self.settings)
@@ -186,7 +187,7 @@ class OpenAICompatBackend(Backend):
 
     # -- identity and model discovery --------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        return {"backend": self.kind, "base_url": public_url(self.base_url), "model": self.model}
+        return {"backend": self.kind, "base_url": ",".join(self.client.base_urls), "model": self.model}
 
     @property
     def model(self) -> str:
