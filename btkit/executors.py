@@ -135,9 +135,13 @@ class ShardWatch:
 
 def run_sharded(config: Any, registry: Any, n: int, executor: str, options: dict[str, Any]) -> dict[str, Any]:
     """``btkit run ... --shards N`` without ``--shard``: the executor runs every shard, then they are merged."""
+    overwrite = config.overwrite
     check_layout(config.out_dir, n)
     factory = registry.executor(executor)
     runner = factory.factory(options)
+    if config.overwrite:  # once, here: a shard started again after a kill must resume, not start over
+        start_over(config, n)
+        config = dataclasses.replace(config, overwrite=False)
     jobs = shard_jobs(config, n)
     for job in jobs:
         job.dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +150,21 @@ def run_sharded(config: Any, registry: Any, n: int, executor: str, options: dict
     info = runner.run(jobs, watch.poll) or {}
     watch.poll(final=True)
     info = {"name": executor, "shards_s": round(time.monotonic() - t0, 3), **info}
-    return merge(config.out_dir, registry, overwrite=False, quiet=config.quiet, executor=info)
+    return merge(config.out_dir, registry, overwrite=overwrite, quiet=config.quiet, executor=info)
+
+
+def start_over(config: Any, n: int) -> None:
+    """``--overwrite`` with ``--shards N``: every shard's files (and an earlier merge's) moved aside, each
+    under its run's lock, so no running shard is touched."""
+    from .rundir import RunLock, move_aside
+
+    for d in [shard_dir(Path(config.out_dir), k, n) for k in range(n)]:
+        if d.exists():
+            lock = RunLock(d).acquire()
+            try:
+                move_aside(d)
+            finally:
+                lock.release()
 
 
 def main() -> None:
