@@ -205,3 +205,29 @@ def test_no_ray_anywhere_but_its_executor(server, corpus, tmp_path):
     no_ray = run([sys.executable, "-c", blocked, *btkit_args(server, corpus, tmp_path / "r", "humpback", "--shards", "2",
                                                                "--executor", "ray")[3:]], tmp_path)
     assert no_ray.returncode == 2 and "--executor ray needs Ray: pip install 'btkit[ray]'" in no_ray.stderr
+
+
+@pytest.mark.slow
+def test_a_pipeline_file_runs_sharded_too(server, corpus, whole, tmp_path):
+    """``btkit run FILE.yaml --shards 2 --shard K`` and ``btkit merge``: the pipeline's run, as one process makes it."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""name: humpback-two-stages
+input: {corpus}
+model: openai:fake-model
+base_url: {server.base_url}
+stages:
+  - use: humpback.augment
+    min_words: 10
+  - use: humpback.curate
+    judge_mode: rubric
+    keep_top: 50
+""")
+    out = tmp_path / "piped"
+    for k in (0, 1):
+        done = run([sys.executable, "-m", "btkit.cli", "run", str(pipeline), "-o", str(out), "--shards", "2", "--shard", str(k), "-q",
+                    "--cache", str(tmp_path / "p.sqlite")], tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert not (out / "data.jsonl").exists()  # nothing is published before the merge
+    done = run([sys.executable, "-m", "btkit.cli", "merge", str(out), "-q"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert without_cache_flags(out / "data.jsonl") == without_cache_flags(whole / "data.jsonl")
