@@ -319,27 +319,41 @@ class Registry:
             raise BtkitError(f"unknown method '{name}'; known methods: {', '.join(sorted(methods)) or 'none'}")
         return methods[name]
 
-    # -- export formats and report sections -------------------------------------------------
+    # -- export formats, report sections, executors ----------------------------------------------
+    def _named(self, hook: str, what: str, make: Callable[..., Any], word: bool = True) -> dict[str, Any]:
+        """Call every plugin's ``hook`` with a ``register`` callback; ``make(plugin, name, *args, **kwargs)``
+        checks the arguments and builds the entry. A name is registered once, and must be a word (an
+        option's value) unless ``word`` is false (a heading: any non-empty text)."""
+        found: dict[str, Any] = {}
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            plugin_name = self.pm.get_name(impl.plugin) or "?"
+
+            def register(name: str, *args: Any, _p: str = plugin_name, **kwargs: Any) -> None:
+                if not name or not isinstance(name, str):
+                    raise BtkitError(f"plugin '{_p}': a {what} needs a name")
+                if word and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+                    raise BtkitError(f"plugin '{_p}': {what} name '{name}' must be a word (letters, digits, - _ .)")
+                if name in found:
+                    raise BtkitError(f"{what} '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
+                found[name] = make(_p, name, *args, **kwargs)
+
+            impl.function(register=register)
+        return found
+
+    @staticmethod
+    def _callable(plugin: str, what: str, name: str, role: str, fn: Any) -> Any:
+        if not callable(fn):
+            raise BtkitError(f"plugin '{plugin}': {what} '{name}' needs a callable {role}, got {fn!r}")
+        return fn
+
     def export_formats(self) -> dict[str, ExportFormat]:
         """The ``btkit export`` formats by name (every group is loaded: any plugin may add one)."""
         self._load()
         if self._export_formats is None:
-            found: dict[str, ExportFormat] = {}
-            for impl in self.pm.hook.btkit_register_export_formats.get_hookimpls():
-                plugin_name = self.pm.get_name(impl.plugin) or "?"
+            def make(p: str, name: str, writer: Callable[..., dict], description: str = "", suffix: str = ".jsonl") -> ExportFormat:
+                return ExportFormat(name, self._callable(p, "export format", name, "writer", writer), description, suffix, p)
 
-                def register(name: str, writer: Callable[..., dict], description: str = "", suffix: str = ".jsonl",
-                             _p=plugin_name) -> None:
-                    if not name or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-                        raise BtkitError(f"plugin '{_p}': export format name '{name}' must be a word (letters, digits, - _ .)")
-                    if not callable(writer):
-                        raise BtkitError(f"plugin '{_p}': export format '{name}' needs a callable writer, got {writer!r}")
-                    if name in found:
-                        raise BtkitError(f"export format '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
-                    found[name] = ExportFormat(name, writer, description, suffix, _p)
-
-                impl.function(register=register)
-            self._export_formats = found
+            self._export_formats = self._named("btkit_register_export_formats", "export format", make)
         return self._export_formats
 
     def export_format(self, name: str) -> ExportFormat:
@@ -352,43 +366,21 @@ class Registry:
         """The ``btkit report`` sections, sorted by ``order`` then name (every group is loaded)."""
         self._load()
         if self._report_sections is None:
-            found: dict[str, ReportSection] = {}
-            for impl in self.pm.hook.btkit_register_report_sections.get_hookimpls():
-                plugin_name = self.pm.get_name(impl.plugin) or "?"
+            def make(p: str, name: str, render: Callable[..., str | None], order: float = 100) -> ReportSection:
+                return ReportSection(name, self._callable(p, "report section", name, "render", render), float(order), p)
 
-                def register(name: str, render: Callable[..., str | None], order: float = 100, _p=plugin_name) -> None:
-                    if not name:
-                        raise BtkitError(f"plugin '{_p}': a report section needs a name")
-                    if not callable(render):
-                        raise BtkitError(f"plugin '{_p}': report section '{name}' needs a callable render, got {render!r}")
-                    if name in found:
-                        raise BtkitError(f"report section '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
-                    found[name] = ReportSection(name, render, float(order), _p)
-
-                impl.function(register=register)
+            found = self._named("btkit_register_report_sections", "report section", make, word=False)
             self._report_sections = sorted(found.values(), key=lambda s: (s.order, s.name))
         return list(self._report_sections)
 
-    # -- executors ----------------------------------------------------------------------------
     def executors(self) -> dict[str, ExecutorFactory]:
         """The shard executors by name (``--executor``); only the executor plugins are loaded."""
         self._load("executors")
         if self._executors is None:
-            found: dict[str, ExecutorFactory] = {}
-            for impl in self.pm.hook.btkit_register_executors.get_hookimpls():
-                plugin_name = self.pm.get_name(impl.plugin) or "?"
+            def make(p: str, name: str, factory: Callable[[dict], Any], description: str = "") -> ExecutorFactory:
+                return ExecutorFactory(name, self._callable(p, "executor", name, "factory", factory), description, p)
 
-                def register(name: str, factory: Callable[[dict], Any], description: str = "", _p=plugin_name) -> None:
-                    if not name or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-                        raise BtkitError(f"plugin '{_p}': executor name '{name}' must be a word (letters, digits, - _ .)")
-                    if not callable(factory):
-                        raise BtkitError(f"plugin '{_p}': executor '{name}' needs a callable factory, got {factory!r}")
-                    if name in found:
-                        raise BtkitError(f"executor '{name}' registered twice (plugins '{found[name].plugin}' and '{_p}')")
-                    found[name] = ExecutorFactory(name, factory, description, _p)
-
-                impl.function(register=register)
-            self._executors = found
+            self._executors = self._named("btkit_register_executors", "executor", make)
         return self._executors
 
     def executor(self, name: str) -> ExecutorFactory:

@@ -231,3 +231,45 @@ stages:
     done = run([sys.executable, "-m", "btkit.cli", "merge", str(out), "-q"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert without_cache_flags(out / "data.jsonl") == without_cache_flags(whole / "data.jsonl")
+
+
+def test_a_third_party_executor_runs_the_shards(registry, cli, scripted, corpus, tmp_path):
+    """An executor registered by a plugin (as docs/plugins.md shows) gets every shard job; the merge follows."""
+    from btkit.errors import BtkitError
+    from btkit.executors import Executor, run_shard_job
+    from btkit.hookspecs import hookimpl
+
+    ran = []
+
+    class Inline(Executor):
+        def run(self, jobs, poll):
+            for job in jobs:
+                ran.append((job.shard, job.shards, job.dir.name))
+                run_shard_job(job.config)
+                poll()
+            return {"inline": True, "option": self.options.get("note")}
+
+    class Plugin:
+        @hookimpl
+        def btkit_register_executors(self, register):
+            register("inline", Inline, description="shards one after another, in this process")
+
+    registry.register(Plugin(), name="inline-executor")
+    _, spec = scripted(default=lambda messages, params: "Score: 4" if "Score" in messages[-1]["content"] else "What is this about?")
+    for name, extra in (("one", ()), ("sharded", ("--shards", "3", "--executor", "inline", "-E", "note=hi"))):
+        r = cli("run", "humpback", corpus, "-o", tmp_path / name, "--model", spec, "--judge-mode", "rubric", "--min-words", "10",
+                "--no-cache", "-q", *extra)
+        assert r.exit_code == 0, r.output
+    assert ran == [(0, 3, "0-of-3"), (1, 3, "1-of-3"), (2, 3, "2-of-3")]
+    assert without_cache_flags(tmp_path / "one" / "data.jsonl") == without_cache_flags(tmp_path / "sharded" / "data.jsonl")
+    manifest = json.loads((tmp_path / "sharded" / "manifest.json").read_text())
+    assert manifest["executor"] == {"name": "inline", "shards_s": manifest["executor"]["shards_s"], "inline": True, "option": "hi"}
+
+    class Clash:
+        @hookimpl
+        def btkit_register_executors(self, register):
+            register("local", Inline)
+
+    registry.register(Clash(), name="clash")
+    with pytest.raises(BtkitError, match="executor 'local' registered twice"):
+        registry.executors()
