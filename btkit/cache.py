@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 
 
+#: How long a process waits for others that are opening the same new cache file at once.
+OPEN_WAIT_S = 30.0
+
+
 def default_cache_path() -> Path:
     base = os.environ.get("BTKIT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "btkit"
@@ -98,17 +102,37 @@ class Cache:
         #: Reads and writes that failed mid-run (disk full, damaged file): counted, warned about once.
         self.errors = 0
         self._warned = False
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                self._db = self._open()
+                break
+            except sqlite3.OperationalError as e:
+                # several processes opening one new file at once (the shards of a run): switching it to WAL
+                # takes an exclusive lock that SQLite does not wait for; the others wait a moment and retry
+                if "locked" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise BtkitError(f"cache {self.path}: cannot be used ({_why(e)}); move it aside, or pass --cache OTHER_FILE or --no-cache") from None
+            except (sqlite3.Error, OSError) as e:
+                raise BtkitError(
+                    f"cache {self.path}: cannot be used ({_why(e)}); move it aside, or pass --cache OTHER_FILE or --no-cache"
+                ) from None
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, in WAL mode, with the table; a connection that fails half-way is closed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(SCHEMA)
-            self._db.execute("SELECT COUNT(*) FROM (SELECT key FROM entries LIMIT 1)").fetchone()
-        except (sqlite3.Error, OSError) as e:
-            raise BtkitError(
-                f"cache {self.path}: cannot be used ({_why(e)}); move it aside, or pass --cache OTHER_FILE or --no-cache"
-            ) from None
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":  # persistent: set once per file
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(SCHEMA)
+            db.execute("SELECT COUNT(*) FROM (SELECT key FROM entries LIMIT 1)").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _failed(self, action: str, e: Exception) -> None:
         self.errors += 1

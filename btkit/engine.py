@@ -108,6 +108,8 @@ class Run:
         #: False when no unit is left to process and nothing after a whole-run cut (a merge of complete
         #: shards): backends are then neither made nor checked, so a merge needs no model or server.
         self.calls_expected = True
+        #: Sections added to stats.json besides the journal's counts (a merge adds ``shards``).
+        self.stats_sections: dict[str, Any] = {}
 
     # -- setup -----------------------------------------------------------------------------
     def model_for(self, stage: Stage) -> str:
@@ -636,6 +638,7 @@ class Run:
             "units_retried": self.retried_units,
             "wall_time_s": round(self.dir.elapsed_before + elapsed, 3),
             "this_invocation_s": round(elapsed, 3),
+            **self.stats_sections,
         }
 
 

@@ -274,6 +274,10 @@ def _merge_run(out: Path, shards: list[Shard], config: Any, registry: Any, expec
         raise BtkitError(f"settings changed since the shards of {out} ran (changed: {_changed(expected, now)}); "
                          f"a merge under other settings is refused: restore them, or re-run the shards")
     run.retry_failed = False
+    # stats.json's wall_time_s of a merged run is the merge's own: each shard's active time is here
+    run.stats_sections["shards"] = {"count": len(shards), "units": [s.marker.get("units") for s in shards],
+                                    "elapsed_s": [round(s.elapsed_s, 3) for s in shards],
+                                    "busiest_shard_s": round(max(s.elapsed_s for s in shards), 3)}
     run.calls_expected = run.hold_index() is not None  # only the stages after a whole-run cut call a model
 
     def merged_journal(path: Path) -> None:

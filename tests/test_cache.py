@@ -294,3 +294,34 @@ def test_cache_stats_and_clear_commands(cli, scripted, corpus, tmp_path):
 
     r = CliRunner().invoke(btkit_cli, ["cache", "clear", "--cache", str(cache)], input="n\n")
     assert r.exit_code == 1 and json.loads(cli("cache", "stats", "--cache", cache).output)["entries"] == 8
+
+
+def _open_cache_at_once(path, barrier, results):
+    from btkit.cache import Cache
+
+    barrier.wait()
+    try:
+        Cache(path).close()
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        results.put(str(e))
+
+
+@pytest.mark.slow
+def test_processes_opening_one_new_cache_at_once_all_get_it(tmp_path):
+    """The shards of a run start together on one new cache file: every one opens it (switching a new
+    file to WAL takes a lock SQLite does not wait for; without the retry about 1 open in 25 failed here)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    failures = []
+    for trial in range(6):
+        path = tmp_path / f"c{trial}.sqlite"
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_open_cache_at_once, args=(str(path), barrier, results)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        failures += [r for r in (results.get(timeout=10) for _ in procs) if r != "ok"]
+    assert failures == []

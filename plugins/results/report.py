@@ -396,6 +396,10 @@ def render_overview(run_dir: Path, ctx: dict[str, Any]) -> str | None:
         ["wall time (s)", stats.get("wall_time_s", run.get("elapsed_s"))],
         ["btkit", stats.get("btkit") or fp.get("btkit")],
     ]
+    shards = stats.get("shards") if isinstance(stats.get("shards"), dict) else None
+    if shards:  # a merged run: its wall time is the merge's, each shard's is its own
+        rows.insert(-1, ["shards (active time of each, s)", f"{shards.get('count')}: "
+                         + ", ".join(_fmt(t) for t in shards.get("elapsed_s") or [])])
     if run.get("command"):
         rows.append(["command", " ".join(str(a) for a in run["command"])])
     # run-wide options reach every stage: shown once, then what each stage has of its own
