@@ -12,7 +12,6 @@ progress from their journals; when all are complete it merges them (:func:`btkit
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BtkitError
-from .shards import check_layout, config_from_dict, config_to_dict, merge, shard_dir
+from .shards import JournalTail, check_layout, config_from_dict, config_to_dict, merge, shard_dir
 
 #: Exit status of a shard process that stopped on a configuration or input problem: retrying cannot help.
 NOT_RETRYABLE = 3
@@ -86,40 +85,21 @@ class ShardWatch:
 
     def __init__(self, jobs: list[ShardJob], quiet: bool, every: float = 5.0):
         self.jobs, self.quiet, self.every = jobs, quiet, every
-        self.offsets = [0] * len(jobs)
-        self.units = [0] * len(jobs)
-        self.kept = [0] * len(jobs)
-        self.last_unit: list[bytes | None] = [None] * len(jobs)
+        self.tails = [JournalTail(job.dir / "candidates.jsonl") for job in jobs]
         self.t0 = time.monotonic()
         self.shown = 0.0
 
     def read(self) -> None:
-        for i, job in enumerate(self.jobs):
-            path = job.dir / "candidates.jsonl"
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue
-            if size < self.offsets[i]:  # rewritten (sorted at the end, or a resumed shard cut a torn line)
-                self.offsets[i], self.units[i], self.kept[i], self.last_unit[i] = 0, 0, 0, None
-            with path.open("rb") as f:
-                f.seek(self.offsets[i])
-                chunk = f.read()
-            end = chunk.rfind(b"\n") + 1  # whole lines only
-            for raw in chunk[:end].splitlines():
-                m = re.search(rb'"unit_seq": ?(-?\d+)', raw)
-                if m and m.group(1) != self.last_unit[i]:
-                    self.units[i] += 1
-                    self.last_unit[i] = m.group(1)
-                self.kept[i] += re.search(rb'"status": ?"kept"', raw) is not None
-            self.offsets[i] += end
+        for tail in self.tails:
+            tail.read()
 
     def complete(self) -> int:
-        return sum((job.dir / "shard.json").exists() and job.dir.joinpath("stats.json").exists() for job in self.jobs)
+        return sum((job.dir / "shard.json").exists() for job in self.jobs)
 
     def line(self) -> str:
-        return (f"shards: {self.complete()}/{len(self.jobs)} complete, {sum(self.units)} units journalled "
-                f"({' '.join(str(u) for u in self.units)}), {sum(self.kept)} records alive, {time.monotonic() - self.t0:.0f}s")
+        units = [t.units for t in self.tails]
+        return (f"shards: {self.complete()}/{len(self.jobs)} complete, {sum(units)} units journalled "
+                f"({' '.join(str(u) for u in units)}), {sum(t.kept for t in self.tails)} records alive, {time.monotonic() - self.t0:.0f}s")
 
     def poll(self, final: bool = False) -> None:
         if self.quiet:

@@ -217,7 +217,7 @@ def complete_shards(out: Path) -> list[Shard]:
         d = dirs[k]
         marker = _read_json(d / SHARD_FILE)
         if not marker or marker.get("status") != "complete":
-            done = _journal_units(d / "candidates.jsonl")
+            done = JournalTail(d / "candidates.jsonl").read().units
             raise BtkitError(f"{d}: shard {k} of {n} is not complete ({done} units journalled); re-run it "
                              f"(the same command with --shard {k}) to finish it, then merge")
         if marker.get("shards") != n or marker.get("shard") != k or marker.get("assignment") != SHARD_ASSIGNMENT:
@@ -249,18 +249,34 @@ def merged_command(command: list[str]) -> list[str]:
     return out
 
 
-def _journal_units(path: Path) -> int:
-    """How many units a (possibly running) journal holds: lines whose unit differs from the line before."""
-    count, last = 0, None
-    try:
-        with Path(path).open("rb") as f:
-            for raw in f:
-                m = re.search(rb'"unit_seq": ?(-?\d+)', raw)
-                if m and m.group(1) != last:
-                    count, last = count + 1, m.group(1)
-    except OSError:
-        return 0
-    return count
+class JournalTail:
+    """Units and kept records of a journal another process may be writing, read without touching it:
+    each :meth:`read` takes only the whole lines appended since the last (a rewritten file is read again)."""
+
+    UNIT = re.compile(rb'"unit_seq": ?(-?\d+)')
+    KEPT = re.compile(rb'"status": ?"kept"')
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset, self.units, self.kept, self._last = 0, 0, 0, None
+
+    def read(self) -> "JournalTail":
+        try:
+            if self.path.stat().st_size < self.offset:  # rewritten (sorted at the end, a torn line cut on resume)
+                self.offset, self.units, self.kept, self._last = 0, 0, 0, None
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                for raw in f:  # one line in memory at a time
+                    if not raw.endswith(b"\n"):
+                        break  # being written: read it next time
+                    self.offset += len(raw)
+                    m = self.UNIT.search(raw)
+                    if m and m.group(1) != self._last:
+                        self.units, self._last = self.units + 1, m.group(1)
+                    self.kept += self.KEPT.search(raw) is not None
+        except OSError:
+            pass
+        return self
 
 
 def _merge_run(out: Path, shards: list[Shard], config: Any, registry: Any, expected: dict[str, Any]) -> dict[str, Any]:
@@ -337,5 +353,5 @@ def merge(out: Path, registry: Any, *, overwrite: bool = False, quiet: bool = Fa
     return stats
 
 
-__all__ = ["SHARD_ASSIGNMENT", "Shard", "check_layout", "check_shard_args", "complete_shards", "config_from_dict",
+__all__ = ["SHARD_ASSIGNMENT", "JournalTail", "Shard", "check_layout", "check_shard_args", "complete_shards", "config_from_dict",
            "config_to_dict", "merge", "shard_dir", "shard_of", "write_shard_marker"]

@@ -70,7 +70,8 @@ def without_cache_flags(path: Path) -> list[dict[str, Any]]:
     lines = []
     for raw in path.read_text().splitlines():
         line = json.loads(raw)
-        for step in line.get("lineage") or []:
+        meta = line.get("meta") if isinstance(line.get("meta"), dict) else {}
+        for step in (line.get("lineage") or []) + (meta.get("lineage") or []):  # journal lines; data.jsonl lines
             step.pop("cached", None)
         lines.append(line)
     return lines

@@ -23,7 +23,7 @@ from sharding import (assert_no_completed_call_resent, btkit_args, env, kill_sha
 
 @pytest.fixture(scope="module")
 def server():
-    s = FakeOpenAIServer(latency=0.03).start()
+    s = FakeOpenAIServer(latency=0.06).start()  # slow enough that a shard is still running when the test kills it
     yield s
     s.stop()
 
